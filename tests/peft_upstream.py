@@ -1,0 +1,54 @@
+"""Fetch PEFT's own generic test suite (``tests/testing_common.py`` of the installed peft version's sdist) so that
+its checks can run against HFT. The files are extracted into the peft-hft cache, never into this repository."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import sys
+import tarfile
+import types
+
+from peft_hft.data import Archive, cache_dir, fetch_archive
+
+PACKAGE = "peft_upstream_tests"
+FILES = ("testing_common.py", "testing_utils.py")
+
+
+def _stub_diffusers() -> None:
+    """testing_common imports diffusers at module level for its Stable Diffusion tests; HFT's checks never use it."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("diffusers")
+        stub.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})
+        sys.modules["diffusers"] = stub
+
+
+def load_testing_common() -> types.ModuleType:
+    """Import ``testing_common`` from the sdist of the installed peft version (downloaded and cached once)."""
+    version = importlib.metadata.version("peft")
+    root = cache_dir() / "peft-tests" / version
+    package = root / PACKAGE
+    if not all((package / f).exists() for f in FILES):
+        sdist = fetch_archive(Archive("peft", f"peft-{version}.tar.gz"))
+        package.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(sdist, "r:gz") as tf:
+            for name in FILES:
+                member = tf.extractfile(f"peft-{version}/tests/{name}")
+                tmp = package / f".{name}.tmp"
+                tmp.write_bytes(member.read())
+                tmp.replace(package / name)
+        (package / "__init__.py").write_text("")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    _stub_diffusers()
+    return importlib.import_module(f"{PACKAGE}.testing_common")
+
+
+def upstream_checks(module: types.ModuleType) -> list[str]:
+    """Names of the generic checks (``_test_*`` methods) PeftCommonTester offers in this peft version."""
+    return sorted(n.removeprefix("_test_") for n in dir(module.PeftCommonTester) if n.startswith("_test_"))
+
+
+__all__ = ["load_testing_common", "upstream_checks"]

@@ -70,6 +70,17 @@ class HFTLayer(nn.Module, BaseTunerLayer):
     def forward(self, *args, **kwargs):  # pragma: no cover - the ledger is bookkeeping, never called
         raise RuntimeError("The HFT ledger is not a layer of the forward pass.")
 
+    @property
+    def weight(self):  # BaseTunerLayer would look for a wrapped layer; the ledger wraps none
+        raise AttributeError("The HFT ledger wraps no layer and has no weight.")
+
+    @property
+    def bias(self):
+        raise AttributeError("The HFT ledger wraps no layer and has no bias.")
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        """Nothing to move: HFT adds no adapter weights, and its stored tensors follow the weights lazily."""
+
     def extra_repr(self) -> str:
         sizes = {name: len(a.params) for name, a in self.hft_adapters.items()}
         return f"adapters={sizes}, active={self._active_adapter}, merged={self.merged_adapters}"

@@ -120,7 +120,7 @@ def main() -> None:
     model.train()
     start = time.perf_counter()
     with tqdm(range(args.steps), desc="HFT fine-tuning") as bar:
-        for step in bar:
+        for _ in bar:
             batch = collate(random.sample(examples, args.batch_size), tokenizer.pad_token_id)
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
             loss.backward()

@@ -21,8 +21,9 @@ follows dtype/device changes of the weights lazily instead.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -212,7 +213,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 remaining_active = [sorted(self.hft_adapters)[0]]
                 warnings.warn(
                     f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                    f"{remaining_active[0]}."
+                    f"{remaining_active[0]}.",
+                    stacklevel=2,
                 )
             self.set_adapter(remaining_active)
 
@@ -345,7 +347,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         if sum(self.hft_adapters[a].requires_grad for a in adapter_names) > 1:
             warnings.warn(
                 "Several HFT adapters are active and trainable at once; their diffs are summed in the weights, so "
-                "training would update their shared tensors jointly. Activate one adapter for training."
+                "training would update their shared tensors jointly. Activate one adapter for training.",
+                stacklevel=2,
             )
         self._active_adapter = list(adapter_names)
         self._refresh()
@@ -378,7 +381,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self.merged_adapters = []
         self._refresh()

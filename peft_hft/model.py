@@ -87,8 +87,8 @@ class HFTModel(BaseTuner):
             existing = getattr(model, LEDGER_ATTRIBUTE, None)
             if existing is not None:
                 raise ValueError(
-                    f"{type(model).__name__} already has an attribute {LEDGER_ATTRIBUTE!r} ({type(existing).__name__}), "
-                    "which HFT needs for its bookkeeping."
+                    f"{type(model).__name__} already has an attribute {LEDGER_ATTRIBUTE!r} "
+                    f"({type(existing).__name__}), which HFT needs for its bookkeeping."
                 )
             ledger = HFTLayer(model)
         ledger.add_adapter(adapter_name, names, config.originals_device, perturb=not config.init_weights)
@@ -218,7 +218,9 @@ class HFTModel(BaseTuner):
                 f"'.{DIFF_SEGMENT}.<name>'); it is not an HFT adapter file. Fix: point to a directory written by "
                 "save_pretrained() of an HFT model."
             )
-        diffs = {canonical: diffs[name] for name, canonical in zip(diffs, canonical_parameter_names(ledger.root, diffs))}
+        canonical = canonical_parameter_names(ledger.root, list(diffs))
+        if len(canonical) == len(diffs):
+            diffs = dict(zip(canonical, diffs.values(), strict=True))
         try:
             ledger.set_diffs(adapter_name, diffs)
         except ValueError:

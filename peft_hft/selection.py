@@ -16,9 +16,10 @@ import itertools
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Union
 
 from torch import nn
 
@@ -252,7 +253,7 @@ def _best_subset(units: list[Unit], goal: Fraction, weight: Callable[[Unit], int
         ]
         costs = [abs(sum(weights[i] for i in combo) - goal) for combo in subsets]
         best = min(costs)
-        combo = rng.choice([s for s, c in zip(subsets, costs) if c == best])
+        combo = rng.choice([s for s, c in zip(subsets, costs, strict=True) if c == best])
         return [units[i] for i in combo]
     order = list(range(len(units)))
     rng.shuffle(order)

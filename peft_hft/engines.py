@@ -155,11 +155,12 @@ def full_value(param: nn.Parameter, name: str, *, collective: bool) -> torch.Ten
         return param.data
     if not (collective or in_collective()):
         raise RuntimeError(
-            f"{name} is sharded by {engine}, so its value must be gathered from every process, but this call runs "
-            "on one process only (saving usually does). Fix: call peft_hft.distributed.save_adapter(model, path) on "
-            "every process; or pass a gathered state dict (model.save_pretrained(path, state_dict="
-            "accelerator.get_state_dict(model)), as transformers' Trainer does with FSDP's FULL_STATE_DICT and with "
-            "ZeRO-3's stage3_gather_16bit_weights_on_model_save=true)."
+            f"{name} is sharded by {engine}, so its value must be gathered from every process, and no gathered "
+            "value was passed in. Fix: call peft_hft.distributed.save_adapter(model, path) on every process; or, on "
+            "the main process only, model.save_pretrained(path, state_dict=full) with full = "
+            "accelerator.get_state_dict(model) computed on every process (it is whole on the main process only). "
+            "transformers' Trainer does the latter with FSDP's fsdp_state_dict_type FULL_STATE_DICT and with "
+            "ZeRO-3's stage3_gather_16bit_weights_on_model_save=true."
         )
     with torch.no_grad():
         if engine == ZERO3:

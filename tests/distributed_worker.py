@@ -176,12 +176,17 @@ def scenario_ddp(base_dir: str, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _fully_shard(peft_model, mesh) -> None:
+def fully_shard_like_accelerate(model, mesh) -> None:
+    """Shard as accelerate's FSDP2 does: each decoder layer, the input embedding, the tail (final norm + lm_head,
+    kept unsharded after forward) and the root; units mix frozen and trainable tensors."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in peft_model.get_base_model().model.layers:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in inner.model.layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(peft_model, mesh=mesh)
+    fully_shard(inner.get_input_embeddings(), mesh=mesh)
+    fully_shard([inner.model.norm, inner.get_output_embeddings()], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
 
 
 def scenario_fsdp2(base_dir: str, out: Path) -> None:
@@ -196,13 +201,13 @@ def scenario_fsdp2(base_dir: str, out: Path) -> None:
 
     # wrong order: sharding first, HFT second
     sharded_first = load_base(base_dir)
-    _fully_shard_plain(sharded_first, mesh)
+    fully_shard_like_accelerate(sharded_first, mesh)
     checks["inject_after_sharding"] = expect_error(
         lambda: get_peft_model(sharded_first, hft_config()), "before the model is sharded"
     )
 
     model = get_peft_model(load_base(base_dir), hft_config())  # HFT first (originals are whole tensors) ...
-    _fully_shard(model, mesh)  # ... then shard
+    fully_shard_like_accelerate(model, mesh)  # ... then shard
     checks["params_are_dtensors"] = all(
         engines.is_dtensor(p) for p in model.get_base_model().model.layers[0].parameters()
     )
@@ -234,14 +239,6 @@ def scenario_fsdp2(base_dir: str, out: Path) -> None:
         model.save_pretrained(out / "fsdp2_full_state_dict_adapter", state_dict=full)
     dump(out, "fsdp2", model, checks)
     torch.distributed.barrier()
-
-
-def _fully_shard_plain(model, mesh) -> None:
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

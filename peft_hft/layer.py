@@ -213,6 +213,11 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                     "which tensors train. Fix: add the HFT adapter (get_peft_model, or pass peft_config to the "
                     "trainer) before the model is sharded: before fully_shard(...) / accelerator.prepare(...)."
                 )
+            if perturb and engines.sharding_of(param):
+                raise ValueError(
+                    f"init_weights=False cannot perturb {name}: it is sharded by {engines.sharding_of(param)}. "
+                    "Create the adapter before the model is sharded, or use init_weights=True."
+                )
             device = param.device if originals_device == "device" else torch.device("cpu")
             full = engines.full_value(param, name, collective=True)
             new_originals[name] = self._to_store(full, device, pin=full.is_cuda and device.type == "cpu")

@@ -179,3 +179,11 @@ def test_injecting_into_dtensors_is_refused_with_the_order_to_follow(monkeypatch
     with pytest.raises(ValueError, match="before the model is sharded"):
         get_peft_model(model, HFTConfig(seed=0))
     assert find_ledger(model) is None
+
+
+def test_perturbing_a_sharded_model_is_refused_before_anything_changes():
+    model = tiny_model("llama")
+    _pretend_zero3(model, [n for n, _ in model.named_parameters()])
+    with pytest.raises(ValueError, match="init_weights=False cannot perturb"):
+        get_peft_model(model, HFTConfig(seed=0, init_weights=False))
+    assert find_ledger(model) is None and all(p.requires_grad for p in model.parameters())

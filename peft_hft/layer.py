@@ -335,10 +335,10 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 f"Cannot {action}: the model is sharded by {engine}, which owns the storage of the tensors HFT "
                 f"trains ({_listing(list(names))}), so HFT cannot swap their values. disable_adapter(), "
                 "set_adapter(), merge/unmerge and loading diffs into an adapter in use work on an unsharded model "
-                "only (DDP and DeepSpeed ZeRO-1/2 are fine). Fix: do it before the model is sharded (TRL's DPO: "
-                "DPOConfig(precompute_ref_log_probs=True) computes the reference log-probs before FSDP shards the "
-                "model), pass an explicit ref_model (ZeRO-3), or save the adapter and load it onto an unsharded "
-                "model. See docs/distributed.md."
+                "only (DDP and DeepSpeed ZeRO-1/2 are fine). Fix: do it before the model is sharded, or save the "
+                "adapter and load it onto an unsharded model. For TRL's DPOTrainer pass an explicit ref_model (the "
+                "base model), or under FSDP set DPOConfig(precompute_ref_log_probs=True), which computes the "
+                "reference log-probs before FSDP shards the model. See docs/distributed.md."
             )
 
     def _transition(self, new_applied: tuple[str, ...], progressbar: bool = False) -> None:

@@ -36,14 +36,13 @@ def _free_port() -> str:
 def launch(launcher: str, scenario: str, base_dir: Path, out: Path) -> Path:
     """Run the worker on WORLD CPU processes; fail with the processes' output if any of them fails."""
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
     if launcher == "accelerate":
         # `accelerate launch --cpu` starts several processes only through MPI (an mpirun hostfile); --multi_gpu is
         # accelerate's torchrun launcher, and the worker asks for the CPU (Accelerator(cpu=True), use_cpu=True).
         prefix = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", "--main_process_port", port, "--num_processes", str(WORLD)]
+                  "--dynamo_backend", "no", "--main_process_port", _free_port(), "--num_processes", str(WORLD)]
     else:
-        prefix = ["-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", port]
+        prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]  # picks a free port
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                TRANSFORMERS_VERBOSITY="error", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, *prefix, str(WORKER), scenario, str(base_dir), str(out)]

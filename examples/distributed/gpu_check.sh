@@ -20,7 +20,7 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM
 "$PY" examples/distributed/gpu_check.py prepare "$OUT" || exit 1
 for engine in ${ENGINES:-fsdp2 zero2 zero3}; do
   echo "=== $engine"
-  timeout "${ENGINE_TIMEOUT_S:-240}" "$PY" -m accelerate.commands.launch --config_file "$OUT/$engine.yaml" \
+  timeout "${ENGINE_TIMEOUT_S:-180}" "$PY" -m accelerate.commands.launch --config_file "$OUT/$engine.yaml" \
     examples/distributed/gpu_check.py run "$engine" "$OUT" > "$OUT/$engine.log" 2>&1
   echo "exit $? (log: $OUT/$engine.log)"; tail -3 "$OUT/$engine.log"
 done

@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import DIFF_DTYPES, HFTConfig
+from .engines import is_full_value
 from .layer import LEDGER_ATTRIBUTE, HFTLayer, find_ledger
 from .registration import PREFIX
 from .selection import canonical_parameter_names, resolve_selection, validate_selection
@@ -91,7 +92,9 @@ class HFTModel(BaseTuner):
                     f"({type(existing).__name__}), which HFT needs for its bookkeeping."
                 )
             ledger = HFTLayer(model)
-        ledger.add_adapter(adapter_name, names, config.originals_device, perturb=not config.init_weights)
+        ledger.add_adapter(
+            adapter_name, names, config.originals_device, perturb=not config.init_weights, seed=config.seed
+        )
         if first:
             model.add_module(LEDGER_ATTRIBUTE, ledger)
             for param in model.parameters():
@@ -151,8 +154,12 @@ class HFTModel(BaseTuner):
         if merge:
             ledger.merge(safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar)
         else:
-            ledger.merged_adapters = []
-            ledger.enable_adapters(False, progressbar=progressbar)
+            merged, ledger.merged_adapters = ledger.merged_adapters, []
+            try:
+                ledger.enable_adapters(False, progressbar=progressbar)
+            except Exception:  # refused (a sharded model): leave the model as it was
+                ledger.merged_adapters = merged
+                raise
         ledger.detach()
         delattr(self.model, LEDGER_ATTRIBUTE)
         if hasattr(self.model, "peft_config"):
@@ -175,11 +182,15 @@ class HFTModel(BaseTuner):
         ledger = find_ledger(model)
         if ledger is None or adapter_name not in ledger.hft_adapters:
             raise ValueError(f"No HFT adapter named {adapter_name!r} in this model; nothing to save.")
+        # Prefer the caller's values (e.g. a state dict that Trainer/accelerate gathered under FSDP or ZeRO-3), but
+        # only whole tensors: a sharded engine's own state_dict() holds DTensor shards or empty placeholders. The
+        # ledger gathers what is missing, or says how to save when it cannot.
         live = {}
         for name in ledger.hft_adapters[adapter_name].params:
             for key in (PEFT_KEY_PREFIX + name, name):
                 if key in state_dict:
-                    live[name] = state_dict[key]
+                    if is_full_value(state_dict[key], ledger.root.get_parameter(name)):
+                        live[name] = state_dict[key]
                     break
         dtype = getattr(torch, config.diff_dtype) if config.diff_dtype in DIFF_DTYPES else None
         return {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}

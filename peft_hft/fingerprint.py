@@ -278,17 +278,43 @@ def combined_digest(fingerprint: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _base_identity(model: torch.nn.Module) -> tuple[Optional[str], Optional[str]]:
-    config = getattr(model, "config", None)
-    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
-    return (str(name) if name else None), getattr(config, "_commit_hash", None)
+def cached_revision(repo_id: str) -> Optional[str]:
+    """The commit of ``repo_id`` in the local Hub cache, if the cache holds exactly one (else unknown: ``None``).
+
+    transformers 5 does not record which commit a model was loaded from; with a single cached snapshot it can only
+    have been that one.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots")
+    try:
+        commits = [c for c in os.listdir(snapshots) if len(c) == 40]
+    except OSError:
+        return None
+    return commits[0] if len(commits) == 1 else None
 
 
-def record_base(ledger, adapter_name: str) -> dict[str, Any]:
+def base_identity(model: torch.nn.Module, config: Any = None) -> tuple[Optional[str], Optional[str]]:
+    """(base model id or path, revision) of a loaded model, as far as they are known."""
+    model_config = getattr(model, "config", None)
+    name = (
+        getattr(config, "base_model_name_or_path", None)
+        or getattr(model, "name_or_path", None)
+        or getattr(model_config, "_name_or_path", None)
+    )
+    name = str(name) if name else None
+    revision = getattr(config, "revision", None) or getattr(model_config, "_commit_hash", None)
+    if revision is None and name and not os.path.exists(name) and name.count("/") == 1:
+        revision = cached_revision(name)
+    return name, revision
+
+
+def record_base(ledger, adapter_name: str, config: Any = None) -> dict[str, Any]:
     """The base fingerprint of ``adapter_name`` (computed once per base tensor and cached)."""
     names = ledger.hft_adapters[adapter_name].params
     records = fingerprint_tensors({name: (lambda name=name: ledger.original(name)) for name in names}, cache=True)
-    return make_fingerprint(records, *_base_identity(ledger.root))
+    return make_fingerprint(records, *base_identity(ledger.root, config))
 
 
 def verify_base(ledger, config, adapter_name: str) -> None:
@@ -308,7 +334,7 @@ def verify_base(ledger, config, adapter_name: str) -> None:
     validate_fingerprint(fingerprint)
     selected = set(ledger.hft_adapters[adapter_name].params)
     recorded = list(fingerprint["tensors"])
-    canonical = dict(zip(recorded, canonical_parameter_names(ledger.root, recorded), strict=True))
+    canonical = {name: canonical_parameter_names(ledger.root, [name])[0] for name in recorded}
     loaders = {
         name: (lambda c=canonical[name]: ledger.original(c)) for name in recorded if canonical[name] in selected
     }

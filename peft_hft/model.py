@@ -185,7 +185,7 @@ class HFTModel(BaseTuner):
         dtype = getattr(torch, config.diff_dtype) if config.diff_dtype in DIFF_DTYPES else None
         diffs = {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
         # The config is saved right after the weights: record the base these diffs belong to (see fingerprint.py).
-        config.base_fingerprint = record_base(ledger, adapter_name)
+        config.base_fingerprint = record_base(ledger, adapter_name, config)
         return diffs
 
     @classmethod

@@ -49,8 +49,18 @@ SINGLE_NAME = "model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _TMP_MARK = ".peft-hft-tmp-"
+# What a model checkpoint needs from a Hub repo: safetensors weights, configs and tokenizer files (no .bin duplicates,
+# no ONNX/GGUF exports, no remote code).
+MODEL_FILES = (
+    "*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*", "vocab*", "merges*"
+)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PathLike = Union[str, os.PathLike]
+
+
+def is_repo_id(name: object) -> bool:
+    """True for a Hugging Face Hub repo id (``owner/name``) that is not an existing local path."""
+    return bool(name) and not os.path.exists(str(name)) and _REPO_ID.match(str(name)) is not None
 
 
 def _check_byte_order() -> None:
@@ -82,7 +92,7 @@ def resolve(name_or_path: PathLike, what: str, revision: Optional[str] = None,
     if path.exists():
         raise NotADirectoryError(f"{what} {str(name_or_path)!r} is a file; pass the directory that holds it.")
     name = str(name_or_path)
-    if not _REPO_ID.match(name):
+    if not is_repo_id(name):
         raise FileNotFoundError(
             f"{what} {name!r} is neither a local directory nor a Hugging Face Hub repo id ('owner/name')."
         )
@@ -164,7 +174,7 @@ class Checkpoint:
 
     @classmethod
     def open(cls, name_or_path: PathLike, revision: Optional[str] = None, what: str = "BASE") -> Checkpoint:
-        source = resolve(name_or_path, what, revision)
+        source = resolve(name_or_path, what, revision, allow_patterns=MODEL_FILES)
         directory = source.directory
         index_path = directory / INDEX_NAME
         index = None

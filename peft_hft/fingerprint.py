@@ -305,7 +305,9 @@ def base_identity(model: torch.nn.Module, config: Any = None) -> tuple[Optional[
     )
     name = str(name) if name else None
     revision = getattr(config, "revision", None) or getattr(model_config, "_commit_hash", None)
-    if revision is None and name and not os.path.exists(name) and name.count("/") == 1:
+    from .checkpoint import is_repo_id
+
+    if revision is None and is_repo_id(name):
         revision = cached_revision(name)
     return name, revision
 

@@ -28,7 +28,6 @@ SECTION_START = "<!-- peft-hft:start -->"
 SECTION_END = "<!-- peft-hft:end -->"
 PAPER_URL = "https://arxiv.org/abs/2404.18466"
 _PATCH_MARKER = "_peft_hft_patched"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _AUTO_CLASS = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
@@ -49,9 +48,9 @@ _AUTO_PEFT_CLASS = {
 
 def hub_model_id(name: Optional[str]) -> Optional[str]:
     """``name`` if it is a Hub repo id (``owner/name``) rather than a local path, else ``None``."""
-    if not name or os.path.exists(name) or not _REPO_ID.match(str(name)):
-        return None
-    return str(name)
+    from .checkpoint import is_repo_id
+
+    return str(name) if is_repo_id(name) else None
 
 
 def _value(config: Any, key: str, default: Any = None) -> Any:

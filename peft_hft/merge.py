@@ -59,6 +59,7 @@ class MergeResult:
     shards: int
     bytes_written: int
     verified: bool
+    base_check: str  # what was checked, in words
 
 
 def apply_diff(base: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -204,12 +205,15 @@ def merge_checkpoint(
                 )
         _write_index(checkpoint, staging, written)
         _copy_model_files(checkpoint.source.directory, staging, dtype)
+    if fingerprint is not None:
+        check = f"base verified against the adapter's fingerprint ({len(verified)} tensors)"
+    elif not verify or base_check_skipped():
+        check = "base check skipped"
+    else:
+        check = "base NOT verified: the adapter records no base fingerprint"
     return MergeResult(
-        Path(output).expanduser().absolute(),
-        tuple(diffs),
-        len(checkpoint.shards),
-        written,
-        verified=fingerprint is not None,
+        Path(output).expanduser().absolute(), tuple(diffs), len(checkpoint.shards), written,
+        verified=fingerprint is not None, base_check=check,
     )
 
 

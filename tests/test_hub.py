@@ -47,6 +47,7 @@ def hub(monkeypatch, tmp_path):
     """A FakeHub behind huggingface_hub's client, online mode, and a fresh Hub cache in tmp_path/hf/hub."""
     fake = FakeHub()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # PEFT reads the variable itself
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setenv("HF_TOKEN", "hf_fake_token")
     # Xet uploads bypass the HTTP client (native hf_xet); the LFS "basic" transfer goes through it.

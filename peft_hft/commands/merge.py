@@ -39,9 +39,8 @@ def run(args: argparse.Namespace) -> int:
         base_revision=args.base_revision,
         adapter_revision=args.adapter_revision,
     )
-    check = "base verified against the adapter's fingerprint" if result.verified else "base NOT verified"
     print(
         f"Merged {len(result.merged_parameters)} tensors into {result.output} ({result.shards} shard(s), "
-        f"{result.bytes_written / 1e6:,.1f} MB; {check})."
+        f"{result.bytes_written / 1e6:,.1f} MB; {result.base_check})."
     )
     return 0

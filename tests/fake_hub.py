@@ -19,7 +19,10 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-import httpx2
+try:  # huggingface_hub >= 2 uses httpx2, 1.x uses httpx; both have the same MockTransport API
+    import httpx2
+except ImportError:  # pragma: no cover
+    import httpx as httpx2
 
 ENDPOINT = "https://huggingface.co"
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt")

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import DIFF_DTYPES, HFTConfig
 from .engines import is_full_value
+from .fingerprint import record_base, verify_base
 from .layer import LEDGER_ATTRIBUTE, HFTLayer, find_ledger
 from .registration import PREFIX
 from .selection import canonical_parameter_names, resolve_selection, validate_selection
@@ -193,7 +194,10 @@ class HFTModel(BaseTuner):
                         live[name] = state_dict[key]
                     break
         dtype = getattr(torch, config.diff_dtype) if config.diff_dtype in DIFF_DTYPES else None
-        return {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
+        diffs = {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
+        # The config is saved right after the weights: record the base these diffs belong to (see fingerprint.py).
+        config.base_fingerprint = record_base(ledger, adapter_name, config)
+        return diffs
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -209,8 +213,9 @@ class HFTModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """Apply the diffs in ``state_dict`` to ``adapter_name``; return what PEFT should load itself (the rest).
 
-        A mismatch between the adapter and the model (names, shapes) raises ``ValueError`` after the adapter was
-        removed again, so a failed load leaves the model as it was.
+        A mismatch between the adapter and the model (names, shapes, or a base other than the one recorded in
+        ``config.base_fingerprint``) raises ``ValueError`` after the adapter was removed again, so a failed load leaves
+        the model as it was.
         """
         ledger = find_ledger(model)
         diffs, rest = {}, {}
@@ -233,6 +238,8 @@ class HFTModel(BaseTuner):
         if len(canonical) == len(diffs):
             diffs = dict(zip(canonical, diffs.values(), strict=True))
         try:
+            ledger.check_diffs(adapter_name, diffs)
+            verify_base(ledger, config, adapter_name)
             ledger.set_diffs(adapter_name, diffs)
         except ValueError:
             rollback_adapter(model, adapter_name)

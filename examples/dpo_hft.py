@@ -56,7 +56,7 @@ METRICS = [
 
 
 def parse_args(argv: Optional[list[str]]):
-    parser = base_parser(__doc__.splitlines()[0], steps=24, lr=5e-6, max_length=192, train_size=0, eval_size=24)
+    parser = base_parser(__doc__.splitlines()[0], steps=16, lr=1e-5, max_length=128, train_size=0, eval_size=16)
     parser.set_defaults(batch_size=2)
     parser.add_argument("--beta", type=float, default=0.1, help="DPO's KL weight")
     parser.add_argument(

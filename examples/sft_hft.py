@@ -40,7 +40,7 @@ METRICS = ["eval_loss", "eval_mean_token_accuracy", "eval_entropy"]
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = base_parser(__doc__.splitlines()[0], steps=30, lr=5e-5, max_length=128, train_size=0, eval_size=32)
+    parser = base_parser(__doc__.splitlines()[0], steps=20, lr=5e-5, max_length=128, train_size=0, eval_size=24)
     args = parser.parse_args(argv)
     check_args(args)
     output_dir = Path(args.output_dir or "outputs/sft_hft")

@@ -11,6 +11,8 @@ from peft.config import PeftConfig
 STRATEGIES = ("category", "layer", "model", "param_count")
 ORIGINALS_DEVICES = ("cpu", "device")
 DIFF_DTYPES = ("float32", "bfloat16", "float16")
+# Task types for which PEFT wraps the task head in a ModulesToSaveWrapper (PeftModelForSequenceClassification etc.).
+_WRAPPED_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 @dataclass
@@ -34,8 +36,9 @@ class HFTConfig(PeftConfig):
             ``"model"``: ``ratio`` of all block tensors, drawn model-wide (the paper's model-level ablation).
         seed: Seed of the selection. The selection depends on the seed and the model's structure only, so every
             process of a distributed run draws the same one.
-        train_embeddings: Train the input embeddings, the output embeddings (``lm_head``) and the norms outside the
-            blocks (the final norm) in full, as the paper does (freezing them hurt).
+        train_embeddings: Train the input embeddings, the output embeddings (``lm_head``, or the task head
+            ``score``/``classifier``/``qa_outputs`` of a classification model) and the norms outside the blocks (the
+            final norm) in full, as the paper does (freezing them hurt).
         target_modules: Restricts the pool of block tensors to modules whose names match (a list of names or suffixes,
             or a regex matched against the full module name, as in PEFT).
         exclude_modules: Modules never trained (same matching rules), also applied to the embeddings.
@@ -128,6 +131,14 @@ class HFTConfig(PeftConfig):
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"HFTConfig.seed must be an int, got {self.seed!r}.")
+        if str(getattr(self.task_type, "value", self.task_type)) in _WRAPPED_HEAD_TASKS:
+            raise ValueError(
+                f"HFTConfig(task_type={self.task_type!r}) would make PEFT wrap the task head ('score', 'classifier' "
+                "or 'qa_outputs') in a ModulesToSaveWrapper: a second, separately trained copy that HFT does not "
+                "manage. HFT trains the head in place already (with train_embeddings=True, the default). Fix: leave "
+                "task_type unset (e.g. for TRL's RewardTrainer); to train the head with train_embeddings=False, pass "
+                "modules_to_save=['score'] (or the head's name)."
+            )
         if self.selected_parameters is not None:
             if isinstance(self.selected_parameters, str) or not all(
                 isinstance(name, str) for name in self.selected_parameters

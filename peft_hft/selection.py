@@ -46,6 +46,8 @@ _FEED_FORWARD_RE = re.compile(
 )
 _NORM_NAME_RE = re.compile(r"norm|(^|_)ln(_|\d|$)", re.IGNORECASE)
 _ROUTER_NAME_RE = re.compile(r"^(gate|router)$|_gate$|^router_", re.IGNORECASE)
+# Output heads of task models (the modules PEFT itself trains for SEQ_CLS, TOKEN_CLS and QUESTION_ANS).
+_TASK_HEADS = frozenset({"score", "classifier", "qa_outputs"})
 # Largest block share of all candidate module lists that still counts as a stack of transformer blocks (so that
 # encoder-decoder and vision-language models get both stacks, but small ModuleLists of helpers are ignored).
 _MIN_STACK_SHARE = 0.1
@@ -166,6 +168,8 @@ def _block_category(module: nn.Module, path_in_block: str, block_has_experts: bo
 def _outside_category(module: nn.Module, module_name: str, input_emb, output_emb) -> str:
     if output_emb is not None and module is output_emb:
         return LM_HEAD
+    if not isinstance(module, nn.Embedding) and any(p in _TASK_HEADS for p in module_name.split(".")):
+        return LM_HEAD  # a task head is the model's output layer, often freshly initialised: train it like lm_head
     if (input_emb is not None and module is input_emb) or isinstance(module, nn.Embedding):
         return EMBEDDING
     if _is_norm(module, module_name):

@@ -99,6 +99,49 @@ def _online_dpo(model, tok, tmp):
                             processing_class=tok, peft_config=HFTConfig(seed=0))
 
 
+def _gold(model, tok, tmp):
+    from trl.experimental.gold import GOLDConfig, GOLDTrainer
+
+    rows = [{"messages": r["prompt"] + r["completion"]} for r in sft_rows()]
+    return GOLDTrainer(model=model, teacher_model=chat_model(tok, seed=1),
+                       args=trl_args(GOLDConfig, tmp, lmbda=0.0, max_completion_length=4),
+                       train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=HFTConfig(seed=0))
+
+
+def _iw_opd(model, tok, tmp):
+    from trl.experimental.iw_opd import IWOPDConfig, IWOPDTrainer
+
+    teacher = tmp / "teacher"  # IW-OPD compares the teacher's tokenizer with the student's, so it wants a directory
+    chat_model(tok, seed=1).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    rows = [{"messages": r["prompt"] + r["completion"]} for r in sft_rows()]
+    return IWOPDTrainer(model=model, teacher_model=str(teacher), args=trl_args(IWOPDConfig, tmp, max_completion_length=4),
+                        train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=HFTConfig(seed=0))
+
+
+def _self_distillation_rows() -> Dataset:
+    return Dataset.from_list([{"prompt": r["prompt"], "privileged_context": "The answer is even."} for r in sft_rows()])
+
+
+def _sdft(model, tok, tmp):
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    # the default teacher_model_kind="base" is the student with its adapter disabled
+    args = trl_args(SDFTConfig, tmp, per_device_train_batch_size=2, num_generations=2, max_completion_length=4)
+    return SDFTTrainer(model=model, args=args, train_dataset=_self_distillation_rows(), processing_class=tok,
+                       peft_config=HFTConfig(seed=0))
+
+
+def _sdpo(model, tok, tmp):
+    from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
+
+    # teacher_model_kind="ema" needs a pure-LoRA student (TRL refuses others); "base" uses disable_adapter()
+    args = trl_args(SDPOConfig, tmp, per_device_train_batch_size=2, num_generations=2, max_completion_length=4,
+                    teacher_model_kind="base")
+    return SDPOTrainer(model=model, reward_funcs=_completion_length, args=args, train_dataset=_self_distillation_rows(),
+                       processing_class=tok, peft_config=HFTConfig(seed=0))
+
+
 TRAINERS: dict[str, Callable] = {
     "grpo": _grpo,
     "rloo": _rloo,
@@ -109,6 +152,10 @@ TRAINERS: dict[str, Callable] = {
     "experimental.tpo": _tpo,
     "experimental.gkd": _gkd,
     "experimental.online_dpo": _online_dpo,
+    "experimental.gold": _gold,
+    "experimental.iw_opd": _iw_opd,
+    "experimental.sdft": _sdft,
+    "experimental.sdpo": _sdpo,
 }
 
 

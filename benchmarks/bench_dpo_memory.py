@@ -129,13 +129,15 @@ def main(argv=None) -> dict:
             results[name] = {"measured_mib": round(measured_mib(train), 1), "seconds": train["seconds"],
                              "model_state_mib": {k: round(v, 1) for k, v in expected[name].items()}, "raw": train}
     device = next(iter(results.values()))["raw"]["device"]
-    unit = "CUDA allocated" if "peak_cuda_allocated_mib" in next(iter(results.values()))["raw"] else "RSS above baseline"
+    on_cuda = "peak_cuda_allocated_mib" in next(iter(results.values()))["raw"]
+    unit = "CUDA allocated" if on_cuda else "RSS above baseline"
     print(f"\nDPO peak memory on {device} ({unit}); {args.steps} steps, batch {args.batch_size} pairs, "
           f"max_length {args.max_length}; model: {args.model or 'SmolLM2-135M-Instruct'}")
     print(f"  {'variant':<20}{'measured MiB':>14}{'model state MiB (device + host)':>34}{'seconds':>10}")
     for name, r in results.items():
         state = r["model_state_mib"]
-        print(f"  {name:<20}{r['measured_mib']:>14.0f}{state['device']:>22.0f} + {state['host']:<9.0f}{r['seconds']:>10}")
+        line = f"{r['measured_mib']:>14.0f}{state['device']:>22.0f} + {state['host']:<9.0f}{r['seconds']:>10}"
+        print(f"  {name:<20}{line}")
     summary = {"device": device, "unit": unit, "args": vars(args), "sizes": expected["_sizes"], "variants": results}
     if BASELINE in results and CANDIDATE in results:
         ratio = results[CANDIDATE]["measured_mib"] / results[BASELINE]["measured_mib"]

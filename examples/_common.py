@@ -164,6 +164,32 @@ class Resources:
         return out
 
 
+def train_and_report(
+    trainer, args: argparse.Namespace, output_dir: Path, used: Resources, metrics: list[str], title: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Evaluate, train (timed by ``used``), evaluate again and save; print the before/after table and write
+    ``results.json`` (on the main process). Returns the results."""
+    before = {} if args.skip_eval else trainer.evaluate()
+    with used:
+        trainer.train()
+    after = {} if args.skip_eval else trainer.evaluate()
+    trainer.save_model(str(output_dir))  # HFT: the adapter, i.e. diffs of the trained tensors only
+    results = {
+        "args": vars(args),
+        "before": {k: before[k] for k in metrics if k in before},
+        "after": {k: after[k] for k in metrics if k in after},
+        "train": used.as_dict(),
+        **extra,
+    }
+    if trainer.accelerator.is_main_process:
+        if not args.skip_eval:
+            print_before_after(title, before, after, metrics)
+        print(f"\ntraining: {results['train']}")
+        print(f"saved to {output_dir}; results in {write_results(output_dir, results)}")
+    return results
+
+
 def print_before_after(title: str, before: dict[str, float], after: dict[str, float], keys: list[str]) -> None:
     """A small before/after table of evaluation metrics."""
     print(f"\n{title}")

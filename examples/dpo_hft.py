@@ -31,10 +31,9 @@ from _common import (
     base_parser,
     check_args,
     load_model_and_tokenizer,
-    print_before_after,
     take,
+    train_and_report,
     training_kwargs,
-    write_results,
 )
 from datasets import Dataset
 from peft import PeftModel
@@ -140,32 +139,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             processing_class=tokenizer,
             peft_config=peft_config,
         )
-    main_process = trainer.accelerator.is_main_process
-    if main_process and args.method == "hft":
+    if trainer.accelerator.is_main_process and args.method == "hft":
         trainer.model.print_trainable_parameters()
-
-    before = {} if args.skip_eval else trainer.evaluate()
-    with used:
-        trainer.train()
-    after = {} if args.skip_eval else trainer.evaluate()
-    trainer.save_model(str(output_dir))  # HFT: the adapter (diffs of the trained tensors); FFT: the whole model
-
     stages.append({"stage": "dpo", "adapter": str(output_dir), "seed": args.seed if args.method == "hft" else None})
-    results = {
-        "example": "dpo_hft",
-        "args": vars(args),
-        "pairs": {"train": len(take(train, args.train_size)), "held_out": len(held_out)},
-        "before": {k: before[k] for k in METRICS if k in before},
-        "after": {k: after[k] for k in METRICS if k in after},
-        "train": used.as_dict(),
-        "stages": stages,
-    }
-    if main_process:
-        if not args.skip_eval:
-            print_before_after(f"Held-out DPO metrics ({len(held_out)} pairs)", before, after, METRICS)
-        print(f"\ntraining: {used.as_dict()}")
-        print(f"saved to {output_dir}; results in {write_results(output_dir, results)}")
-    return results
+    title = f"Held-out DPO metrics ({len(held_out)} pairs)"
+    pairs_used = {"train": len(take(train, args.train_size)), "held_out": len(held_out)}
+    return train_and_report(trainer, args, output_dir, used, METRICS, title, example="dpo_hft", pairs=pairs_used,
+                            stages=stages)
 
 
 if __name__ == "__main__":

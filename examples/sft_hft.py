@@ -24,10 +24,9 @@ from _common import (
     base_parser,
     check_args,
     load_model_and_tokenizer,
-    print_before_after,
     take,
+    train_and_report,
     training_kwargs,
-    write_results,
 )
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
@@ -58,31 +57,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         processing_class=tokenizer,
         peft_config=HFTConfig(ratio=args.ratio, seed=args.seed, task_type="CAUSAL_LM"),
     )
-    main_process = trainer.accelerator.is_main_process
-    if main_process:
+    if trainer.accelerator.is_main_process:
         trainer.model.print_trainable_parameters()
         print(selection_summary(trainer.model))
-
-    before = {} if args.skip_eval else trainer.evaluate()
-    with used:
-        trainer.train()
-    after = {} if args.skip_eval else trainer.evaluate()
-    trainer.save_model(str(output_dir))  # the HFT adapter: diffs of the trained tensors only
-
-    results = {
-        "example": "sft_hft",
-        "args": vars(args),
-        "before": {k: before[k] for k in METRICS if k in before},
-        "after": {k: after[k] for k in METRICS if k in after},
-        "train": used.as_dict(),
-        "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0],
-        "adapter_dir": str(output_dir),
-    }
-    if main_process:
-        print_before_after(f"Held-out SFT metrics ({len(held_out)} examples)", before, after, METRICS)
-        print(f"\ntraining: {used.as_dict()}")
-        print(f"adapter written to {output_dir}; results in {write_results(output_dir, results)}")
-    return results
+    title = f"Held-out SFT metrics ({len(held_out)} examples)"
+    return train_and_report(trainer, args, output_dir, used, METRICS, title, example="sft_hft")
 
 
 if __name__ == "__main__":

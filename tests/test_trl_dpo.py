@@ -12,35 +12,21 @@ import warnings
 import pytest
 import torch
 import trl.trainer.dpo_trainer as dpo_module
-from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from tiny_tokenizer import build_tokenizer, chat_model
 from transformers import TrainerCallback
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl_helpers import (
     changed,
     completion_logps,
-    preference_rows,
+    dpo_trainer,
     selection,
-    sft_rows,
+    sft_trainer,
     snapshot,
     trainable,
-    trl_args,
 )
 
 from peft_hft import HFTConfig
 from peft_hft.layer import find_ledger
-
-
-def _dpo(model, tmp_path, peft_config=None, **overrides):
-    return DPOTrainer(
-        model=model,
-        ref_model=None,
-        args=trl_args(DPOConfig, tmp_path, **overrides),
-        train_dataset=Dataset.from_list(preference_rows()),
-        processing_class=build_tokenizer(),
-        peft_config=peft_config,
-    )
 
 
 def _first_batch(trainer) -> dict[str, torch.Tensor]:
@@ -80,7 +66,7 @@ def _reference_passes_see(monkeypatch, expected: dict[str, torch.Tensor], model)
 def test_dpo_reference_is_the_untouched_base_and_no_second_model_exists(tmp_path, monkeypatch):
     model = chat_model(build_tokenizer())
     base = snapshot(model)
-    trainer = _dpo(model, tmp_path, HFTConfig(seed=1), max_steps=3)
+    trainer = dpo_trainer(model, tmp_path, HFTConfig(seed=1), max_steps=3)
     batch = _first_batch(trainer)
     untouched = chat_model(build_tokenizer())  # an independent copy of the base, only to compute the expectation
     expected = completion_logps(untouched, batch)
@@ -110,7 +96,7 @@ def test_precomputed_reference_log_probs_match_the_base_and_the_per_step_path(tm
     for precompute in (True, False):
         model = chat_model(build_tokenizer())
         base = snapshot(model)
-        trainer = _dpo(model, tmp_path / str(precompute), HFTConfig(seed=1), precompute_ref_log_probs=precompute)
+        trainer = dpo_trainer(model, tmp_path / str(precompute), HFTConfig(seed=1), precompute_ref_log_probs=precompute)
         if precompute:
             batch = _first_batch(trainer)
             data = trainer.train_dataset
@@ -130,18 +116,13 @@ def test_wrapped_peft_model_gets_a_reference_copy_of_its_adapter(tmp_path):
     model = chat_model(build_tokenizer())
     base = snapshot(model)
     peft_model = get_peft_model(model, HFTConfig(seed=2))
-    sft = SFTTrainer(
-        model=peft_model,
-        args=trl_args(SFTConfig, tmp_path / "sft"),
-        train_dataset=Dataset.from_list(sft_rows()),
-        processing_class=build_tokenizer(),
-    )
+    sft = sft_trainer(peft_model, tmp_path / "sft")
     sft.train()
     before_dpo = snapshot(model)
     assert changed(base, model) == selection(peft_model)
 
     with pytest.warns(UserWarning, match="starts as a copy"):
-        trainer = _dpo(peft_model, tmp_path / "dpo")
+        trainer = dpo_trainer(peft_model, tmp_path / "dpo")
     assert set(peft_model.peft_config) == {"default", "ref"}
     batch = _first_batch(trainer)
     expected = completion_logps(peft_model, batch)  # the reference: the model as handed to DPO
@@ -167,13 +148,7 @@ def test_adapter_added_with_a_fresh_config_starts_from_the_base():
 def test_sft_then_dpo_as_two_hft_stages(tmp_path):
     """The paper draws a fresh selection per stage: merge the SFT adapter, then start DPO with a new seed."""
     model = chat_model(build_tokenizer())
-    sft = SFTTrainer(
-        model=model,
-        args=trl_args(SFTConfig, tmp_path / "sft"),
-        train_dataset=Dataset.from_list(sft_rows()),
-        processing_class=build_tokenizer(),
-        peft_config=HFTConfig(seed=0),
-    )
+    sft = sft_trainer(model, tmp_path / "sft", HFTConfig(seed=0))
     sft.train()
     sft.save_model(str(tmp_path / "stage1"))
 
@@ -181,7 +156,7 @@ def test_sft_then_dpo_as_two_hft_stages(tmp_path):
     merged = stage1.merge_and_unload()
     assert find_ledger(merged) is None and not hasattr(merged, "peft_config")
     after_sft = snapshot(merged)
-    trainer = _dpo(merged, tmp_path / "dpo", HFTConfig(seed=1))
+    trainer = dpo_trainer(merged, tmp_path / "dpo", HFTConfig(seed=1))
     batch = _first_batch(trainer)
     expected = completion_logps(merged, batch)  # stage 2's reference is the SFT model
     trainer.train()

@@ -6,28 +6,16 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from tiny_tokenizer import build_tokenizer, chat_model, save_tool_tokenizer
-from trl import SFTConfig, SFTTrainer
-from trl_helpers import changed, selection, sft_rows, snapshot, trainable, trl_args
+from trl_helpers import changed, selection, sft_trainer, snapshot, trainable
 
 from peft_hft import HFTConfig
 from peft_hft.model import parameter_name_of
 
 PROBE = torch.tensor([[1, 5, 9, 40, 77, 120, 200, 2]])
-
-
-def _sft(model, tmp_path, peft_config, **overrides):
-    return SFTTrainer(
-        model=model,
-        args=trl_args(SFTConfig, tmp_path, **overrides),
-        train_dataset=Dataset.from_list(sft_rows()),
-        processing_class=build_tokenizer(),
-        peft_config=peft_config,
-    )
 
 
 def _logits(model, ids=PROBE):
@@ -39,7 +27,7 @@ def _logits(model, ids=PROBE):
 def test_sft_trains_only_the_selection_and_saves_an_hft_diff_adapter(tmp_path):
     model = chat_model(build_tokenizer())
     before = snapshot(model)
-    trainer = _sft(model, tmp_path, HFTConfig(seed=3, task_type="CAUSAL_LM"))
+    trainer = sft_trainer(model, tmp_path, HFTConfig(seed=3, task_type="CAUSAL_LM"))
     peft_model = trainer.model
     chosen = selection(peft_model)
     # HFT wraps no module, so TRL's "adapter on lm_head" refusal does not apply, yet lm_head trains
@@ -70,7 +58,7 @@ def test_chat_template_that_adds_tokens_trains_and_reloads(tmp_path, tied):
     (even with train_embeddings=False) and saves them in full, because the new rows' base values were random."""
     model = chat_model(build_tokenizer(), tie_word_embeddings=tied)
     config = HFTConfig(seed=0, train_embeddings=False)
-    trainer = _sft(model, tmp_path, config, chat_template_path=str(save_tool_tokenizer(tmp_path / "tools")))
+    trainer = sft_trainer(model, tmp_path, config, chat_template_path=str(save_tool_tokenizer(tmp_path / "tools")))
     rows = model.get_input_embeddings().weight.shape[0]
     assert rows > len(build_tokenizer())  # the vocabulary grew
     assert config.modules_to_save == ["lm_head"]

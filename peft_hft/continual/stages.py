@@ -113,6 +113,8 @@ class ContinualHFT:
         if resume and (path / MANIFEST).exists():
             self.history = StageHistory(path)
             self._check_resumable()
+            for leftover in path.glob(".stage_*"):  # a stage being saved when an earlier run died
+                shutil.rmtree(leftover, ignore_errors=True)
             self.history.load(model)  # checks the base, rebuilds the last stage exactly
             for name, param in model.named_parameters():
                 param.requires_grad_(self._requires_grad[name])
@@ -289,6 +291,17 @@ class ContinualHFT:
             self.abort_stage()
             raise
         self.end_stage()
+
+    def record_info(self, **info: Any) -> None:
+        """Store key/values (e.g. ``train_loss=0.4``) with the open stage, or with the last finished one if none is
+        open. Unlike metrics, they do not enter the accuracy matrix."""
+        if self._peft_model is not None:
+            self._open_info.update(info)
+        elif self.history.stages:
+            self.history.stages[-1].info.update(info)
+            self.history._write()
+        else:
+            raise RuntimeError("No stage is open or finished; there is no stage to record information for.")
 
     def log_metrics(self, metrics: Mapping[str, float], stage: Union[int, str] = -1) -> None:
         """Record scores (task -> score) for a finished stage (default: the last) or for ``"base"``."""

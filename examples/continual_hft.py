@@ -275,7 +275,7 @@ class Experiment:
         record_path = root / "stages.json"
         records = json.loads(record_path.read_text()) if record_path.exists() else []
         model, _ = load_default_model()
-        config = LoraConfig(
+        lora_config = lambda: LoraConfig(  # noqa: E731  (a fresh config per stage: get_peft_model fills it in)
             r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         )
@@ -284,7 +284,7 @@ class Experiment:
             if k < len(records):  # finished earlier: re-apply the saved adapter
                 model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
             else:
-                peft_model = get_peft_model(model, config)
+                peft_model = get_peft_model(model, lora_config())
                 info = train(peft_model, self.stage_batches(k, None), self.pad_id, args.lora_lr, f"lora {task.name}")
                 peft_model.save_pretrained(adapter_dir)
                 model = peft_model.merge_and_unload()

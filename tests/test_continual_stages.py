@@ -270,3 +270,40 @@ def test_bad_inputs_are_refused_with_a_fix(tmp_path):
         continual.start_stage("")
     with pytest.raises(ValueError, match="live HFT adapters"):
         apply_diffs(continual.start_stage("alpha"), {})
+
+
+def word_tokenizer():
+    """A tiny offline word-level tokenizer whose ids fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "task", "example", "with", "some", "words", "a", "b"]
+    words += [str(i) for i in range(16)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]"
+    )
+
+
+def test_stages_train_with_trl_sft_trainer(tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = word_tokenizer()
+    model = tiny_model("llama", layers=2, pad_token_id=0)
+    base = clone_state(model)
+    continual = ContinualHFT(model, HFTConfig(seed=0), tmp_path / "history", policy="complementary")
+    for k, task in enumerate(("a", "b")):
+        data = Dataset.from_dict({"text": [f"task {task} example {i} with some words" for i in range(16)]})
+        args = SFTConfig(
+            output_dir=str(tmp_path / f"sft{k}"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+            report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+        )
+        before = clone_state(model)
+        with continual.stage(task) as peft_model:
+            SFTTrainer(model=peft_model, args=args, train_dataset=data, processing_class=tokenizer).train()
+        changed = {n for n in base if not torch.equal(before[n], model.state_dict()[n])}
+        assert changed == set(continual.history.stages[-1].selected_parameters)
+    rebuilt = StageHistory(tmp_path / "history").load(fresh_base(base)).state_dict()
+    assert all(torch.equal(rebuilt[n], t) for n, t in model.state_dict().items())

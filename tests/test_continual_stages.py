@@ -307,3 +307,19 @@ def test_stages_train_with_trl_sft_trainer(tmp_path):
         assert changed == set(continual.history.stages[-1].selected_parameters)
     rebuilt = StageHistory(tmp_path / "history").load(fresh_base(base)).state_dict()
     assert all(torch.equal(rebuilt[n], t) for n, t in model.state_dict().items())
+
+
+def test_bf16_history_is_exact_even_with_lossy_bf16_diffs(tmp_path):
+    """bf16 diffs round the update; the running model takes the rounded update, so the rebuild still matches."""
+    model = tiny_model("llama", layers=2, dtype=torch.bfloat16)
+    base = clone_state(model)
+    continual = ContinualHFT(model, HFTConfig(seed=0), tmp_path / "h", policy="random")
+    for k in range(2):
+        with continual.stage(f"t{k}") as peft_model:
+            train_steps(peft_model, steps=2, seed=k)
+    fresh = tiny_model("llama", layers=2, dtype=torch.bfloat16)
+    fresh.load_state_dict(base)
+    rebuilt = StageHistory(tmp_path / "h").load(fresh).state_dict()
+    assert all(rebuilt[n].dtype == torch.bfloat16 and torch.equal(rebuilt[n], t) for n, t in model.state_dict().items())
+    with pytest.raises(ValueError, match="in bfloat16"):
+        StageHistory(tmp_path / "h").load(tiny_model("llama", layers=2))  # the same base in float32 is refused

@@ -391,7 +391,7 @@ def write_report(experiment: Experiment, matrices: dict[str, AccuracyMatrix], co
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few minutes: 2 tasks, 4 steps, 24 held-out items")
+    parser.add_argument("--quick", action="store_true", help="a few minutes: 2 tasks, 6 steps per stage, 32 held-out items per task")
     parser.add_argument("--methods", default="fft,hft-random,hft-complementary,lora",
                         help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--tasks", default="sarcasm,quartz,socialiqa,medmcqa", help=f"from {','.join(TASKS)}")
@@ -416,7 +416,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plots-dir", default=str(REPO / "docs" / "continual"), help="where the PNG plots go")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tasks, args.steps, args.eval_size, args.train_pool = "sarcasm,quartz", 4, 24, 200
+        args.tasks, args.steps, args.eval_size, args.train_pool = "sarcasm,quartz", 6, 32, 200
         if args.work_dir == parser.get_default("work_dir"):
             args.work_dir = str(REPO / "outputs" / "continual_hft_quick")
         if args.docs == parser.get_default("docs"):

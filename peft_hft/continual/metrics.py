@@ -209,12 +209,18 @@ def plot_accuracy_matrix(
     vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
     first = next(iter(panels.values()))
     rows = len(first.stages) + (first.base is not None)
+    panel_width = max(3.2, 0.85 * len(first.tasks) + 1.8)
+    columns = min(len(panels), 2)
+    grid_rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(1.2 + (0.9 * len(first.tasks) + 1.6) * len(panels), 1.2 + 0.5 * rows), dpi=120,
-        squeeze=False,
+        grid_rows, columns, figsize=(1.0 + panel_width * columns, (2.0 + 0.45 * rows) * grid_rows), dpi=120,
+        squeeze=False, layout="constrained",
     )
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(panels):]:
+        ax.axis("off")
     image = None
-    for ax, (name, matrix) in zip(axes[0], panels.items(), strict=True):
+    for k, (ax, (name, matrix)) in enumerate(zip(flat, panels.items(), strict=False)):
         grid = ([list(matrix.base)] if matrix.base is not None else []) + [list(r) for r in matrix.scores]
         labels = (["base"] if matrix.base is not None else []) + [f"{i}: {t}" for i, t in enumerate(matrix.stages)]
         grid = [[x * scale for x in row] for row in grid]
@@ -230,12 +236,12 @@ def plot_accuracy_matrix(
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels, fontsize=8)
         ax.set_xlabel("evaluated task", fontsize=8)
-        if ax is axes[0][0]:
+        if k % columns == 0:
             ax.set_ylabel("after stage (trained task)", fontsize=8)
         summary = matrix.summary() if matrix.stages else {}
         subtitle = f"OP {summary.get('OP', math.nan) * scale:.1f}  BWT {summary.get('BWT', math.nan) * scale:+.1f}"
         ax.set_title(f"{name}\n{subtitle}" if name else subtitle, fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.colorbar(image, ax=flat[: len(panels)], shrink=0.8, label="score" if scale == 1 else "score (%)")
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -47,6 +47,7 @@ from peft_hft.data import load_jsonl
 from peft_hft.default_model import load_default_model
 
 REPO = Path(__file__).resolve().parent.parent
+P_GOLD = ":p_gold"  # metric-name suffix of the gold-option probability
 RESULTS_START, RESULTS_END = "<!-- continual-results:start -->", "<!-- continual-results:end -->"
 
 
@@ -117,11 +118,22 @@ def encode(task: Task, rows: list[dict], tokenizer) -> Encoded:
 
 
 def split(task: Task, eval_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """A held-out set with the same number of items per answer option (so constant answers score exactly chance),
+    and the remaining items for training."""
     rows = load_jsonl("evals", task.member)
     random.Random(f"{task.name}:{seed}").shuffle(rows)
-    if len(rows) < eval_size + 50:
-        raise ValueError(f"{task.name} has {len(rows)} items; too few for {eval_size} held out plus training data.")
-    return rows[eval_size:], rows[:eval_size]
+    per_option = eval_size // len(task.options)
+    held_out, train_rows, counts = [], [], dict.fromkeys(task.options, 0)
+    for row in rows:
+        gold = task.label(row)
+        if counts.get(gold, per_option) < per_option:
+            held_out.append(row)
+            counts[gold] += 1
+        else:
+            train_rows.append(row)
+    if min(counts.values()) < per_option or len(train_rows) < 50:
+        raise ValueError(f"{task.name} has {len(rows)} items: too few for {eval_size} balanced held-out items.")
+    return train_rows, held_out
 
 
 def collate(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -141,17 +153,21 @@ def last_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def accuracy(model, data: Encoded, pad_id: int, batch_size: int) -> float:
+def score(model, data: Encoded, pad_id: int, batch_size: int) -> tuple[float, float]:
+    """Log-likelihood accuracy (the option with the highest log-probability wins) and the mean probability of the
+    gold option among the options (a smoother view of the same thing)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(data.prompts)), key=lambda i: len(data.prompts[i]))  # little padding
-    correct = 0
+    correct, gold_probability = 0, 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         logits = last_logits(model, collate([data.prompts[i] for i in idx], pad_id))[:, data.option_ids]
-        correct += sum(int(p == data.targets[i]) for p, i in zip(logits.argmax(-1).tolist(), idx, strict=True))
+        targets = torch.tensor([data.targets[i] for i in idx])
+        correct += int((logits.argmax(-1) == targets).sum())
+        gold_probability += float(logits.softmax(-1).gather(1, targets[:, None]).sum())
     model.train(was_training)
-    return correct / len(order)
+    return correct / len(order), gold_probability / len(order)
 
 
 def make_batches(items: list[tuple[list[int], int]], steps: int, batch_size: int, seed: str) -> list[list]:
@@ -170,7 +186,8 @@ def make_batches(items: list[tuple[list[int], int]], steps: int, batch_size: int
 
 
 def train(model, batches: list[list], pad_id: int, lr: float, desc: str) -> dict[str, float]:
-    """AdamW on the trainable parameters; cross-entropy of the answer token given the prompt."""
+    """AdamW on the trainable parameters; cross-entropy (over the vocabulary) of the answer token given the prompt.
+    ``batches`` hold (prompt ids, answer token id) pairs."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
@@ -214,20 +231,23 @@ class Experiment:
         del model
         self.pad_id = self.tokenizer.pad_token_id
         self.tasks = [TASKS[t] for t in args.tasks]
-        self.train_items: dict[str, list[tuple[list[int], int]]] = {}
+        self.train_items: dict[str, list[tuple[list[int], int]]] = {}  # (prompt ids, answer token id)
         self.eval_data: dict[str, Encoded] = {}
         for task in self.tasks:
             train_rows, eval_rows = split(task, args.eval_size, args.seed)
             train_rows = train_rows[: args.train_pool]
             encoded = encode(task, train_rows, self.tokenizer)
-            self.train_items[task.name] = list(zip(encoded.prompts, encoded.targets, strict=True))
+            # training pairs: (prompt ids, vocabulary id of the gold option's token)
+            pairs = zip(encoded.prompts, encoded.targets, strict=True)
+            self.train_items[task.name] = [(prompt, encoded.option_ids[target]) for prompt, target in pairs]
             self.eval_data[task.name] = encode(task, eval_rows, self.tokenizer)
 
     def evaluate(self, model) -> dict[str, float]:
-        return {
-            name: accuracy(model, data, self.pad_id, self.args.eval_batch_size)
-            for name, data in tqdm(self.eval_data.items(), desc="Evaluating", leave=False)
-        }
+        """``{task: accuracy, task + P_GOLD: mean gold-option probability}`` on the held-out items."""
+        metrics = {}
+        for name, data in tqdm(self.eval_data.items(), desc="Evaluating", leave=False):
+            metrics[name], metrics[name + P_GOLD] = score(model, data, self.pad_id, self.args.eval_batch_size)
+        return metrics
 
     def base_metrics(self) -> dict[str, float]:
         path = self.work / "base_metrics.json"
@@ -243,7 +263,21 @@ class Experiment:
         items = self.train_items[task] if replay is None else replay.mix(self.train_items[task])
         return make_batches(items, self.args.steps, self.args.batch_size, f"{task}:{self.args.seed}")
 
-    def run_hft(self, method: str) -> AccuracyMatrix:
+    def matrices(self, stage_metrics: list[dict[str, float]]) -> tuple[AccuracyMatrix, AccuracyMatrix]:
+        """The accuracy matrix and the gold-option-probability matrix of a method."""
+        tasks = [t.name for t in self.tasks]
+        stage_tasks = tasks[: len(stage_metrics)]
+
+        def p_gold(metrics: dict[str, float]) -> dict[str, float]:
+            return {k.removesuffix(P_GOLD): v for k, v in metrics.items() if k.endswith(P_GOLD)}
+
+        base = self.base_metrics()
+        return (
+            AccuracyMatrix.from_records(stage_tasks, stage_metrics, base, tasks=tasks),
+            AccuracyMatrix.from_records(stage_tasks, [p_gold(m) for m in stage_metrics], p_gold(base), tasks=tasks),
+        )
+
+    def run_hft(self, method: str) -> tuple[AccuracyMatrix, AccuracyMatrix]:
         """FFT (``ratio=1.0``: every tensor trains, in place) and HFT share the stage runner and its history."""
         args = self.args
         policy = {"fft": "fixed", "hft-random": "random", "hft-complementary": "complementary",
@@ -265,9 +299,9 @@ class Experiment:
             self.progress(method, k, continual.history.stages[k].metrics)
             if replay is not None:
                 replay.add(task.name, self.train_items[task.name])
-        return continual.history.accuracy_matrix(tasks=[t.name for t in self.tasks])
+        return self.matrices([s.metrics for s in continual.history.stages])
 
-    def run_lora(self) -> AccuracyMatrix:
+    def run_lora(self) -> tuple[AccuracyMatrix, AccuracyMatrix]:
         """Sequential LoRA: a fresh adapter per stage, merged into the model after the stage."""
         args = self.args
         root = self.work / "lora"
@@ -291,13 +325,10 @@ class Experiment:
                 records.append({"task": task.name, "info": info, "metrics": self.evaluate(model)})
                 record_path.write_text(json.dumps(records, indent=1))
             self.progress("lora", k, records[k]["metrics"])
-        return AccuracyMatrix.from_records(
-            [r["task"] for r in records], [r["metrics"] for r in records], self.base_metrics(),
-            tasks=[t.name for t in self.tasks],
-        )
+        return self.matrices([r["metrics"] for r in records])
 
     def progress(self, method: str, k: int, metrics: dict[str, float]) -> None:
-        scores = "  ".join(f"{t}={100 * v:.1f}" for t, v in metrics.items())
+        scores = "  ".join(f"{t}={100 * v:.1f}" for t, v in metrics.items() if not t.endswith(P_GOLD))
         print(f"[{method}] after stage {k} ({self.tasks[k].name}): {scores}", flush=True)
 
     def seconds_per_step(self, method: str) -> float:
@@ -323,14 +354,21 @@ class Experiment:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def write_report(experiment: Experiment, matrices: dict[str, AccuracyMatrix], command: str, wall: float) -> None:
+def write_report(
+    experiment: Experiment, results: dict[str, tuple[AccuracyMatrix, AccuracyMatrix]], command: str, wall: float
+) -> None:
     args = experiment.args
+    accuracy = {name: pair[0] for name, pair in results.items()}
+    p_gold = {name: pair[1] for name, pair in results.items()}
     plots = Path(args.plots_dir)
-    heatmap = plot_accuracy_matrix(
-        matrices, plots / "matrices.png", title="Held-out accuracy (%) after each stage"
+    heatmap = plot_accuracy_matrix(accuracy, plots / "matrices.png", title="Held-out accuracy (%) after each stage")
+    curves = plot_task_curves(
+        accuracy, plots / "task_curves.png", title="Held-out accuracy (%) of each task across the stages (shaded: "
+        "the stage that trains it)"
     )
-    curves = plot_task_curves(matrices, plots / "task_curves.png")
-    summary = summary_table(matrices)
+    p_curves = plot_task_curves(
+        p_gold, plots / "task_curves_p_gold.png", title="Mean probability (%) of the gold option across the stages"
+    )
     docs = Path(args.docs)
     rel = lambda p: os.path.relpath(p, docs.parent)  # noqa: E731
     steps_table = ["| method | trainable share | s/step (mean over stages) |", "|---|---|---|"]
@@ -338,41 +376,49 @@ def write_report(experiment: Experiment, matrices: dict[str, AccuracyMatrix], co
         steps_table.append(
             f"| {label} | {100 * experiment.trainable_share(method):.1f}% | {experiment.seconds_per_step(method):.2f} |"
         )
+    chance = ", ".join(f"{t.name} {100 / len(t.options):.0f}" for t in experiment.tasks)
     lines = [
         RESULTS_START,
         f"Run on {datetime.date.today().isoformat()}, {platform.machine()} CPU VM with {os.cpu_count()} cores "
-        f"(shared with other jobs), torch {torch.__version__}, wall time {wall / 60:.0f} min for the stages run in "
-        "this invocation.",
+        f"(shared with other jobs), torch {torch.__version__}; wall time {wall / 60:.0f} min for what this "
+        "invocation computed (finished stages of an interrupted run are reused).",
         "",
         "```bash",
         command,
         "```",
         "",
-        f"Tasks in order: {' -> '.join(t.name for t in experiment.tasks)}; {args.steps} steps x batch "
-        f"{args.batch_size} per stage for every method; FFT/HFT lr {args.lr}, LoRA lr {args.lora_lr} "
-        f"(r={args.lora_r}); "
-        f"{args.eval_size} held-out items per task; seed {args.seed}."
+        f"Tasks in order: {' -> '.join(t.name for t in experiment.tasks)}. Every method: {args.steps} steps x batch "
+        f"{args.batch_size} per stage, the same batches; FFT/HFT lr {args.lr}, LoRA lr {args.lora_lr} "
+        f"(r={args.lora_r}); {args.eval_size} held-out items per task with the same number per answer option, so "
+        f"answering at random or always the same option scores chance ({chance}); seed {args.seed}."
         + (f" Replay share {args.replay}." if any(m.endswith("+replay") for m in args.methods) else ""),
         "",
-        "### Summary (accuracy points)",
+        "### Summary: held-out accuracy (points)",
         "",
-        summary,
+        summary_table(accuracy),
         "",
-        "OP: mean accuracy over the tasks after the last stage. BWT: mean change of each earlier task from right "
-        "after it was trained to the end (negative = forgetting). FWT: mean accuracy of each task just before it is "
-        "trained minus the base model's. Forgetting: mean drop from each earlier task's best accuracy to its final "
-        "one.",
+        "### Summary: mean probability of the gold option among the options (points)",
+        "",
+        "The same measures on a smoother score: small gains and losses that do not flip an answer still count.",
+        "",
+        summary_table(p_gold),
+        "",
+        "OP: mean over the tasks after the last stage. BWT: mean change of each earlier task from right after it was "
+        "trained to the end (negative = forgetting). FWT: mean score of each task just before it is trained minus "
+        "the base model's. Forgetting: mean drop from each earlier task's best score to its final one.",
         "",
         "\n".join(steps_table),
         "",
-        f"![task-by-stage matrices]({rel(heatmap)})",
+        f"![task-by-stage accuracy matrices]({rel(heatmap)})",
         "",
-        f"![per-task curves]({rel(curves)})",
+        f"![per-task accuracy curves]({rel(curves)})",
         "",
-        "### Matrices (accuracy %, rows: after each stage; columns: evaluated task)",
+        f"![per-task gold-option probability curves]({rel(p_curves)})",
+        "",
+        "### Accuracy matrices (%, rows: after each stage; columns: evaluated task)",
         "",
     ]
-    for method, matrix in matrices.items():
+    for method, matrix in accuracy.items():
         lines += [f"**{method}**", "", matrix.to_markdown(), ""]
     lines.append(RESULTS_END)
     block = "\n".join(lines)
@@ -385,13 +431,15 @@ def write_report(experiment: Experiment, matrices: dict[str, AccuracyMatrix], co
     tmp.write_text(text)
     os.replace(tmp, docs)
     (Path(args.work_dir) / "summary.md").write_text(block + "\n")
-    print(summary)
-    print(f"Wrote {docs}, {heatmap}, {curves}")
+    print(summary_table(accuracy))
+    print(f"Wrote {docs} and the plots in {plots}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few minutes: 2 tasks, 6 steps per stage, 32 held-out items per task")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few minutes: 2 tasks, 6 steps per stage, 32 held-out items per task"
+    )
     parser.add_argument("--methods", default="fft,hft-random,hft-complementary,lora",
                         help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--tasks", default="sarcasm,quartz,socialiqa,medmcqa", help=f"from {','.join(TASKS)}")
@@ -401,7 +449,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--replay", type=float, default=0.2, help="replay share for the +replay method")
-    parser.add_argument("--eval-size", type=int, default=100, help="held-out items per task")
+    parser.add_argument("--eval-size", type=int, default=96, help="held-out items per task (balanced)")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--train-pool", type=int, default=2000, help="training items kept per task")
     parser.add_argument("--seed", type=int, default=0)
@@ -459,11 +507,11 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     check_resumable(args)
     experiment = Experiment(args)
-    matrices = {}
+    results = {}
     for method in args.methods:
-        matrices[LABELS[method]] = experiment.run_lora() if method == "lora" else experiment.run_hft(method)
+        results[LABELS[method]] = experiment.run_lora() if method == "lora" else experiment.run_hft(method)
     command = "python examples/continual_hft.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_report(experiment, matrices, command.strip(), time.perf_counter() - start)
+    write_report(experiment, results, command.strip(), time.perf_counter() - start)
 
 
 if __name__ == "__main__":

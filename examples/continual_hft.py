@@ -443,10 +443,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default="fft,hft-random,hft-complementary,lora",
                         help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--tasks", default="sarcasm,quartz,socialiqa,medmcqa", help=f"from {','.join(TASKS)}")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per stage (every method)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per stage (every method)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of FFT and HFT")
-    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--replay", type=float, default=0.2, help="replay share for the +replay method")
     parser.add_argument("--eval-size", type=int, default=96, help="held-out items per task (balanced)")

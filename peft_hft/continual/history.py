@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -71,7 +71,9 @@ class StageRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StageRecord:
-        return cls(**data)
+        """Read a manifest entry; keys a later peft-hft may add are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def weight_fingerprint(model: nn.Module) -> str:

@@ -13,6 +13,7 @@ adapters::
 from __future__ import annotations
 
 from .config import HFTConfig
+from .fingerprint import BaseMismatchError, skip_base_check
 from .layer import HFTLayer
 from .model import HFTModel
 from .registration import register
@@ -20,6 +21,15 @@ from .summary import plot_selection, selection_summary
 
 __version__ = "0.1.0"
 
-__all__ = ["HFTConfig", "HFTLayer", "HFTModel", "plot_selection", "selection_summary", "__version__"]
+__all__ = [
+    "BaseMismatchError",
+    "HFTConfig",
+    "HFTLayer",
+    "HFTModel",
+    "plot_selection",
+    "selection_summary",
+    "skip_base_check",
+    "__version__",
+]
 
 register()

@@ -1,37 +1,90 @@
-"""The ``peft-hft`` command line.
+"""The ``peft-hft`` command line: ``peft-hft <subcommand> [options]``.
 
-Every subcommand lives in its own module, which exposes ``add_subcommand(subparsers)``; that function adds an
-``argparse`` sub-parser and sets ``func`` (called with the parsed arguments, returning the exit status). Add a
-subcommand by listing its module in :data:`SUBCOMMAND_MODULES`.
+Each subcommand lives in its own module that exposes ``HELP`` (a one-line description), ``add_arguments(parser)`` and
+``run(args) -> int`` (the exit status). Adding a subcommand is one line in :data:`SUBCOMMANDS` (or a call to
+:func:`register_subcommand`); its logic stays in its module, and its module is imported only when it is listed.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Sequence
 from typing import Optional
 
-# Modules that provide `add_subcommand(subparsers)`, in the order `peft-hft --help` lists them.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("peft_hft.half_reset",)
+# name -> module path; the module provides HELP, add_arguments(parser) and run(args).
+SUBCOMMANDS: dict[str, str] = {
+    "merge": "peft_hft.commands.merge",
+    "inspect": "peft_hft.commands.inspect",
+    "diff": "peft_hft.commands.diff",
+    "half-reset": "peft_hft.commands.half_reset",
+}
+
+# Errors that are the user's input, not a bug: printed as one message, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def register_subcommand(name: str, module: str) -> None:
+    """Add a subcommand implemented by ``module`` (which provides ``HELP``, ``add_arguments`` and ``run``)."""
+    if name in SUBCOMMANDS and SUBCOMMANDS[name] != module:
+        raise ValueError(f"The peft-hft subcommand {name!r} is already provided by {SUBCOMMANDS[name]}.")
+    SUBCOMMANDS[name] = module
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-hft", description="Half Fine-Tuning (HFT) tools.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in SUBCOMMAND_MODULES:
-        importlib.import_module(module).add_subcommand(subparsers)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="peft-hft",
+        description="Tools for Half Fine-Tuning (HFT) adapters: merge, inspect, and extract diff adapters.",
+    )
+    parser.add_argument("--version", action="version", version=f"peft-hft {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     return parser
 
 
+def _interrupt_on_termination() -> None:
+    """Turn SIGTERM/SIGHUP into KeyboardInterrupt so that commands clean up their temporary output."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``peft-hft`` script."""
-    import peft_hft  # noqa: F401  (registers HFT with PEFT before any subcommand loads an adapter)
+    """Entry point of the ``peft-hft`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _interrupt_on_termination()
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"peft-hft {args.command}: interrupted; no output was written.", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if args.traceback:
+            traceback.print_exc()
+        print(f"peft-hft {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
 
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

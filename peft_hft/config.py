@@ -56,6 +56,9 @@ class HFTConfig(PeftConfig):
             when a chat template adds tokens.
         trainable_token_indices: Accepted for compatibility with TRL. HFT trains whole embedding matrices, which
             includes these rows; the embedding tensors are added to the selection.
+        base_fingerprint: Written when the adapter is saved, never set by hand: the base model's id and revision and
+            a SHA-256 digest of every base tensor the adapter modifies. Loading and merging check the base against it
+            (see ``peft_hft.fingerprint`` and docs/adapter-format.md).
     """
 
     ratio: float = field(default=0.5, metadata={"help": "Share of tensors to train, in (0, 1]."})
@@ -88,6 +91,9 @@ class HFTConfig(PeftConfig):
     )
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None, metadata={"help": "Accepted for TRL; HFT trains the whole embedding matrix."}
+    )
+    base_fingerprint: Optional[dict] = field(
+        default=None, repr=False, metadata={"help": "Base model id/revision and SHA-256 of the modified base tensors."}
     )
 
     def __post_init__(self) -> None:
@@ -136,6 +142,11 @@ class HFTConfig(PeftConfig):
                     "Leave it as None to let the strategy choose."
                 )
             self.selected_parameters = list(self.selected_parameters)
+        if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, dict):
+            raise ValueError(
+                "HFTConfig.base_fingerprint is written by save_pretrained and must be a dict or None, got "
+                f"{type(self.base_fingerprint).__name__}."
+            )
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, set):

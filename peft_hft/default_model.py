@@ -72,7 +72,7 @@ def default_model_path() -> Path:
 
 def load_default_model(
     dtype: torch.dtype = torch.float32, device: Optional[Union[str, torch.device]] = None
-) -> tuple["torch.nn.Module", "object"]:
+) -> tuple[torch.nn.Module, object]:
     """Load SmolLM2-135M-Instruct and its tokenizer (converting the embedded GGUF on first use).
 
     Args:

@@ -20,14 +20,19 @@ follows dtype/device changes of the weights lazily instead.
 
 from __future__ import annotations
 
+import functools
 import warnings
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from tqdm.auto import tqdm
+
+from . import engines
 
 LEDGER_ATTRIBUTE = "hft"
 
@@ -46,6 +51,25 @@ class _Adapter:
     # Gradients of the adapter's tensors, kept while the adapter is not live (so an optimizer step then cannot touch
     # the base values, and gradient accumulation survives a disable_adapter() round trip).
     grads: dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+
+
+def _atomic(method: Callable) -> Callable:
+    """Undo the flag changes of a ledger method that fails (e.g. refused on a sharded model before tensors moved)."""
+
+    @functools.wraps(method)
+    def wrapper(self: HFTLayer, *args, **kwargs):
+        flags = (self._disable_adapters, list(self.merged_adapters), list(self._active_adapter))
+        requires_grad = {name: record.requires_grad for name, record in self.hft_adapters.items()}
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            self._disable_adapters, self.merged_adapters, self._active_adapter = flags
+            for name, value in requires_grad.items():
+                if name in self.hft_adapters:
+                    self.hft_adapters[name].requires_grad = value
+            raise
+
+    return wrapper
 
 
 class HFTLayer(nn.Module, BaseTunerLayer):
@@ -133,7 +157,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             return self.original(name)
         param = self._param(name)
         device = self._store_device(name, param)
-        if value.dtype != param.dtype or value.device != device:
+        # A value parked by reference beside the weights (see _capture) stays there.
+        if value.dtype != param.dtype or value.device not in (device, param.device):
             value = value.to(device=device, dtype=param.dtype)
             record.values[name] = value
         return value
@@ -167,9 +192,20 @@ class HFTLayer(nn.Module, BaseTunerLayer):
     # ---------------------------------------------------------------------------------------------------------------
 
     def add_adapter(
-        self, adapter_name: str, params: Sequence[str], originals_device: str, perturb: bool = False
+        self,
+        adapter_name: str,
+        params: Sequence[str],
+        originals_device: str,
+        perturb: bool = False,
+        seed: int = 0,
     ) -> None:
-        """Register ``adapter_name`` training ``params``; capture the originals it needs. Atomic on failure."""
+        """Register ``adapter_name`` training ``params``; capture the originals it needs. Atomic on failure.
+
+        The originals must be the whole base tensors, so the adapter has to be added before an engine shards the
+        model (FSDP2's ``fully_shard``, ``accelerator.prepare``); a ZeRO-3 model partitioned at load time
+        (``deepspeed.zero.Init``) is gathered one tensor at a time, which every rank does in the same order.
+        ``perturb`` noise is drawn from ``seed`` and the adapter name, so every rank draws the same.
+        """
         if adapter_name in self.hft_adapters:
             raise ValueError(f"An HFT adapter named {adapter_name!r} already exists; choose another name.")
         new_originals = {}
@@ -180,19 +216,33 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             if param.device.type == "meta":
                 raise ValueError(
                     f"{name} is on the meta device, so its base value is unknown. Load the model's weights before "
-                    "adding an HFT adapter."
+                    "adding an HFT adapter (under accelerate's FSDP, set fsdp_cpu_ram_efficient_loading=false: it "
+                    "loads the weights on the first process only)."
+                )
+            if engines.is_dtensor(param):
+                raise ValueError(
+                    f"{name} is already sharded ({engines.DTENSOR}), so HFT cannot capture its base value or change "
+                    "which tensors train. Fix: add the HFT adapter (get_peft_model, or pass peft_config to the "
+                    "trainer) before the model is sharded: before fully_shard(...) / accelerator.prepare(...)."
+                )
+            if perturb and engines.sharding_of(param):
+                raise ValueError(
+                    f"init_weights=False cannot perturb {name}: it is sharded by {engines.sharding_of(param)}. "
+                    "Create the adapter before the model is sharded, or use init_weights=True."
                 )
             device = param.device if originals_device == "device" else torch.device("cpu")
-            new_originals[name] = self._to_store(param.data, device, pin=param.is_cuda and device.type == "cpu")
+            full = engines.full_value(param, name, collective=True)
+            new_originals[name] = self._to_store(full, device, pin=full.is_cuda and device.type == "cpu")
         self._originals.update(new_originals)
         record = _Adapter(params=tuple(params), originals_device=originals_device)
         self.hft_adapters[adapter_name] = record
         if perturb:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(adapter_name.encode()))
             for name in params:
                 base = self.original(name)
                 spread = base.float().std().nan_to_num(0.0).item() if base.numel() > 1 else 0.0
                 scale = 0.1 * max(spread, 0.02)
-                noise = torch.randn(base.shape, dtype=torch.float32) * scale
+                noise = torch.randn(base.shape, dtype=torch.float32, generator=generator) * scale
                 record.values[name] = (base.float() + noise.to(base.device)).to(base.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -212,7 +262,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 remaining_active = [sorted(self.hft_adapters)[0]]
                 warnings.warn(
                     f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                    f"{remaining_active[0]}."
+                    f"{remaining_active[0]}.",
+                    stacklevel=2,
                 )
             self.set_adapter(remaining_active)
 
@@ -246,9 +297,14 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         return tuple(a for a in applied if a in self.hft_adapters)
 
     def _capture(self, adapter: str, applied: Sequence[str]) -> None:
-        """Park the current values of an applied adapter that may have been trained."""
+        """Park the current values of an applied adapter that may have been trained.
+
+        Nothing is parked while an engine shards the tensors (their values are gathered when needed, and
+        ``_transition`` refuses to move them). A tensor that does not own its storage (a view into an engine's flat
+        buffer, as under DeepSpeed ZeRO-1/2) is parked by reference, so it goes back to that very storage.
+        """
         record = self.hft_adapters[adapter]
-        if record.values_current:
+        if record.values_current or engines.sharding_of_model(self._root, record.params):
             return
         for name in record.params:
             param = self._param(name)
@@ -259,7 +315,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 live = param.data.to(device).float()
                 value = (live - sum(self._value(o, name).float() - base for o in others)).to(param.dtype)
                 record.values[name] = value
-            elif device == param.device:
+            elif device == param.device or not engines.owns_storage(param.data):
                 record.values[name] = param.data  # handed over by reference
             else:
                 buffer = record.values.get(name)
@@ -269,9 +325,40 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 buffer.copy_(param.data)
         record.values_current = True
 
+    def _holds_value(self, adapter: str, name: str) -> bool:
+        """Whether ``adapter``'s value of ``name`` may differ from the original (parked, or trained in place)."""
+        record = self.hft_adapters[adapter]
+        return name in record.values or (adapter in self._applied and not record.values_current)
+
+    def _changing(self, old_applied: Sequence[str], new_applied: Sequence[str]) -> list[str]:
+        """Tensors whose value differs between two states; a tensor that keeps its value is never touched."""
+        changing = []
+        for name in self._touched():
+            old = [a for a in self._contributors(name, old_applied) if self._holds_value(a, name)]
+            new = [a for a in self._contributors(name, new_applied) if self._holds_value(a, name)]
+            if old != new:
+                changing.append(name)
+        return changing
+
+    def _check_unsharded(self, names: Sequence[str], action: str) -> None:
+        """Refuse to move tensors whose storage a distributed engine owns, before anything changed."""
+        engine = engines.sharding_of_model(self._root, names) if names else None
+        if engine is not None:
+            raise RuntimeError(
+                f"Cannot {action}: the model is sharded by {engine}, which owns the storage of the tensors HFT "
+                f"trains ({_listing(list(names))}), so HFT cannot swap their values. disable_adapter(), "
+                "set_adapter(), merge/unmerge and loading diffs into an adapter in use work on an unsharded model "
+                "only (DDP and DeepSpeed ZeRO-1/2 are fine). Fix: do it before the model is sharded, or save the "
+                "adapter and load it onto an unsharded model. For TRL's DPOTrainer pass an explicit ref_model (the "
+                "base model), or under FSDP set DPOConfig(precompute_ref_log_probs=True), which computes the "
+                "reference log-probs before FSDP shards the model. See docs/distributed.md."
+            )
+
     def _transition(self, new_applied: tuple[str, ...], progressbar: bool = False) -> None:
         """Bring the weights to ``base + diffs of new_applied`` and set requires_grad/grads accordingly."""
         old_applied = self._applied
+        changing = set(self._changing(old_applied, new_applied))
+        self._check_unsharded(sorted(changing), "change which HFT adapters are applied")
         for adapter in old_applied:
             self._capture(adapter, old_applied)
         live_trainable_before = self._live_trainable(old_applied)
@@ -280,9 +367,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             param = self._param(name)
             if name in live_trainable_before and name not in live_trainable_after:
                 self._stash_grad(name, param, live_trainable_before[name])
-            old = self._contributors(name, old_applied)
             new = self._contributors(name, new_applied)
-            if old != new:
+            if name in changing:
                 if not new:
                     target = self.original(name)
                 elif len(new) == 1:
@@ -331,6 +417,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
     def _get_available_adapters(self) -> set[str]:
         return set(self.hft_adapters)
 
+    @_atomic
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]
@@ -345,15 +432,18 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         if sum(self.hft_adapters[a].requires_grad for a in adapter_names) > 1:
             warnings.warn(
                 "Several HFT adapters are active and trainable at once; their diffs are summed in the weights, so "
-                "training would update their shared tensors jointly. Activate one adapter for training."
+                "training would update their shared tensors jointly. Activate one adapter for training.",
+                stacklevel=2,
             )
         self._active_adapter = list(adapter_names)
         self._refresh()
 
+    @_atomic
     def enable_adapters(self, enabled: bool, progressbar: bool = False) -> None:
         self._disable_adapters = not enabled
         self._refresh(progressbar)
 
+    @_atomic
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         for adapter in self._applied:
@@ -362,6 +452,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             self.hft_adapters[name].requires_grad = requires_grad
         self._refresh()
 
+    @_atomic
     def merge(
         self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None, progressbar: bool = False
     ) -> None:
@@ -376,9 +467,10 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = self.merged_adapters + [a for a in adapter_names if a not in self.merged_adapters]
         self._refresh(progressbar)
 
+    @_atomic
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self.merged_adapters = []
         self._refresh()
@@ -402,8 +494,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         """The adapter's value of ``name`` now (from the weights, or ``live`` if given, when it is applied)."""
         record = self.hft_adapters[adapter]
         if adapter in self._applied and (not record.values_current or live is not None):
-            param = self._param(name)
-            live = param.data if live is None else live
+            if live is None:
+                live = engines.full_value(self._param(name), name, collective=False)
             others = [a for a in self._contributors(name, self._applied) if a != adapter]
             if not others:
                 return live
@@ -432,9 +524,9 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         missing = [n for n in expected if n not in diffs]
         unexpected = [n for n in diffs if n not in expected]
         wrong_shape = [
-            f"{n}: adapter {tuple(diffs[n].shape)} vs model {tuple(self._param(n).shape)}"
+            f"{n}: adapter {tuple(diffs[n].shape)} vs model {engines.full_shape(self._param(n))}"
             for n in expected
-            if n in diffs and tuple(diffs[n].shape) != tuple(self._param(n).shape)
+            if n in diffs and tuple(diffs[n].shape) != engines.full_shape(self._param(n))
         ]
         problems = []
         if missing:
@@ -454,6 +546,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         """Give ``adapter`` the values ``base + diff`` (checked with :meth:`check_diffs` first)."""
         self.check_diffs(adapter, diffs)
         applied = self._applied
+        if adapter in applied:
+            self._check_unsharded(list(diffs), f"load diffs into the applied HFT adapter {adapter!r}")
         for a in applied:
             if a != adapter:
                 self._capture(a, applied)
@@ -469,6 +563,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if engines.is_dtensor(a) or engines.is_dtensor(b):
+        return False
     return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 

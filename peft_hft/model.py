@@ -11,6 +11,8 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import DIFF_DTYPES, HFTConfig
+from .engines import is_full_value
+from .fingerprint import record_base, verify_base
 from .layer import LEDGER_ATTRIBUTE, HFTLayer, find_ledger
 from .registration import PREFIX
 from .selection import canonical_parameter_names, resolve_selection, validate_selection
@@ -87,11 +89,13 @@ class HFTModel(BaseTuner):
             existing = getattr(model, LEDGER_ATTRIBUTE, None)
             if existing is not None:
                 raise ValueError(
-                    f"{type(model).__name__} already has an attribute {LEDGER_ATTRIBUTE!r} ({type(existing).__name__}), "
-                    "which HFT needs for its bookkeeping."
+                    f"{type(model).__name__} already has an attribute {LEDGER_ATTRIBUTE!r} "
+                    f"({type(existing).__name__}), which HFT needs for its bookkeeping."
                 )
             ledger = HFTLayer(model)
-        ledger.add_adapter(adapter_name, names, config.originals_device, perturb=not config.init_weights)
+        ledger.add_adapter(
+            adapter_name, names, config.originals_device, perturb=not config.init_weights, seed=config.seed
+        )
         if first:
             model.add_module(LEDGER_ATTRIBUTE, ledger)
             for param in model.parameters():
@@ -151,8 +155,12 @@ class HFTModel(BaseTuner):
         if merge:
             ledger.merge(safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar)
         else:
-            ledger.merged_adapters = []
-            ledger.enable_adapters(False, progressbar=progressbar)
+            merged, ledger.merged_adapters = ledger.merged_adapters, []
+            try:
+                ledger.enable_adapters(False, progressbar=progressbar)
+            except Exception:  # refused (a sharded model): leave the model as it was
+                ledger.merged_adapters = merged
+                raise
         ledger.detach()
         delattr(self.model, LEDGER_ATTRIBUTE)
         if hasattr(self.model, "peft_config"):
@@ -175,14 +183,21 @@ class HFTModel(BaseTuner):
         ledger = find_ledger(model)
         if ledger is None or adapter_name not in ledger.hft_adapters:
             raise ValueError(f"No HFT adapter named {adapter_name!r} in this model; nothing to save.")
+        # Prefer the caller's values (e.g. a state dict that Trainer/accelerate gathered under FSDP or ZeRO-3), but
+        # only whole tensors: a sharded engine's own state_dict() holds DTensor shards or empty placeholders. The
+        # ledger gathers what is missing, or says how to save when it cannot.
         live = {}
         for name in ledger.hft_adapters[adapter_name].params:
             for key in (PEFT_KEY_PREFIX + name, name):
                 if key in state_dict:
-                    live[name] = state_dict[key]
+                    if is_full_value(state_dict[key], ledger.root.get_parameter(name)):
+                        live[name] = state_dict[key]
                     break
         dtype = getattr(torch, config.diff_dtype) if config.diff_dtype in DIFF_DTYPES else None
-        return {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
+        diffs = {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
+        # The config is saved right after the weights: record the base these diffs belong to (see fingerprint.py).
+        config.base_fingerprint = record_base(ledger, adapter_name, config)
+        return diffs
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -198,8 +213,9 @@ class HFTModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """Apply the diffs in ``state_dict`` to ``adapter_name``; return what PEFT should load itself (the rest).
 
-        A mismatch between the adapter and the model (names, shapes) raises ``ValueError`` after the adapter was
-        removed again, so a failed load leaves the model as it was.
+        A mismatch between the adapter and the model (names, shapes, or a base other than the one recorded in
+        ``config.base_fingerprint``) raises ``ValueError`` after the adapter was removed again, so a failed load leaves
+        the model as it was.
         """
         ledger = find_ledger(model)
         diffs, rest = {}, {}
@@ -218,8 +234,12 @@ class HFTModel(BaseTuner):
                 f"'.{DIFF_SEGMENT}.<name>'); it is not an HFT adapter file. Fix: point to a directory written by "
                 "save_pretrained() of an HFT model."
             )
-        diffs = {canonical: diffs[name] for name, canonical in zip(diffs, canonical_parameter_names(ledger.root, diffs))}
+        canonical = canonical_parameter_names(ledger.root, list(diffs))
+        if len(canonical) == len(diffs):
+            diffs = dict(zip(canonical, diffs.values(), strict=True))
         try:
+            ledger.check_diffs(adapter_name, diffs)
+            verify_base(ledger, config, adapter_name)
             ledger.set_diffs(adapter_name, diffs)
         except ValueError:
             rollback_adapter(model, adapter_name)

@@ -45,6 +45,7 @@ def register() -> None:
     from peft.utils import register_peft_method
 
     from .config import HFTConfig
+    from .hub import patch_peft
     from .model import HFTModel
     from .transformers_integration import patch_transformers
 
@@ -57,3 +58,4 @@ def register() -> None:
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = HFTModel
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = PREFIX
     patch_transformers()
+    patch_peft()  # HFT model card in save_pretrained, and a push_to_hub that keeps it

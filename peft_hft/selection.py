@@ -25,6 +25,7 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import HFTConfig
+from .engines import full_numel
 
 ATTENTION = "attention"
 FEED_FORWARD = "feed_forward"
@@ -113,7 +114,7 @@ def find_block_lists(model: nn.Module, layers_pattern: Optional[str] = None) -> 
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        numel = sum(p.numel() for p in module.parameters())
+        numel = sum(full_numel(p) for p in module.parameters())
         if numel == 0:
             continue
         candidates.append((name, module, numel))
@@ -211,7 +212,7 @@ def analyze_model(model: nn.Module, layers_pattern: Optional[str] = None) -> Mod
             full = tuple(f"{module_name}.{n}" if module_name else n for n in group)
             # target_modules match module names for weight/bias units, parameter names for the rest (MoE experts)
             target_name = module_name if group[0] == "weight" else full[0]
-            numel = sum(p.numel() for p in params)
+            numel = sum(full_numel(p) for p in params)  # a ZeRO-3 partitioned parameter reports 0 elements
             block = _enclosing_block(module_name, block_of_module)
             if block is None:
                 category = _outside_category(module, module_name, input_emb, output_emb)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 from torch import nn
 
@@ -59,9 +60,15 @@ def _resolve(model: nn.Module, adapter_name: Optional[str]) -> SelectionReport:
         raise ValueError(f"No HFT adapter named {adapter_name!r}; available: {sorted(ledger.hft_adapters)}.")
     configs = getattr(ledger.root, "peft_config", {}) or {}
     layers_pattern = getattr(configs.get(adapter_name), "layers_pattern", None)
-    layout = analyze_model(ledger.root, layers_pattern)
-    selected = frozenset(ledger.hft_adapters[adapter_name].params)
-    return SelectionReport(adapter_name, layout, selected)
+    return selection_report(ledger.root, ledger.hft_adapters[adapter_name].params, adapter_name, layers_pattern)
+
+
+def selection_report(
+    model: nn.Module, selected: Sequence[str], adapter_name: str = "default", layers_pattern: Optional[str] = None
+) -> SelectionReport:
+    """A selection (parameter names) laid over ``model``'s structure; the model may live on the meta device, which
+    is how ``peft-hft inspect`` describes a saved adapter without loading any weights."""
+    return SelectionReport(adapter_name, analyze_model(model, layers_pattern), frozenset(selected))
 
 
 def _labels(shorts: Sequence[str]) -> list[str]:
@@ -77,6 +84,13 @@ def _labels(shorts: Sequence[str]) -> list[str]:
     return labels
 
 
+def _cell_borders(ax, num_columns: int, num_rows: int) -> None:
+    ax.set_xticks([x - 0.5 for x in range(1, num_columns)], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(1, num_rows)], minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.0)
+    ax.tick_params(which="minor", length=0)
+
+
 def selection_summary(model: nn.Module, adapter_name: Optional[str] = None) -> str:
     """A text summary of which tensors an HFT adapter trains: totals, per-category shares and a per-block table.
 
@@ -84,7 +98,11 @@ def selection_summary(model: nn.Module, adapter_name: Optional[str] = None) -> s
         model: A PeftModel, HFTModel or transformers model holding HFT adapters.
         adapter_name: The adapter to describe (default: the active one).
     """
-    report = _resolve(model, adapter_name)
+    return format_summary(_resolve(model, adapter_name))
+
+
+def format_summary(report: SelectionReport) -> str:
+    """The text of :func:`selection_summary` for a :class:`SelectionReport`."""
     units = report.layout.units
     trained = [u for u in units if report.is_trained(u)]
     total_numel = sum(u.numel for u in units)
@@ -138,54 +156,61 @@ def plot_selection(
     Returns:
         The path written.
     """
+    return plot_report(_resolve(model, adapter_name), path, title)
+
+
+def plot_report(report: SelectionReport, path: Union[str, os.PathLike], title: Optional[str] = None) -> str:
+    """The PNG of :func:`plot_selection` for a :class:`SelectionReport`; returns the path written."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    report = _resolve(model, adapter_name)
     columns = report.columns()
     outside = report.layout.outside_units()
-    labels = _labels([short for _, short in columns]) + [u.short for u in outside]
     num_rows = max(report.layout.num_blocks, 1)
-    grid = [[0] * len(labels) for _ in range(num_rows)]  # 0 absent, 1 frozen, 2 trained
+    grid = [[0] * max(len(columns), 1) for _ in range(num_rows)]  # 0 absent, 1 frozen, 2 trained
     index = {(category, short): i for i, (category, short) in enumerate(columns)}
     for unit in report.layout.block_units():
         grid[unit.block][index[(unit.category, unit.short)]] = 2 if report.is_trained(unit) else 1
-    for j, unit in enumerate(outside, start=len(columns)):
-        grid[0][j] = 2 if report.is_trained(unit) else 1
+    side = [[2 if report.is_trained(u) else 1] for u in outside]
 
-    fig_w = max(6.0, 0.45 * len(labels) + 2.5)
-    fig_h = max(3.0, 0.22 * num_rows + 2.5)
-    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=120)
     cmap = ListedColormap(["#ffffff", "#d9d9d9", "#1f77b4"])
+    fig_w = max(6.0, 0.42 * (len(columns) + (2 if outside else 0)) + 3.0)
+    fig_h = max(3.2, 0.2 * max(num_rows, len(outside)) + 2.6)
+    widths = [max(len(columns), 1)] + ([1.6] if outside else [])
+    fig, axes = plt.subplots(1, len(widths), figsize=(fig_w, fig_h), dpi=120, squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    ax = axes[0][0]
     ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(_labels([short for _, short in columns]), rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("transformer block")
     ax.set_yticks(range(0, num_rows, max(1, num_rows // 16)))
-    boundaries, previous = [], None
+    _cell_borders(ax, len(columns), num_rows)
+    previous = None
     for i, (category, _) in enumerate(columns):
         if previous is not None and category != previous:
-            boundaries.append(i - 0.5)
+            ax.axvline(i - 0.5, color="black", linewidth=1.2)
         previous = category
-    if outside and columns:
-        boundaries.append(len(columns) - 0.5)
-    for x in boundaries:
-        ax.axvline(x, color="black", linewidth=1.0)
     for category in dict.fromkeys(c for c, _ in columns):
         xs = [i for i, (c, _) in enumerate(columns) if c == category]
-        ax.text(sum(xs) / len(xs), -0.8, category.replace("_", "-"), ha="center", va="bottom", fontsize=8)
+        ax.text(sum(xs) / len(xs), -0.7, category.replace("_", "-"), ha="center", va="bottom", fontsize=8)
     if outside:
-        xs = range(len(columns), len(labels))
-        ax.text(sum(xs) / len(xs), -0.8, "outside blocks", ha="center", va="bottom", fontsize=8)
+        side_ax = axes[0][1]
+        side_ax.imshow(side, aspect="auto", cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+        side_ax.set_yticks(range(len(outside)))
+        side_ax.set_yticklabels([u.short for u in outside], fontsize=8)
+        side_ax.yaxis.tick_right()
+        side_ax.set_xticks([])
+        side_ax.set_title("outside blocks", fontsize=8)
+        _cell_borders(side_ax, 1, len(outside))
     trained_numel = sum(u.numel for u in report.layout.units if report.is_trained(u))
     total_numel = sum(u.numel for u in report.layout.units)
-    ax.set_title(
+    fig.suptitle(
         title or f"HFT selection '{report.adapter_name}': {100 * trained_numel / max(total_numel, 1):.1f}% of "
-        f"parameters trained (blue)",
-        pad=22,
+        "parameters trained (blue = trained, grey = frozen)",
         fontsize=10,
     )
     fig.tight_layout()

@@ -6,15 +6,15 @@ import os
 import warnings
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
-import peft_hft  # noqa: E402,F401  (registers HFT with PEFT)
 from tiny_models import tiny_model  # noqa: E402
+
+import peft_hft  # noqa: E402,F401  (registers HFT with PEFT)
 
 
 @pytest.fixture

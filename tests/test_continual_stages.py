@@ -128,7 +128,7 @@ def test_dropping_and_reweighting_stages_is_task_arithmetic(run, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
     reference = history.load(fresh_base(base), upto=1).state_dict()
     assert all(torch.equal(exported[n], reference[n]) for n in reference)
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="already exists"):
         history.export(fresh_base(base), out)
 
 
@@ -224,7 +224,8 @@ def test_resume_rebuilds_the_running_model_and_continues_the_masks(tmp_path):
 
     full = run(tmp_path / "full", 3)
     run(tmp_path / "cut", 2)
-    (tmp_path / "cut" / ".stage_02_t2.x1y2").mkdir()  # a run that died while saving stage 2
+    (tmp_path / "cut" / "stage_02_t2").mkdir()  # a run that died after saving stage 2, before recording it
+    (tmp_path / "cut" / "stage_02_t2" / "junk").write_text("x")
     resumed = run(tmp_path / "cut", 3, resume=True)
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [
         "manifest.json", "stage_00_t0", "stage_01_t1", "stage_02_t2"

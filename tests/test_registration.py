@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
-from peft import PeftConfig, get_peft_model
+from peft import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
-from tiny_models import tiny_model
 
 import peft_hft
 from peft_hft import HFTConfig, HFTModel

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,9 +33,11 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..atomic_io import write_directory_atomically
+from ..checkpoint import atomic_directory
 from ..data import _atomic_write
+from ..fingerprint import digest
 from ..layer import find_ledger
+from ..merge import apply_diff
 from ..model import parameter_name_of
 from ..selection import canonical_parameter_names
 from .metrics import AccuracyMatrix
@@ -45,8 +46,6 @@ MANIFEST = "manifest.json"
 FORMAT = "peft-hft-stage-history"
 VERSION = 1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# Elements sampled per tensor for the weight fingerprint: enough to tell models apart, cheap for any model size.
-_FINGERPRINT_SAMPLES = 4096
 
 StageKey = Union[int, str]
 
@@ -77,19 +76,15 @@ class StageRecord:
 
 
 def weight_fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's parameters (names, shapes, dtypes and a strided sample of the values).
+    """SHA-256 over every parameter of ``model`` (names, shapes, dtypes and raw bytes).
 
-    Used to check that a history is loaded onto the base model it was trained from, and that a rebuilt stage is
-    bit-identical to the model the run had: a wrong base or a single changed sampled value changes it.
+    Recorded for the base and after every stage: loading a history checks that it starts from exactly the recorded
+    base, and that a rebuilt stage is bit-identical to the model the run had.
     """
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
-        step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
-        sample = flat[::step].to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:32]
+    h = hashlib.sha256()
+    for name, param in tqdm(list(model.named_parameters()), desc="Hashing weights", leave=False, disable=None):
+        h.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{digest(param)}\n".encode())
+    return h.hexdigest()
 
 
 def read_diffs(adapter_dir: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
@@ -112,8 +107,9 @@ def read_diffs(adapter_dir: Union[str, os.PathLike], model: Optional[nn.Module] 
 def apply_diffs(model: nn.Module, diffs: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
     """Add ``weight * diff`` to the named parameters of ``model``, in float32, written back in each tensor's dtype.
 
-    With ``weight=1`` this is exactly the arithmetic of loading an HFT adapter (``HFTLayer.set_diffs``), which is
-    what makes the runner's folded model and a history rebuilt from disk bit-identical.
+    With ``weight=1`` this is exactly the arithmetic of loading an HFT adapter (``HFTLayer.set_diffs``, and
+    :func:`peft_hft.merge.apply_diff`, which does the work), which is what makes the runner's folded model and a
+    history rebuilt from disk bit-identical.
     """
     if find_ledger(model) is not None:
         raise ValueError(
@@ -136,10 +132,10 @@ def apply_diffs(model: nn.Module, diffs: Mapping[str, torch.Tensor], weight: flo
             )
     for name, diff in diffs.items():
         param = params[name]
-        delta = diff.to(param.device).float()
+        delta = diff.to(param.device)
         if weight != 1.0:
-            delta = delta * weight
-        param.data = (param.data.float() + delta).to(param.dtype)
+            delta = delta.float() * weight
+        param.data = apply_diff(param.data, delta, param.dtype)
 
 
 def stage_dirname(index: int, task: str) -> str:
@@ -210,12 +206,10 @@ class StageHistory:
         self._data["stages"] = [asdict(s) for s in self.stages]
         _atomic_write(self.path / MANIFEST, (json.dumps(self._data, indent=1) + "\n").encode())
 
-    def _append(self, record: StageRecord, staged_adapter: Path) -> None:
-        """Move a fully written adapter directory into place, then record the stage (the manifest is the commit)."""
-        target = self.path / record.adapter
-        if target.exists():  # left by a run that died between moving the adapter and writing the manifest
-            shutil.rmtree(target)
-        os.replace(staged_adapter, target)
+    def _append(self, record: StageRecord) -> None:
+        """Record a stage whose adapter directory is in place (the manifest is the commit)."""
+        if not (self.path / record.adapter / ADAPTER_WEIGHTS).is_file():
+            raise FileNotFoundError(f"The adapter of stage {record.index} is missing from {self.path}.")
         self.stages.append(record)
         self._write()
 
@@ -364,23 +358,22 @@ class StageHistory:
         weights: Union[Mapping[StageKey, float], Sequence[float], None] = None,
         tokenizer: Any = None,
         check_base: bool = True,
+        overwrite: bool = False,
     ) -> Path:
         """Write ``base + sum_i w_i * diff_i`` (see :meth:`load`) as a plain checkpoint (``save_pretrained``).
 
         The checkpoint is written to a temporary directory next to ``output_dir`` and moved into place when
-        complete; ``output_dir`` must not exist or be empty.
+        complete; an existing ``output_dir`` is refused unless ``overwrite=True``.
         """
         output_dir = Path(output_dir)
-        if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-            raise FileExistsError(f"{output_dir} is not empty; choose a new directory for the exported checkpoint.")
+        if output_dir.exists() and not overwrite:  # refuse before the work
+            raise FileExistsError(f"{output_dir} already exists. Fix: choose another output path, or overwrite=True.")
         self.load(model, upto=upto, weights=weights, check_base=check_base)
-
-        def save(staging: Path) -> None:
+        with atomic_directory(output_dir, overwrite=overwrite) as staging:
             model.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-
-        return write_directory_atomically(output_dir, save)
+        return output_dir
 
     def accuracy_matrix(self, tasks: Optional[Sequence[str]] = None) -> AccuracyMatrix:
         """The task-by-stage score matrix from the metrics logged after every stage (and before the first)."""

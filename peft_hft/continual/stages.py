@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -25,6 +23,7 @@ from typing import Any, Optional, Union
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from ..checkpoint import atomic_directory
 from ..config import HFTConfig
 from ..layer import find_ledger
 from ..selection import resolve_selection
@@ -113,8 +112,6 @@ class ContinualHFT:
         if resume and (path / MANIFEST).exists():
             self.history = StageHistory(path)
             self._check_resumable()
-            for leftover in path.glob(".stage_*"):  # a stage being saved when an earlier run died
-                shutil.rmtree(leftover, ignore_errors=True)
             self.history.load(model)  # checks the base, rebuilds the last stage exactly
             for name, param in model.named_parameters():
                 param.requires_grad_(self._requires_grad[name])
@@ -232,15 +229,15 @@ class ContinualHFT:
         adapter = stage_dirname(index, task)
         start_fingerprint = self.history.stages[-1].end_fingerprint if index else self.history.base_fingerprint
         stage_config = peft_model.peft_config["default"]
-        staging = Path(tempfile.mkdtemp(dir=self.history.path, prefix=f".{adapter}."))
         try:
-            peft_model.save_pretrained(staging)
-            diffs = read_diffs(staging, self._model)
-            peft_model.unload()  # back to the model the stage started from, exactly
-            self._peft_model = None
-            apply_diffs(self._model, diffs)
+            # overwrite: a directory of this name can only be left by a run that died before recording the stage
+            with atomic_directory(self.history.path / adapter, overwrite=True) as staging:
+                peft_model.save_pretrained(staging)
+                diffs = read_diffs(staging, self._model)
+                peft_model.unload()  # back to the model the stage started from, exactly
+                self._peft_model = None
+                apply_diffs(self._model, diffs)  # fold in the diff as saved
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
             if self._peft_model is not None:
                 self.abort_stage()
             raise
@@ -265,7 +262,7 @@ class ContinualHFT:
             info={**self._open_info, **info},
         )
         self._open_task, self._open_info = None, {}
-        self.history._append(record, staging)
+        self.history._append(record)
         if self.evaluate is not None:
             self.history.log_metrics(self.evaluate(self._model), stage=index)
         return self._model

@@ -1,0 +1,7 @@
+"""``python -m peft_hft`` runs the ``peft-hft`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

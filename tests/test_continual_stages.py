@@ -324,3 +324,25 @@ def test_bf16_history_is_exact_even_with_lossy_bf16_diffs(tmp_path):
     assert all(rebuilt[n].dtype == torch.bfloat16 and torch.equal(rebuilt[n], t) for n, t in model.state_dict().items())
     with pytest.raises(ValueError, match="in bfloat16"):
         StageHistory(tmp_path / "h").load(tiny_model("llama", layers=2))  # the same base in float32 is refused
+
+
+def test_a_failed_save_keeps_the_stage_open(tmp_path, monkeypatch):
+    model = tiny_model("llama", layers=2)
+    continual = ContinualHFT(model, HFTConfig(seed=0), tmp_path / "h")
+    peft_model = continual.start_stage("alpha")
+    train_steps(peft_model, steps=1)
+    trained = clone_state(model)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(type(peft_model), "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        continual.end_stage()
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["manifest.json"]  # nothing half-written
+    assert continual.peft_model is peft_model and all(torch.equal(model.state_dict()[n], t) for n, t in trained.items())
+    monkeypatch.undo()
+    continual.end_stage()  # the training was not lost
+    assert continual.history.tasks == ["alpha"]
+    for name, value in trained.items():  # folded as start + (trained - start): equal up to float32 rounding
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-6)

@@ -215,6 +215,9 @@ class ContinualHFT:
     def end_stage(self, metrics: Optional[Mapping[str, float]] = None, **info: Any) -> nn.Module:
         """Close the open stage: save its diff into the history, fold it into the running model, evaluate.
 
+        If saving fails (e.g. a full disk), nothing is written and the stage stays open: fix the cause and call
+        ``end_stage()`` again, or ``abort_stage()``.
+
         Args:
             metrics: Scores (task -> score) of the model after this stage, if measured elsewhere; ``evaluate`` (if
                 set) is called as well.
@@ -229,18 +232,14 @@ class ContinualHFT:
         adapter = stage_dirname(index, task)
         start_fingerprint = self.history.stages[-1].end_fingerprint if index else self.history.base_fingerprint
         stage_config = peft_model.peft_config["default"]
-        try:
-            # overwrite: a directory of this name can only be left by a run that died before recording the stage
-            with atomic_directory(self.history.path / adapter, overwrite=True) as staging:
-                peft_model.save_pretrained(staging)
-                diffs = read_diffs(staging, self._model)
-                peft_model.unload()  # back to the model the stage started from, exactly
-                self._peft_model = None
-                apply_diffs(self._model, diffs)  # fold in the diff as saved
-        except BaseException:
-            if self._peft_model is not None:
-                self.abort_stage()
-            raise
+        # If saving fails (e.g. a full disk), nothing is written and the stage stays open: call end_stage() again or
+        # abort_stage(). Overwrite: a directory of this name is only left by a run that died before recording it.
+        with atomic_directory(self.history.path / adapter, overwrite=True) as staging:
+            peft_model.save_pretrained(staging)
+            diffs = read_diffs(staging, self._model)
+        peft_model.unload()  # back to the model the stage started from, exactly
+        self._peft_model = None
+        apply_diffs(self._model, diffs)  # fold in the diff as saved (checked before anything is changed)
         for name, param in self._model.named_parameters():
             param.requires_grad_(self._requires_grad.get(name, False))
         selected = list(stage_config.selected_parameters)

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "merge": "peft_hft.commands.merge",
     "inspect": "peft_hft.commands.inspect",
     "diff": "peft_hft.commands.diff",
+    "half-reset": "peft_hft.commands.half_reset",
 }
 
 # Errors that are the user's input, not a bug: printed as one message, without a traceback.

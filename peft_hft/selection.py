@@ -13,10 +13,11 @@ weight), or any other parameter on its own (e.g. the 3-D expert tensors of MoE l
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence, Set
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional, Union
@@ -243,10 +244,17 @@ def _enclosing_block(module_name: str, block_of_module: dict[str, tuple[int, str
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _best_subset(units: list[Unit], goal: Fraction, weight: Callable[[Unit], int], rng: random.Random) -> list[Unit]:
-    """A subset of ``units`` whose total weight is closest to ``goal``; ties are broken uniformly at random."""
+def _best_subset(
+    units: list[Unit],
+    goal: Fraction,
+    weight: Callable[[Unit], int],
+    rng: random.Random,
+    avoid: Set[str] = frozenset(),
+) -> list[Unit]:
+    """A subset of ``units`` whose total weight is closest to ``goal``; among those, one with the least weight of the
+    units named in ``avoid``; remaining ties are broken uniformly at random."""
     weights = [weight(u) for u in units]
-    if len(set(weights)) <= 1:
+    if len(set(weights)) <= 1 and not avoid:
         w = weights[0] if weights else 1
         costs = [abs(k * w - goal) for k in range(len(units) + 1)]
         best = min(costs)
@@ -256,12 +264,16 @@ def _best_subset(units: list[Unit], goal: Fraction, weight: Callable[[Unit], int
         subsets = [
             combo for r in range(len(units) + 1) for combo in itertools.combinations(range(len(units)), r)
         ]
-        costs = [abs(sum(weights[i] for i in combo) - goal) for combo in subsets]
+        costs = [
+            (abs(sum(weights[i] for i in combo) - goal), sum(weights[i] for i in combo if units[i].name in avoid))
+            for combo in subsets
+        ]
         best = min(costs)
         combo = rng.choice([s for s, c in zip(subsets, costs, strict=True) if c == best])
         return [units[i] for i in combo]
     order = list(range(len(units)))
     rng.shuffle(order)
+    order.sort(key=lambda i: units[i].name in avoid)  # stable: preferred units first, each part in random order
     chosen, total = [], 0
     for i in order:
         if abs(total + weights[i] - goal) < abs(total - goal):
@@ -271,11 +283,24 @@ def _best_subset(units: list[Unit], goal: Fraction, weight: Callable[[Unit], int
 
 
 def choose(
-    groups: Sequence[Sequence[Unit]], ratio: float, weight: Callable[[Unit], int], rng: random.Random
+    groups: Sequence[Sequence[Unit]],
+    ratio: float,
+    weight: Callable[[Unit], int],
+    rng: random.Random,
+    avoid: Set[str] = frozenset(),
 ) -> list[Unit]:
     """Choose about ``ratio`` of every group's weight while keeping the running total within one unit of the
     exact share: groups are visited in random order and each one absorbs the rounding error of those before it.
-    With equal weights this makes blocks alternate between rounding down and up, at random."""
+    With equal weights this makes blocks alternate between rounding down and up, at random.
+
+    ``avoid`` (unit names) asks for as few of those units as the structure allows, e.g. the tensors trained in the
+    previous stage of a continual run. With equal weights (always the case for the ``"category"``, ``"layer"`` and
+    ``"model"`` strategies) the result is provably minimal: see :func:`_choose_avoiding`. With unequal weights
+    (``"param_count"`` under grouped-query attention) every group keeps its best-balanced subsets and picks the one
+    with the least avoided weight among them, a greedy approximation.
+    """
+    if avoid and len({weight(u) for group in groups for u in group}) <= 1:
+        return _choose_avoiding(groups, ratio, rng, avoid)
     ratio_q = Fraction(ratio)
     order = list(range(len(groups)))
     rng.shuffle(order)
@@ -286,9 +311,52 @@ def choose(
         if not units:
             continue
         target = ratio_q * sum(weight(u) for u in units)
-        subset = _best_subset(units, target - error, weight, rng)
+        subset = _best_subset(units, target - error, weight, rng, avoid)
         error += sum(weight(u) for u in subset) - target
         chosen.extend(subset)
+    return chosen
+
+
+def _choose_avoiding(
+    groups: Sequence[Sequence[Unit]], ratio: float, rng: random.Random, avoid: Set[str]
+) -> list[Unit]:
+    """:func:`choose` for equal weights, drawing the fewest units named in ``avoid`` that the structure allows.
+
+    The structure is the one :func:`choose` guarantees: every group gets the floor or the ceiling of its exact share
+    ``ratio * len(group)``, and the total is an integer nearest to ``ratio * (all units)``. Under it, a group that takes
+    ``k`` units cannot do with fewer than ``max(0, k - free)`` avoided ones (``free``: its units not avoided), so the
+    optimum takes the floors, then spends the remaining "round-ups" first on groups with a free unit to spare (cost
+    0), then on the others (cost 1 each); where two totals are equally close, the cheaper one is used. Ties are broken
+    at random, and each group fills its count with free units first.
+    """
+    ratio_q = Fraction(ratio)
+    groups = [sorted(g, key=lambda u: u.name) for g in groups if g]
+    sizes = [len(g) for g in groups]
+    lows = [math.floor(ratio_q * n) for n in sizes]
+    highs = [math.ceil(ratio_q * n) for n in sizes]
+    free = [sum(u.name not in avoid for u in g) for g in groups]
+    exact = ratio_q * sum(sizes)
+    nearest = min(abs(t - exact) for t in (math.floor(exact), math.ceil(exact)))
+    totals = sorted({t for t in (math.floor(exact), math.ceil(exact)) if abs(t - exact) == nearest})
+    cheap = [i for i in range(len(groups)) if highs[i] > lows[i] and free[i] >= highs[i]]
+    dear = [i for i in range(len(groups)) if highs[i] > lows[i] and free[i] < highs[i]]
+    rng.shuffle(cheap)
+    rng.shuffle(dear)
+
+    def overlap(total: int) -> int:
+        return sum(max(0, lo - f) for lo, f in zip(lows, free, strict=True)) + max(0, total - sum(lows) - len(cheap))
+
+    best = min(overlap(t) for t in totals)
+    total = rng.choice([t for t in totals if overlap(t) == best])
+    counts = list(lows)
+    for i in (cheap + dear)[: total - sum(lows)]:
+        counts[i] += 1
+    chosen: list[Unit] = []
+    for group, count in zip(groups, counts, strict=True):
+        preferred = [u for u in group if u.name not in avoid]
+        avoided = [u for u in group if u.name in avoid]
+        take = min(count, len(preferred))
+        chosen += rng.sample(preferred, take) + rng.sample(avoided, count - take)
     return chosen
 
 
@@ -300,9 +368,16 @@ def _numel(unit: Unit) -> int:
     return unit.numel
 
 
-def select_units(layout: ModelLayout, config: HFTConfig) -> list[Unit]:
-    """Draw the units ``config`` asks for from ``layout`` (deterministic in ``config.seed``)."""
+def select_units(layout: ModelLayout, config: HFTConfig, avoid: Collection[str] = ()) -> list[Unit]:
+    """Draw the units ``config`` asks for from ``layout`` (deterministic in ``config.seed`` and ``avoid``).
+
+    ``avoid`` names parameters to leave out wherever the strategy's structure allows (see :func:`choose`): a unit is
+    avoided when any of its parameters is named. Embeddings, ``lm_head`` and the final norm are trained regardless
+    when ``train_embeddings`` is set. Without ``avoid`` the draw is exactly the plain one.
+    """
     rng = random.Random(config.seed)
+    avoid_names = set(avoid)
+    avoided = frozenset(u.name for u in layout.units if avoid_names.intersection(u.params))
     excluded = [u for u in layout.units if _matches(config.exclude_modules, u.target_name)]
     excluded_names = {u.name for u in excluded}
 
@@ -322,19 +397,20 @@ def select_units(layout: ModelLayout, config: HFTConfig) -> list[Unit]:
             for u in block_pool:
                 if u.category == category:
                     groups[u.block].append(u)
-            chosen += choose([groups[b] for b in sorted(groups)], config.ratio, weight, rng)
-        chosen += choose([outside_other], config.ratio, weight, rng)
+            chosen += choose([groups[b] for b in sorted(groups)], config.ratio, weight, rng, avoided)
+        chosen += choose([outside_other], config.ratio, weight, rng, avoided)
     elif config.strategy == "model":
         pool = block_pool if layout.num_blocks else block_pool + outside_other
         if not layout.num_blocks:
             pool = [u for u in layout.units if in_pool(u)]
-        chosen += choose([pool], config.ratio, _count, rng)
+        chosen += choose([pool], config.ratio, _count, rng, avoided)
     elif config.strategy == "layer":
         by_block: dict[int, list[Unit]] = defaultdict(list)
         for u in block_pool:
             by_block[u.block].append(u)
         stand_ins = [Unit(f"block {b:06d}", (), 0, OTHER, b, "", "") for b in sorted(by_block)]
-        for stand_in in choose([stand_ins], config.ratio, _count, rng):
+        avoided_blocks = frozenset(s.name for s in stand_ins if any(u.name in avoided for u in by_block[s.block]))
+        for stand_in in choose([stand_ins], config.ratio, _count, rng, avoided_blocks):
             chosen += by_block[stand_in.block]
 
     if config.train_embeddings:
@@ -345,8 +421,11 @@ def select_units(layout: ModelLayout, config: HFTConfig) -> list[Unit]:
     return chosen
 
 
-def resolve_selection(model: nn.Module, config: HFTConfig) -> list[str]:
+def resolve_selection(model: nn.Module, config: HFTConfig, avoid: Collection[str] = ()) -> list[str]:
     """Return the parameter names ``config`` selects in ``model``, in the model's parameter order.
+
+    ``avoid``: parameter names to leave out where the strategy's structure allows (as few of them as possible are
+    drawn; see :func:`select_units`). Continual learning uses it to train tensors the previous stage left alone.
 
     Raises:
         ValueError: if the model has no transformer blocks for a block-based strategy, or nothing is selected.
@@ -363,7 +442,7 @@ def resolve_selection(model: nn.Module, config: HFTConfig) -> list[str]:
             "blocks. Fix: pass layers_pattern='<name of the ModuleList holding the layers>', use strategy='model' "
             "(a random share of all tensors), or list the tensors to train in selected_parameters."
         )
-    units = select_units(layout, config)
+    units = select_units(layout, config, avoid)
     names = {p for u in units for p in u.params}
     names |= _extra_trainable(model, layout, config)
     if not names:

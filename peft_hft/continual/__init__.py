@@ -1,0 +1,33 @@
+"""Continual learning with HFT (the paper's third setting): a sequence of stages on one model, a new mask per stage,
+every stage's diff kept on disk, replay, and the standard continual-learning measures.
+
+* :class:`ContinualHFT` runs the stages (policies ``"random"``, ``"complementary"``, ``"fixed"``);
+* :class:`StageHistory` reads the on-disk history, rebuilds any stage exactly, re-weights stages, exports;
+* :class:`ReplayBuffer` mixes a share of earlier tasks' data into each stage;
+* :class:`AccuracyMatrix`, :func:`summary_table`, :func:`plot_accuracy_matrix`, :func:`plot_task_curves`: OP, BWT,
+  FWT and forgetting from a task-by-stage score matrix, as tables and PNG plots.
+
+See ``docs/continual.md``.
+"""
+
+from __future__ import annotations
+
+from .history import StageHistory, StageRecord, apply_diffs, read_diffs, weight_fingerprint
+from .metrics import AccuracyMatrix, plot_accuracy_matrix, plot_task_curves, summary_table
+from .replay import ReplayBuffer
+from .stages import POLICIES, ContinualHFT
+
+__all__ = [
+    "POLICIES",
+    "AccuracyMatrix",
+    "ContinualHFT",
+    "ReplayBuffer",
+    "StageHistory",
+    "StageRecord",
+    "apply_diffs",
+    "plot_accuracy_matrix",
+    "plot_task_curves",
+    "read_diffs",
+    "summary_table",
+    "weight_fingerprint",
+]

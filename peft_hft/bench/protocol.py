@@ -36,7 +36,7 @@ class Protocol:
     test_size: int = 400
     retention: list[str] = field(default_factory=lambda: list(RETENTION_TASKS))
     retention_limits: dict[str, Optional[int]] = field(
-        default_factory=lambda: {"wikipedia": 200, "mmlu": 250, "quartz": 250, "socialiqa": 250}
+        default_factory=lambda: {"wikipedia": 200, "mmlu": 200, "socialiqa": 250}
     )
     eval_batch_size: int = 16
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 PERPLEXITY_METRIC = "word_perplexity"
+# Retention multiple choice is scored cloze style; the length-normalised accuracy is the standard metric there.
+RETENTION_MC_METRIC = "acc_norm"
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
@@ -32,8 +34,8 @@ def metrics_of(scores: dict[str, dict[str, float]], base: dict[str, dict[str, fl
             out[f"{name}_ppl"] = values[PERPLEXITY_METRIC]
             out[f"{name}_ppl_increase_pct"] = 100.0 * (values[PERPLEXITY_METRIC] / base[name][PERPLEXITY_METRIC] - 1)
         else:
-            out[f"{name}_acc"] = values["acc"]
-            out[f"{name}_forgetting_pts"] = 100.0 * (base[name]["acc"] - values["acc"])
+            out[f"{name}_acc"] = values[RETENTION_MC_METRIC]
+            out[f"{name}_forgetting_pts"] = 100.0 * (base[name][RETENTION_MC_METRIC] - values[RETENTION_MC_METRIC])
             mc_drops.append(out[f"{name}_forgetting_pts"])
     if mc_drops:
         out["mean_mc_forgetting_pts"] = statistics.fmean(mc_drops)
@@ -83,7 +85,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     retention = [k.removesuffix("_acc") for k in base if k.endswith("_acc") and not k.startswith("new_task")]
     perplexity = [k.removesuffix("_ppl") for k in base if k.endswith("_ppl")]
     header = ["Method", "lr", "New task acc (%)"]
-    header += [f"{n} ppl (Δ%)" for n in perplexity] + [f"{n} acc (%) (forgot, pts)" for n in retention]
+    header += [f"{n} ppl (Δ%)" for n in perplexity] + [f"{n} acc_norm (%) (forgot, pts)" for n in retention]
     header += ["Mean MC forgetting (pts)", "Trainable params"]
     rows = [
         ["Base model", "-", f"{100 * base['new_task_acc']:.1f}"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ def _quiet_lm_eval() -> Iterator[None]:
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
@@ -38,9 +39,15 @@ def evaluate(
     if not specs:
         return {}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tasks are local; make any stray Hub access fail loudly
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise ImportError(
+            f"The forgetting benchmark scores models with lm-eval, which could not be imported ({exc}). Install it "
+            "with `pip install 'peft-hft[examples]'` (or `pip install 'lm-eval>=0.4.9'`)."
+        ) from exc
 
     from .train import PRECISIONS
 

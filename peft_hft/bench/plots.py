@@ -52,7 +52,7 @@ def plot_forgetting_vs_new_task(summary: dict[str, Any], path: Path) -> None:
     axes_spec = _forgetting_axes(summary)
     fig, axes = plt.subplots(1, len(axes_spec), figsize=(5.5 * len(axes_spec), 4.4), squeeze=False)
     base_acc = 100 * summary["base"]["new_task_acc"]
-    for ax, (key, ylabel) in zip(axes[0], axes_spec):
+    for ax, (key, ylabel) in zip(axes[0], axes_spec, strict=True):
         for name, method in summary["methods"].items():
             m = method["metrics"]
             if key not in m or m[key]["mean"] is None:
@@ -89,7 +89,7 @@ def plot_retention_per_ratio(summary: dict[str, Any], path: Path) -> None:
         (m["ratio"], name) for name, m in summary["methods"].items()
         if name == "fft" or (name.startswith("hft") and name != "hft_model")
     )
-    for ax, (key, ylabel, scale, base_value) in zip(axes.flat, panels):
+    for ax, (key, ylabel, scale, base_value) in zip(axes.flat, panels, strict=False):
         points = [(r, summary["methods"][n]["metrics"].get(key)) for r, n in ladder]
         points = [(r, s) for r, s in points if s and s["mean"] is not None]
         if points:
@@ -101,8 +101,9 @@ def plot_retention_per_ratio(summary: dict[str, Any], path: Path) -> None:
             stat = method["metrics"].get(key) if method else None
             if stat and stat["mean"] is not None:
                 x = method["ratio"] if method["ratio"] is not None else 0.0
+                label = method["label"] + (" (no base tensor trained)" if name == "lora" else "")
                 ax.errorbar([x], [scale * stat["mean"]], yerr=[scale * stat["std"]], fmt=marker,
-                            color=COLORS[name], capsize=3, label=method["label"] + ("" if name != "lora" else " (x=0)"))
+                            color=COLORS[name], capsize=3, label=label)
         ax.axhline(base_value, color="grey", ls="--", lw=0.8, label="base model")
         ax.set_xlabel("share of tensors trained")
         ax.set_ylabel(ylabel)

@@ -104,8 +104,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None:  # the quick mode's tiny model runs fastest on one thread
+        torch.set_num_threads(threads)
     from .forgetting import run
 
     protocol = protocol_from_args(args)

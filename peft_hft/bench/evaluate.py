@@ -40,7 +40,7 @@ def evaluate(
         return {}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tasks are local; make any stray Hub access fail loudly
     try:
-        import lm_eval
+        from lm_eval.evaluator import evaluate as lm_eval_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
@@ -63,13 +63,11 @@ def evaluate(
             mixed_precision_dtype=torch.bfloat16 if precision == "bf16" else None,
         )
         tasks = {spec.name: lm_eval_task(spec) for spec in specs}
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks.values()),
-            task_manager=TaskManager(include_defaults=False),
-            log_samples=False,
-            bootstrap_iters=0,
-        )
+        # lm_eval.evaluator.evaluate rather than simple_evaluate: the latter adds environment information to its
+        # output (torch's collect_env runs subprocesses, ~2 s a call) and nothing else these tasks need (they
+        # are zero-shot, set in their configs; no task index: include_defaults=False).
+        loaded = TaskManager(include_defaults=False).load(list(tasks.values()))
+        output = lm_eval_evaluate(lm=lm, task_dict=loaded, bootstrap_iters=0, log_samples=False)
     model.train(was_training)
     results = {}
     for name, task in tasks.items():

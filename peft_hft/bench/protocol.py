@@ -24,19 +24,21 @@ class Protocol:
     task: str = "sarcasm"
     methods: list[str] = field(default_factory=lambda: ["fft", "hft", "hft_r0.25", "hft_r0.75", "hft_model", "lora"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    full_lr_grid: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4])
-    lora_lr_grid: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
+    # Learning-rate grids, two points half a decade apart. Full fine-tuning and HFT update base weights and share
+    # one; LoRA trains freshly initialised low-rank factors (scaled by alpha/r = 0.5) and needs larger steps.
+    full_lr_grid: list[float] = field(default_factory=lambda: [3e-5, 1e-4])
+    lora_lr_grid: list[float] = field(default_factory=lambda: [3e-4, 1e-3])
     steps: int = 100
-    batch_size: int = 8
+    batch_size: int = 4
     max_length: int = 96
     loss: str = "full"
     warmup: float = 0.1
     precision: str = "bf16"
-    val_size: int = 200
-    test_size: int = 400
+    val_size: int = 150
+    test_size: int = 300
     retention: list[str] = field(default_factory=lambda: list(RETENTION_TASKS))
     retention_limits: dict[str, Optional[int]] = field(
-        default_factory=lambda: {"wikipedia": 200, "mmlu": 200, "socialiqa": 250}
+        default_factory=lambda: {"wikipedia": 150, "mmlu": 150, "socialiqa": 200}
     )
     eval_batch_size: int = 16
 

@@ -49,7 +49,7 @@ class Bench:
         return self.output / "runs"
 
     def lr_grid(self, method: Method) -> list[float]:
-        return list(self.protocol.lora_lr_grid if method.name == "lora" else self.protocol.full_lr_grid)
+        return list(self.protocol.lora_lr_grid if method.adapter_grid else self.protocol.full_lr_grid)
 
 
 def run_name(method: str, lr: float, seed: int) -> str:

@@ -142,6 +142,7 @@ def lm_eval_task(spec: EvalSpec, tag: str = "peft_hft"):
         "task": f"{tag}_{spec.name}",
         "custom_dataset": dataset,
         "test_split": "test",
+        "num_fewshot": 0,
         "metadata": {"version": 1.0},
     }
     if spec.kind == "multiple_choice":

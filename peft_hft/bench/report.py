@@ -59,6 +59,7 @@ def summarise(results: dict[str, Any], task: str, labels: dict[str, str], ratios
             "diverged_seeds": [r["seed"] for r in records if r.get("diverged")],
             "trainable_parameters": ok[0]["train"]["trainable_parameters"] if ok else None,
             "train_seconds": _mean_std([r["train"]["seconds"] for r in ok]),
+            "train_cpu_seconds": _mean_std([r["train"].get("cpu_seconds", 0.0) for r in ok]),
             "metrics": {k: _mean_std([m[k] for m in per_seed]) for k in keys},
         }
     grid = {
@@ -69,7 +70,20 @@ def summarise(results: dict[str, Any], task: str, labels: dict[str, str], ratios
         ]
         for name, records in results["grid"].items()
     }
-    return {"task": task, "base": base_metrics, "base_scores": base_scores, "methods": methods, "grid": grid}
+    return {"task": task, "base": base_metrics, "base_scores": base_scores, "methods": methods, "grid": grid,
+            "timing": _timing(results)}
+
+
+def _timing(results: dict[str, Any]) -> dict[str, float]:
+    """Wall and CPU seconds spent training and evaluating, over every run (each training counted once)."""
+    trained = [r for records in results["grid"].values() for r in records]
+    trained += [r for records in results["finals"].values() for r in records[1:]]
+    evaluated = trained + [records[0] for records in results["finals"].values()] + [results["base"]]
+    totals = {"train_runs": float(len(trained)), "evaluations": float(len(evaluated))}
+    for key in ("seconds", "cpu_seconds"):
+        totals[f"train_{key}"] = sum(r.get("train", {}).get(key, 0.0) for r in trained)
+        totals[f"eval_{key}"] = sum(r.get("eval", {}).get(key, 0.0) for r in evaluated)
+    return totals
 
 
 def _fmt(stat: dict[str, Any], digits: int = 1, scale: float = 1.0, signed: bool = False) -> str:

@@ -113,10 +113,11 @@ def _save_run(path: Path, record: dict[str, Any]) -> None:
     _atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def _evaluate(bench: Bench, model: nn.Module, specs: list[EvalSpec]) -> tuple[dict[str, dict[str, float]], float]:
-    start = time.perf_counter()
+def _evaluate(bench: Bench, model: nn.Module, specs: list[EvalSpec]) -> tuple[dict[str, dict[str, float]], dict]:
+    """Scores of ``model`` on ``specs`` and the wall and CPU seconds they took."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     scores = evaluate(model, bench.tokenizer, specs, bench.protocol.eval_batch_size, bench.protocol.precision)
-    return scores, time.perf_counter() - start
+    return scores, {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}
 
 
 def run_base(bench: Bench) -> dict[str, Any]:
@@ -125,8 +126,8 @@ def run_base(bench: Bench) -> dict[str, Any]:
     if (record := _load_run(path)) is not None:
         return record
     logger.info("Evaluating the base model")
-    scores, seconds = _evaluate(bench, bench.base_model, bench.specs)
-    record = {"run": "base", "method": "base", "scores": scores, "eval_seconds": seconds}
+    scores, timing = _evaluate(bench, bench.base_model, bench.specs)
+    record = {"run": "base", "method": "base", "scores": scores, "eval": timing}
     _save_run(path, record)
     return record
 
@@ -144,7 +145,7 @@ def _train(bench: Bench, method: Method, lr: float, seed: int) -> tuple[dict[str
         record["train"] = train(model, batches, lr, warmup=p.warmup, precision=p.precision, desc=name)
     except FloatingPointError as exc:
         logger.warning("%s diverged: %s", name, exc)
-        record.update(diverged=True, scores={}, eval_seconds=0.0)
+        record.update(diverged=True, scores={})
         return record, None
     record["diverged"] = False
     return record, model
@@ -153,7 +154,7 @@ def _train(bench: Bench, method: Method, lr: float, seed: int) -> tuple[dict[str
 def _finish(bench: Bench, record: dict[str, Any], model: nn.Module, path: Path) -> dict[str, Any]:
     """Evaluate a trained model on every set and save its record."""
     record = dict(record)
-    record["scores"], record["eval_seconds"] = _evaluate(bench, model, bench.specs)
+    record["scores"], record["eval"] = _evaluate(bench, model, bench.specs)
     _save_run(path, record)
     return record
 
@@ -193,7 +194,7 @@ def run_grid(bench: Bench, method: Method, progress: Any) -> tuple[list[dict[str
         if record is None:
             record, model = _train(bench, method, lr, seed)
             if model is not None:
-                record["scores"], record["eval_seconds"] = _evaluate(bench, model, validation)
+                record["scores"], record["eval"] = _evaluate(bench, model, validation)
             _save_run(path, record)
         progress.update()
         records.append(record)
@@ -212,7 +213,7 @@ def run_grid(bench: Bench, method: Method, progress: Any) -> tuple[list[dict[str
             if best_model is None:
                 raise RuntimeError(f"{best['run']} diverged when retrained; it did not before. Rerun the benchmark.")
             best = {**best, "train": retrained["train"]}
-        final = _finish(bench, {k: v for k, v in best.items() if k not in ("scores", "eval_seconds")}, best_model,
+        final = _finish(bench, {k: v for k, v in best.items() if k not in ("scores", "eval")}, best_model,
                         path)
     return records, final
 

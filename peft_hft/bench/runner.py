@@ -85,7 +85,6 @@ def prepare(protocol: Protocol, output: Path, device: Optional[str] = None) -> B
     """Validate the protocol, bind ``output`` to it, and load the model, the task and the evaluation sets."""
     protocol.validate()
     methods = select_methods(default_methods(), protocol.methods)
-    bind(protocol, output)
     retention = retention_specs(tuple(protocol.retention), protocol.retention_limits)
 
     def texts() -> list[str]:  # what the quick mode's tokenizer is trained on
@@ -102,6 +101,7 @@ def prepare(protocol: Protocol, output: Path, device: Optional[str] = None) -> B
     model.to(target).eval()
     task = load_new_task(protocol.task, tokenizer, protocol.val_size, protocol.test_size)
     specs = [task.eval_spec("validation"), task.eval_spec("test"), *retention]
+    bind(protocol, output)  # only once every input has been checked: a bad --task leaves no results directory
     return Bench(protocol, output, model, tokenizer, task, specs, methods, target)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -227,8 +226,14 @@ def test_quick_mode_resumes_without_training_again(quick_results, monkeypatch):
         cli.main(["forgetting", "--quick", "--steps", "5", "--output", str(quick_results)])
 
 
-def test_cli_rejects_bad_values():
+def test_cli_rejects_bad_values_before_writing_anything(tmp_path):
+    output = tmp_path / "out"
     with pytest.raises(SystemExit):
         cli.main(["forgetting", "--seeds", "a,b"])
     with pytest.raises(ValueError, match="Unknown method"):
-        cli.main(["forgetting", "--quick", "--methods", "fft,adapterx", "--output", str(Path("/nonexistent/x"))])
+        cli.main(["forgetting", "--quick", "--methods", "fft,adapterx", "--output", str(output)])
+    with pytest.raises(ValueError, match="neither a built-in task"):
+        cli.main(["forgetting", "--quick", "--task", str(tmp_path / "nope.jsonl"), "--output", str(output)])
+    with pytest.raises(ValueError, match="not a directory"):
+        cli.main(["forgetting", "--model", str(tmp_path / "no-model"), "--output", str(output)])
+    assert not output.exists()

@@ -65,26 +65,30 @@ def _split_options(text: str) -> tuple[str, list[str], list[str]]:
     return "\n".join(lines[:first]).strip(), letters, options
 
 
+def _cloze(stem: str, options: list[str], gold: int) -> dict[str, Any]:
+    return {"query": f"Question: {stem}\nAnswer:", "choices": options, "gold": gold}
+
+
+def _lettered_rows(member: str, question: Callable[[dict], str], answer: Callable[[dict], str]) -> list[dict]:
+    """Cloze items from an ``evals`` file whose questions list their options as ``A. text`` lines."""
+    rows = []
+    for row in data.load_jsonl("evals", member):
+        stem, letters, options = _split_options(question(row))
+        if len(options) >= 2 and answer(row) in letters:
+            rows.append(_cloze(stem, options, letters.index(answer(row))))
+    return rows
+
+
 def mmlu_rows() -> list[dict[str, Any]]:
     """1,000 MMLU questions (``evals`` wheel, ``sandbagging/samples-all-large.jsonl``) as cloze items."""
-    rows = []
-    for row in data.load_jsonl("evals", "sandbagging/samples-all-large.jsonl"):
-        stem, letters, options = _split_options(row["question"].removesuffix("Answer:"))
-        if len(options) != 4 or row["answer"] not in letters:
-            continue
-        rows.append({"query": f"Question: {stem}\nAnswer:", "choices": options, "gold": letters.index(row["answer"])})
-    return rows
+    return _lettered_rows(
+        "sandbagging/samples-all-large.jsonl", lambda r: r["question"].removesuffix("Answer:"), lambda r: r["answer"]
+    )
 
 
 def quartz_rows() -> list[dict[str, Any]]:
     """QuaRTz qualitative-relation questions (``evals`` wheel, ``quartz/samples.jsonl``) as cloze items."""
-    rows = []
-    for row in data.load_jsonl("evals", "quartz/samples.jsonl"):
-        stem, letters, options = _split_options(row["input"][-1]["content"])
-        if len(options) < 2 or row["ideal"] not in letters:
-            continue
-        rows.append({"query": f"Question: {stem}\nAnswer:", "choices": options, "gold": letters.index(row["ideal"])})
-    return rows
+    return _lettered_rows("quartz/samples.jsonl", lambda r: r["input"][-1]["content"], lambda r: r["ideal"])
 
 
 def socialiqa_rows() -> list[dict[str, Any]]:
@@ -92,10 +96,9 @@ def socialiqa_rows() -> list[dict[str, Any]]:
     rows = []
     for row in data.load_jsonl("evals", "theory_of_mind/socialiqa/test.jsonl"):
         match = _SIQA.match(row["input"][-1]["content"])
-        if not match or row["ideal"] not in "ABC":
-            continue
-        stem, *options = (part.strip() for part in match.groups())
-        rows.append({"query": f"Question: {stem}\nAnswer:", "choices": options, "gold": "ABC".index(row["ideal"])})
+        if match and row["ideal"] in "ABC":
+            stem, *options = (part.strip() for part in match.groups())
+            rows.append(_cloze(stem, options, "ABC".index(row["ideal"])))
     return rows
 
 

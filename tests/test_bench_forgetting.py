@@ -63,6 +63,12 @@ def test_new_task_split_is_fixed_disjoint_and_uses_the_chat_template(tmp_path):
     chat = newtask.load_new_task("sarcasm", tokenizer, validation_size=20, test_size=30)
     assert chat.target_delimiter == "" and chat.test[0].prompt.endswith("<assistant>")
     assert [e.answer for e in chat.test] == [e.answer for e in task.test]  # same split either way
+    compact = newtask.load_new_task("sarcasm", tokenizer, validation_size=20, test_size=30, prompt="compact")
+    assert compact.target_delimiter == " " and [e.answer for e in compact.test] == [e.answer for e in task.test]
+    headline = task.test[0].prompt.split("\nUser: ")[1].removesuffix("\nAssistant:")
+    assert compact.test[0].prompt == f"{headline}\nAnswer:"
+    with pytest.raises(ValueError, match="Unknown prompt style"):
+        newtask.load_new_task("sarcasm", tokenizer, validation_size=20, test_size=30, prompt="fancy")
 
 
 def test_user_task_files_are_checked(tmp_path):

@@ -52,6 +52,7 @@ OPTIONS = {
     "--seeds": ("seeds", _ints, "comma-separated seeds; the first one also runs the learning-rate grid"),
     "--lr-grid": ("full_lr_grid", _floats, "learning-rate grid of full fine-tuning and the HFT variants"),
     "--lora-lr-grid": ("lora_lr_grid", _floats, "learning-rate grid of LoRA"),
+    "--prompt": ("prompt", str, "'compact' (last user message + 'Answer:') or 'chat' (the chat template)"),
     "--steps": ("steps", int, "optimiser steps per run"),
     "--batch-size": ("batch_size", int, "sequences per step"),
     "--max-length": ("max_length", int, "longest training sequence in tokens (prompts are cut from the left)"),

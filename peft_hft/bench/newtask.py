@@ -23,6 +23,7 @@ from .tasks import EvalSpec
 BUILTIN_TASKS = {"sarcasm": "sarcasm/samples.jsonl"}
 MAX_LABELS = 20
 LOSS_MODES = ("completion", "full")
+PROMPT_STYLES = ("chat", "compact")
 # Fixed seed of the train/validation/test split: the split never depends on a run's seed.
 SPLIT_SEED = 20240429
 
@@ -81,15 +82,34 @@ def read_samples(task: str) -> tuple[str, list[dict[str, Any]]]:
     return path.stem, samples
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text the model sees: the chat template with its assistant header, or ``role: content`` lines."""
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], style: str = "chat") -> tuple[str, str]:
+    """The prompt text the model sees and the delimiter before the answer.
+
+    ``"chat"``: every message through the tokenizer's chat template, ending with the assistant header (answer
+    follows directly), or ``Role: content`` lines when there is no template. ``"compact"``: only the last user
+    message and ``Answer:`` (no instruction: the task is learned from the examples), the shortest sequences.
+    """
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"Unknown prompt style {style!r}; choose one of {PROMPT_STYLES}.")
+    if style == "compact":
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        if not users:
+            raise ValueError("The compact prompt style needs a user message in every sample.")
+        return f"{users[-1].strip()}\nAnswer:", " "
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), ""
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
+    return "\n".join(lines) + "\nAssistant:", " "
 
 
-def load_new_task(task: str, tokenizer: Any, validation_size: int, test_size: int, train_size: Optional[int] = None):
+def load_new_task(
+    task: str,
+    tokenizer: Any,
+    validation_size: int,
+    test_size: int,
+    train_size: Optional[int] = None,
+    prompt: str = "chat",
+) -> NewTask:
     """Load ``task`` and split it once, with a fixed seed, into train / validation / test.
 
     Args:
@@ -98,6 +118,7 @@ def load_new_task(task: str, tokenizer: Any, validation_size: int, test_size: in
         validation_size: Examples held out for choosing each method's learning rate.
         test_size: Examples held out for the reported new-task score.
         train_size: Cap on the training pool (None: everything left).
+        prompt: Prompt style, ``"chat"`` or ``"compact"`` (see ``render_prompt``).
     """
     name, samples = read_samples(task)
     labels = sorted({str(s["ideal"]) for s in samples})
@@ -113,14 +134,14 @@ def load_new_task(task: str, tokenizer: Any, validation_size: int, test_size: in
             f"Task {name!r} has {len(samples)} samples, too few for {validation_size} validation and {test_size} "
             "test examples plus training data; lower --val-size/--test-size."
         )
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    examples = [Example(render_prompt(tokenizer, s["input"]), str(s["ideal"])) for s in samples]
+    rendered = [render_prompt(tokenizer, s["input"], prompt) for s in samples]
+    examples = [Example(text, str(s["ideal"])) for (text, _), s in zip(rendered, samples, strict=True)]
     random.Random(SPLIT_SEED).shuffle(examples)
     test, validation = examples[:test_size], examples[test_size : test_size + validation_size]
     train = examples[test_size + validation_size :]
     if train_size is not None:
         train = train[:train_size]
-    return NewTask(name, tuple(labels), tuple(train), tuple(validation), tuple(test), "" if chat else " ")
+    return NewTask(name, tuple(labels), tuple(train), tuple(validation), tuple(test), rendered[0][1])
 
 
 def answer_suffix(tokenizer: Any, chat: bool) -> str:

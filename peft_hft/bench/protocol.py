@@ -28,8 +28,9 @@ class Protocol:
     # one; LoRA trains freshly initialised low-rank factors (scaled by alpha/r = 0.5) and needs larger steps.
     full_lr_grid: list[float] = field(default_factory=lambda: [3e-5, 1e-4])
     lora_lr_grid: list[float] = field(default_factory=lambda: [3e-4, 1e-3])
-    steps: int = 100
-    batch_size: int = 4
+    prompt: str = "compact"
+    steps: int = 200
+    batch_size: int = 8
     max_length: int = 96
     loss: str = "full"
     warmup: float = 0.1
@@ -38,13 +39,13 @@ class Protocol:
     test_size: int = 300
     retention: list[str] = field(default_factory=lambda: list(RETENTION_TASKS))
     retention_limits: dict[str, Optional[int]] = field(
-        default_factory=lambda: {"wikipedia": 150, "mmlu": 150, "socialiqa": 200}
+        default_factory=lambda: {"wikipedia": 150, "mmlu": 150, "socialiqa": 150}
     )
     eval_batch_size: int = 16
 
     def validate(self) -> None:
         """Reject settings that cannot give a meaningful benchmark, with the fix in the message."""
-        from .newtask import LOSS_MODES
+        from .newtask import LOSS_MODES, PROMPT_STYLES
         from .train import PRECISIONS
 
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -53,6 +54,8 @@ class Protocol:
             raise ValueError("steps and batch_size must be >= 1 and max_length >= 8.")
         if not self.full_lr_grid or not self.lora_lr_grid or min(self.full_lr_grid + self.lora_lr_grid) <= 0:
             raise ValueError("Learning-rate grids must be non-empty lists of positive numbers.")
+        if self.prompt not in PROMPT_STYLES:
+            raise ValueError(f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}.")
         if self.loss not in LOSS_MODES:
             raise ValueError(f"loss must be one of {LOSS_MODES}, got {self.loss!r}.")
         if self.precision not in PRECISIONS:

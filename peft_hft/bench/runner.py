@@ -99,7 +99,7 @@ def prepare(protocol: Protocol, output: Path, device: Optional[str] = None) -> B
     model, tokenizer = load_model(protocol.model, texts)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(target).eval()
-    task = load_new_task(protocol.task, tokenizer, protocol.val_size, protocol.test_size)
+    task = load_new_task(protocol.task, tokenizer, protocol.val_size, protocol.test_size, prompt=protocol.prompt)
     specs = [task.eval_spec("validation"), task.eval_spec("test"), *retention]
     bind(protocol, output)  # only once every input has been checked: a bad --task leaves no results directory
     return Bench(protocol, output, model, tokenizer, task, specs, methods, target)

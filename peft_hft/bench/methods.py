@@ -1,0 +1,66 @@
+"""The fine-tuning methods compared by the forgetting benchmark, and how each one wraps a fresh base model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import nn
+
+from ..config import HFTConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method: a label for tables and how to wrap the model."""
+
+    name: str
+    label: str
+    make_config: Callable[[int], Optional[Any]]  # seed -> PEFT config (None: full fine-tuning)
+    ratio: Optional[float] = None  # share of the base tensors trained (None for LoRA)
+    adapter_grid: bool = False  # True: uses the adapter learning-rate grid (Protocol.lora_lr_grid)
+
+    def wrap(self, model: nn.Module, seed: int) -> nn.Module:
+        """The model ready to train: the PEFT model for adapters, the model itself (all trainable) for FFT."""
+        config = self.make_config(seed)
+        if config is None:
+            for param in model.parameters():
+                param.requires_grad_(True)
+            return model
+        from peft import get_peft_model
+
+        return get_peft_model(model, config)
+
+
+def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]:
+    return lambda seed: HFTConfig(ratio=ratio, strategy=strategy, seed=seed)
+
+
+def _lora(seed: int) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def default_methods() -> list[Method]:
+    """Full fine-tuning, HFT (paper default and ratios 0.25 / 0.75), the model-level random half, and LoRA."""
+    return [
+        Method("fft", "Full fine-tuning", lambda seed: None, ratio=1.0),
+        Method("hft", "HFT (category, 0.5)", _hft(0.5), ratio=0.5),
+        Method("hft_r0.25", "HFT (category, 0.25)", _hft(0.25), ratio=0.25),
+        Method("hft_r0.75", "HFT (category, 0.75)", _hft(0.75), ratio=0.75),
+        Method("hft_model", "Random half (model-level)", _hft(0.5, "model"), ratio=0.5),
+        Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),
+    ]
+
+
+def select_methods(methods: list[Method], names: Optional[list[str]]) -> list[Method]:
+    """The methods named in ``names`` (all when None), in the benchmark's order."""
+    if names is None:
+        return methods
+    known = {m.name: m for m in methods}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {list(known)}.")
+    return [m for m in methods if m.name in names]

@@ -1,0 +1,113 @@
+"""The benchmark protocol: every setting that changes a number, fixed up front and stored with the results.
+
+A results directory belongs to one protocol. Its ``protocol.json`` is written before the first run; a later
+invocation with other settings refuses to mix its runs in (a silently mixed table would be wrong), while the same
+settings resume where the last invocation stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .tasks import RETENTION_TASKS
+
+
+@dataclass
+class Protocol:
+    """Settings of one forgetting benchmark (see ``docs/forgetting.md`` for the reasoning behind the defaults)."""
+
+    model: str = "default"  # "default" (embedded SmolLM2-135M-Instruct), "tiny" (quick mode) or a local path
+    task: str = "sarcasm"
+    methods: list[str] = field(default_factory=lambda: ["fft", "hft", "hft_r0.25", "hft_r0.75", "hft_model", "lora"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Learning-rate grids, two points half a decade apart. Full fine-tuning and HFT update base weights and share
+    # one; LoRA trains freshly initialised low-rank factors (scaled by alpha/r = 0.5) and needs larger steps.
+    full_lr_grid: list[float] = field(default_factory=lambda: [3e-5, 1e-4])
+    lora_lr_grid: list[float] = field(default_factory=lambda: [3e-4, 1e-3])
+    prompt: str = "compact"
+    steps: int = 200
+    batch_size: int = 8
+    max_length: int = 96
+    loss: str = "full"
+    warmup: float = 0.1
+    precision: str = "bf16"
+    val_size: int = 150
+    test_size: int = 300
+    retention: list[str] = field(default_factory=lambda: list(RETENTION_TASKS))
+    retention_limits: dict[str, Optional[int]] = field(
+        default_factory=lambda: {"wikipedia": 150, "mmlu": 150, "socialiqa": 150}
+    )
+    eval_batch_size: int = 16
+
+    def validate(self) -> None:
+        """Reject settings that cannot give a meaningful benchmark, with the fix in the message."""
+        from .newtask import LOSS_MODES, PROMPT_STYLES
+        from .train import PRECISIONS
+
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}.")
+        if self.steps < 1 or self.batch_size < 1 or self.max_length < 8:
+            raise ValueError("steps and batch_size must be >= 1 and max_length >= 8.")
+        if not self.full_lr_grid or not self.lora_lr_grid or min(self.full_lr_grid + self.lora_lr_grid) <= 0:
+            raise ValueError("Learning-rate grids must be non-empty lists of positive numbers.")
+        if self.prompt not in PROMPT_STYLES:
+            raise ValueError(f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}.")
+        if self.loss not in LOSS_MODES:
+            raise ValueError(f"loss must be one of {LOSS_MODES}, got {self.loss!r}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Protocol:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def quick_protocol(**overrides: Any) -> Protocol:
+    """A protocol that exercises every code path in seconds: tiny model, a few steps, tiny evaluation subsets."""
+    settings: dict[str, Any] = dict(
+        model="tiny",
+        seeds=[0, 1],
+        full_lr_grid=[1e-3, 1e-2],
+        lora_lr_grid=[1e-2, 3e-2],
+        steps=4,
+        batch_size=4,
+        max_length=64,
+        precision="fp32",
+        val_size=12,
+        test_size=12,
+        retention_limits={name: 12 for name in RETENTION_TASKS},
+        eval_batch_size=32,
+    )
+    settings.update(overrides)
+    return Protocol(**settings)
+
+
+def bind(protocol: Protocol, output: Path) -> None:
+    """Tie ``output`` to ``protocol``: write ``protocol.json`` or check that the stored one is the same."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "protocol.json"
+    wanted = json.loads(json.dumps(protocol.to_dict()))
+    if path.exists():
+        stored = json.loads(path.read_text())
+        # the methods are independent runs: running a subset, or adding one later, keeps the protocol
+        stored["methods"] = wanted["methods"]
+        if stored != wanted:
+            diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+            raise ValueError(
+                f"{output} holds results of a different protocol (differs in: {', '.join(diff)}). Use another "
+                "--output directory, or pass the same settings to resume."
+            )
+        return
+    from ..data import _atomic_write
+
+    _atomic_write(path, (json.dumps(wanted, indent=2) + "\n").encode())

@@ -1,0 +1,159 @@
+"""Summaries of a finished benchmark: per-method means and spreads, a markdown table, and PNG plots.
+
+Forgetting is measured against the base model: for accuracies ``base - after`` in points (positive = forgot), for
+perplexity the relative increase ``after / base - 1`` in percent (positive = forgot).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+PERPLEXITY_METRIC = "word_perplexity"
+# Retention multiple choice is scored cloze style; the length-normalised accuracy is the standard metric there.
+RETENTION_MC_METRIC = "acc_norm"
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values), "values": values}
+
+
+def metrics_of(scores: dict[str, dict[str, float]], base: dict[str, dict[str, float]], task: str) -> dict[str, float]:
+    """The reported metrics of one run: new-task accuracy, every retention score and its forgetting."""
+    out = {"new_task_acc": scores[f"{task}_test"]["acc"], "new_task_val_acc": scores[f"{task}_validation"]["acc"]}
+    mc_drops = []
+    for name, values in scores.items():
+        if name.startswith(f"{task}_"):
+            continue
+        if PERPLEXITY_METRIC in values:
+            out[f"{name}_ppl"] = values[PERPLEXITY_METRIC]
+            out[f"{name}_ppl_increase_pct"] = 100.0 * (values[PERPLEXITY_METRIC] / base[name][PERPLEXITY_METRIC] - 1)
+        else:
+            out[f"{name}_acc"] = values[RETENTION_MC_METRIC]
+            out[f"{name}_forgetting_pts"] = 100.0 * (base[name][RETENTION_MC_METRIC] - values[RETENTION_MC_METRIC])
+            mc_drops.append(out[f"{name}_forgetting_pts"])
+    if mc_drops:
+        out["mean_mc_forgetting_pts"] = statistics.fmean(mc_drops)
+    return out
+
+
+def summarise(results: dict[str, Any], task: str, labels: dict[str, str], ratios: dict[str, Optional[float]]):
+    """Per-method aggregates over seeds at the chosen learning rate, and the grid (first seed, every rate)."""
+    base_scores = results["base"]["scores"]
+    base_metrics = metrics_of(base_scores, base_scores, task)
+    methods = {}
+    for name, records in results["finals"].items():
+        ok = [r for r in records if not r.get("diverged")]
+        per_seed = [metrics_of(r["scores"], base_scores, task) for r in ok]
+        keys = per_seed[0].keys() if per_seed else []
+        methods[name] = {
+            "label": labels[name],
+            "ratio": ratios[name],
+            "lr": results["chosen"][name],
+            "seeds": [r["seed"] for r in ok],
+            "diverged_seeds": [r["seed"] for r in records if r.get("diverged")],
+            "trainable_parameters": ok[0]["train"]["trainable_parameters"] if ok else None,
+            "train_seconds": _mean_std([r["train"]["seconds"] for r in ok]),
+            "train_cpu_seconds": _mean_std([r["train"].get("cpu_seconds", 0.0) for r in ok]),
+            "metrics": {k: _mean_std([m[k] for m in per_seed]) for k in keys},
+        }
+    grid = {
+        name: [
+            {"lr": r["lr"], "diverged": r.get("diverged", False)}
+            | ({} if r.get("diverged") else {"val_acc": r["scores"][f"{task}_validation"]["acc"]})
+            for r in records
+        ]
+        for name, records in results["grid"].items()
+    }
+    return {"task": task, "base": base_metrics, "base_scores": base_scores, "methods": methods, "grid": grid,
+            "timing": _timing(results)}
+
+
+def _timing(results: dict[str, Any]) -> dict[str, float]:
+    """Wall and CPU seconds spent training and evaluating, over every run (each training counted once)."""
+    trained = [r for records in results["grid"].values() for r in records]
+    trained += [r for records in results["finals"].values() for r in records[1:]]
+    evaluated = trained + [records[0] for records in results["finals"].values()] + [results["base"]]
+    totals = {"train_runs": float(len(trained)), "evaluations": float(len(evaluated))}
+    for key in ("seconds", "cpu_seconds"):
+        totals[f"train_{key}"] = sum(r.get("train", {}).get(key, 0.0) for r in trained)
+        totals[f"eval_{key}"] = sum(r.get("eval", {}).get(key, 0.0) for r in evaluated)
+    return totals
+
+
+def _fmt(stat: dict[str, Any], digits: int = 1, scale: float = 1.0, signed: bool = False) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    sign = "+" if signed else ""
+    return f"{stat['mean'] * scale:{sign}.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """One row per method: chosen lr, new-task accuracy, each retention score with its forgetting (mean ± std)."""
+    base = summary["base"]
+    retention = [k.removesuffix("_acc") for k in base if k.endswith("_acc") and not k.startswith("new_task")]
+    perplexity = [k.removesuffix("_ppl") for k in base if k.endswith("_ppl")]
+    header = ["Method", "lr", "New task acc (%)"]
+    header += [f"{n} ppl (Δ%)" for n in perplexity] + [f"{n} acc_norm (%) (forgot, pts)" for n in retention]
+    header += ["Mean MC forgetting (pts)", "Trainable params"]
+    rows = [
+        ["Base model", "-", f"{100 * base['new_task_acc']:.1f}"]
+        + [f"{base[f'{n}_ppl']:.2f}" for n in perplexity]
+        + [f"{100 * base[f'{n}_acc']:.1f}" for n in retention]
+        + ["-", "-"]
+    ]
+    for method in summary["methods"].values():
+        m = method["metrics"]
+        if not m:
+            rows.append([method["label"], f"{method['lr']:g}", "diverged"] + [""] * (len(header) - 3))
+            continue
+        row = [method["label"], f"{method['lr']:g}", _fmt(m["new_task_acc"], scale=100)]
+        row += [f"{_fmt(m[f'{n}_ppl'], 2)} ({_fmt(m[f'{n}_ppl_increase_pct'], 1, signed=True)})" for n in perplexity]
+        row += [f"{_fmt(m[f'{n}_acc'], scale=100)} ({_fmt(m[f'{n}_forgetting_pts'], signed=True)})" for n in retention]
+        row += [_fmt(m["mean_mc_forgetting_pts"], signed=True) if "mean_mc_forgetting_pts" in m else "-"]
+        row += [_count(method["trainable_parameters"]) if method["trainable_parameters"] else "-"]
+        rows.append(row)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def grid_table(summary: dict[str, Any]) -> str:
+    """The learning-rate grid (first seed): the validation accuracy each rate was chosen by."""
+    lines = ["| Method | lr | Validation acc (%) | Chosen |", "|---|---|---|---|"]
+    for name, points in summary["grid"].items():
+        method = summary["methods"][name]
+        for point in points:
+            score = "diverged" if point["diverged"] else f"{100 * point['val_acc']:.1f}"
+            chosen = "yes" if point["lr"] == method["lr"] else ""
+            lines.append(f"| {method['label']} | {point['lr']:g} | {score} | {chosen} |")
+    return "\n".join(lines) + "\n"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def write_outputs(summary: dict[str, Any], output: Path) -> dict[str, Path]:
+    """``results.json``, ``results.md`` and the PNG plots in ``output``; returns their paths."""
+    from ..data import _atomic_write
+    from .plots import plot_forgetting_vs_new_task, plot_retention_per_ratio
+
+    paths = {
+        "json": output / "results.json",
+        "markdown": output / "results.md",
+        "forgetting_plot": output / "forgetting_vs_new_task.png",
+        "ratio_plot": output / "retention_per_ratio.png",
+    }
+    _atomic_write(paths["json"], (json.dumps(summary, indent=1) + "\n").encode())
+    text = "## Results (mean ± std over seeds, chosen learning rate)\n\n" + markdown_table(summary)
+    text += "\n## Learning-rate grid (first seed)\n\n" + grid_table(summary)
+    _atomic_write(paths["markdown"], text.encode())
+    plot_forgetting_vs_new_task(summary, paths["forgetting_plot"])
+    plot_retention_per_ratio(summary, paths["ratio_plot"])
+    return paths

@@ -1,0 +1,245 @@
+"""The forgetting benchmark: task parsing, training data, lm-eval scoring, the resumable runner and the quick mode."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from peft_hft.bench import cli, newtask, report, runner, tasks
+from peft_hft.bench.protocol import Protocol, bind
+from peft_hft.bench.quick import tiny_model_and_tokenizer
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+METHODS = ["fft", "hft", "hft_r0.25", "hft_r0.75", "hft_model", "lora"]
+
+
+# ---------------------------------------------------------------------------------------------------- the data
+
+
+def test_mmlu_questions_become_cloze_items_including_multi_line_options():
+    rows = tasks.mmlu_rows()
+    assert len(rows) == 1000
+    assert all(len(r["choices"]) == 4 and 0 <= r["gold"] < 4 for r in rows)
+    first = rows[0]
+    assert first["query"].startswith("Question: Which life-style factors") and first["query"].endswith("\nAnswer:")
+    assert first["choices"] == ["Smoking habit", "Social class/position", "Physical activity", "Age"]
+    assert first["gold"] == 3
+    code = next(r for r in rows if "newList" in r["query"])  # options spanning several lines
+    assert code["choices"][0].count("\n") == 2 and code["choices"][3].startswith("listl ← RemoveDuplicates")
+
+
+def test_socialiqa_and_quartz_options_are_split_from_the_prompt():
+    siqa = tasks.socialiqa_rows()[0]
+    assert siqa["choices"] == ["talk to the family", "hate bailey", "thank bailey"] and siqa["gold"] == 2
+    assert "What will happen to Others?" in siqa["query"]
+    quartz = tasks.quartz_rows()[0]
+    assert quartz["choices"] == ["increases", "decreases"] and quartz["gold"] == 0
+
+
+def test_subsets_are_fixed_and_perplexity_rows_sorted_by_length():
+    (wiki,) = tasks.retention_specs(("wikipedia",), {"wikipedia": 30})
+    again = tasks.retention_specs(("wikipedia",), {"wikipedia": 30})[0]
+    assert wiki.rows == again.rows and len(wiki.rows) == 30
+    lengths = [len(r["text"]) for r in wiki.rows]
+    assert lengths == sorted(lengths)
+    with pytest.raises(ValueError, match="Unknown retention task"):
+        tasks.retention_specs(("hellaswag",), {})
+
+
+def test_new_task_split_is_fixed_disjoint_and_uses_the_chat_template(tmp_path):
+    _, tokenizer = tiny_model_and_tokenizer(["some text to learn a vocabulary from"] * 4)
+    task = newtask.load_new_task("sarcasm", tokenizer, validation_size=20, test_size=30)
+    assert task.labels == ("0", "1") and len(task.validation) == 20 and len(task.test) == 30
+    assert len(task.train) == 28614 - 50
+    assert not {e.prompt for e in task.test} & {e.prompt for e in task.validation}
+    assert task.target_delimiter == " "  # no chat template: plain "Role: content" lines
+    assert task.test[0].prompt.startswith("System: Respond with only a 1 or 0") and task.test[0].prompt.endswith(
+        "\nAssistant:"
+    )
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    chat = newtask.load_new_task("sarcasm", tokenizer, validation_size=20, test_size=30)
+    assert chat.target_delimiter == "" and chat.test[0].prompt.endswith("<assistant>")
+    assert [e.answer for e in chat.test] == [e.answer for e in task.test]  # same split either way
+    compact = newtask.load_new_task("sarcasm", tokenizer, validation_size=20, test_size=30, prompt="compact")
+    assert compact.target_delimiter == " " and [e.answer for e in compact.test] == [e.answer for e in task.test]
+    headline = task.test[0].prompt.split("\nUser: ")[1].removesuffix("\nAssistant:")
+    assert compact.test[0].prompt == f"{headline}\nAnswer:"
+    with pytest.raises(ValueError, match="Unknown prompt style"):
+        newtask.load_new_task("sarcasm", tokenizer, validation_size=20, test_size=30, prompt="fancy")
+
+
+def test_user_task_files_are_checked(tmp_path):
+    _, tokenizer = tiny_model_and_tokenizer(["vocabulary"] * 4)
+    with pytest.raises(ValueError, match="neither a built-in task"):
+        newtask.load_new_task(str(tmp_path / "missing.jsonl"), tokenizer, 1, 1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1 must be an object with \"input\""):
+        newtask.load_new_task(str(bad), tokenizer, 1, 1)
+    free = tmp_path / "free.jsonl"
+    free.write_text("".join(json.dumps({"input": [{"role": "user", "content": "q"}], "ideal": f"a{i}"}) + "\n"
+                            for i in range(30)))
+    with pytest.raises(ValueError, match="30 distinct answers"):
+        newtask.load_new_task(str(free), tokenizer, 1, 1)
+    good = tmp_path / "mine.jsonl"
+    good.write_text("".join(json.dumps({"input": [{"role": "user", "content": f"q{i}"}], "ideal": "yes" if i % 2
+                                        else "no"}) + "\n" for i in range(10)))
+    task = newtask.load_new_task(str(good), tokenizer, 2, 3)
+    assert task.name == "mine" and task.labels == ("no", "yes") and len(task.train) == 5
+
+
+def test_training_batches_share_one_order_per_seed_and_mask_the_prompt_for_completion_loss():
+    _, tokenizer = tiny_model_and_tokenizer(["Respond with only a 1 or 0 sarcasm headline"] * 4)
+    task = newtask.load_new_task("sarcasm", tokenizer, validation_size=5, test_size=5, train_size=40)
+    full = newtask.training_batches(task, tokenizer, batch_size=4, steps=12, seed=3, loss="full", max_length=512)
+    again = newtask.training_batches(task, tokenizer, batch_size=4, steps=12, seed=3, loss="full", max_length=512)
+    other = newtask.training_batches(task, tokenizer, batch_size=4, steps=12, seed=4, loss="full", max_length=512)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full, again, strict=True))
+    assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full, other, strict=True))
+    completion = newtask.training_batches(task, tokenizer, 4, 12, seed=3, loss="completion", max_length=512)
+    for f, c in zip(full, completion, strict=True):
+        assert torch.equal(f["input_ids"], c["input_ids"])
+        real = f["attention_mask"].bool()
+        assert torch.equal(f["labels"][real], f["input_ids"][real]) and (f["labels"][~real] == -100).all()
+        for row, labels in zip(c["input_ids"], c["labels"], strict=True):
+            # only the answer as lm-eval scores it (delimiter + label), then the end of the turn
+            assert tokenizer.decode(row[labels != -100].tolist()) in {" 0\n", " 1\n"}
+    # 12 steps x 4 = 48 > 40 examples: the second epoch starts over in a new order, covering every example once
+    rows = [(r, m) for b in full[:10] for r, m in zip(b["input_ids"], b["attention_mask"], strict=True)]
+    first_epoch = {tuple(r[m.bool()].tolist()) for r, m in rows}
+    assert len(first_epoch) == 40
+    with pytest.raises(ValueError, match="Unknown loss mode"):
+        newtask.training_batches(task, tokenizer, 4, 1, seed=0, loss="prompt", max_length=64)
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval scoring
+
+
+def test_lm_eval_scores_match_a_direct_computation_and_never_load_a_dataset(monkeypatch):
+    import datasets
+
+    from peft_hft.bench.evaluate import evaluate
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the benchmark must not load datasets from the Hub or disk")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    model, tokenizer = tiny_model_and_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 10)
+    text = "the cat sat on the mat"
+    spec_ppl = tasks.EvalSpec("ppl", [{"text": text}], "perplexity")
+    choices = ["mat", "park", "sat"]
+    spec_mc = tasks.EvalSpec("mc", [{"query": "the cat sat on the", "choices": choices, "gold": 0}], "multiple_choice")
+    scores = evaluate(model, tokenizer, [spec_ppl, spec_mc], batch_size=4)
+
+    ids = [tokenizer.bos_token_id] + tokenizer(text).input_ids  # lm-eval's rolling windows start with the prefix
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+    total = logprobs.gather(-1, torch.tensor(ids[1:])[:, None]).sum().item()
+    assert scores["ppl"]["word_perplexity"] == pytest.approx(math.exp(-total / len(text.split())), rel=1e-4)
+
+    context = tokenizer("the cat sat on the").input_ids
+    lls = []
+    for choice in choices:
+        continuation = tokenizer("the cat sat on the " + choice).input_ids[len(context):]
+        full = torch.tensor([context + continuation])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(full).logits[0, :-1], -1)
+        positions = range(len(context) - 1, len(context) + len(continuation) - 1)
+        lls.append(sum(lp[p, t].item() for p, t in zip(positions, continuation, strict=True)))
+    assert scores["mc"]["acc"] == float(max(range(3), key=lls.__getitem__) == 0)
+
+
+# ------------------------------------------------------------------------------------------- report arithmetic
+
+
+def test_forgetting_signs_and_lr_choice():
+    base = {"t_test": {"acc": 0.5}, "t_validation": {"acc": 0.5}, "wiki": {"word_perplexity": 20.0},
+            "mmlu": {"acc": 0.3, "acc_norm": 0.4}}
+    after = {"t_test": {"acc": 0.8}, "t_validation": {"acc": 0.7}, "wiki": {"word_perplexity": 22.0},
+             "mmlu": {"acc": 0.3, "acc_norm": 0.35}}
+    m = report.metrics_of(after, base, "t")
+    assert m["wiki_ppl_increase_pct"] == pytest.approx(10.0)
+    assert m["mmlu_forgetting_pts"] == pytest.approx(5.0) and m["mean_mc_forgetting_pts"] == pytest.approx(5.0)
+    assert m["new_task_acc"] == 0.8
+    records = [{"lr": 1e-4, "diverged": False, "scores": {"t_validation": {"acc": 0.7}}},
+               {"lr": 1e-5, "diverged": False, "scores": {"t_validation": {"acc": 0.7}}},
+               {"lr": 1e-3, "diverged": True, "scores": {}}]
+    best = max(records, key=lambda r: runner._grid_key(r, "t"))
+    assert best["lr"] == 1e-5  # a tie goes to the smaller rate; a diverged point never wins
+
+
+def test_a_results_directory_refuses_another_protocol(tmp_path):
+    bind(Protocol(), tmp_path)
+    bind(Protocol(methods=["fft"]), tmp_path)  # a subset of methods is the same protocol
+    with pytest.raises(ValueError, match=r"different protocol \(differs in: steps\)"):
+        bind(Protocol(steps=7), tmp_path)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        Protocol(loss="prompt").validate()
+
+
+# ---------------------------------------------------------------------------------------------- the quick mode
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    output = tmp_path_factory.mktemp("forgetting")
+    assert cli.main(["forgetting", "--quick", "--output", str(output)]) == 0
+    return output
+
+
+def test_quick_mode_reports_every_method_and_metric(quick_results):
+    summary = json.loads((quick_results / "results.json").read_text())
+    assert list(summary["methods"]) == METHODS
+    expected = {"new_task_acc", "new_task_val_acc", "wikipedia_ppl", "wikipedia_ppl_increase_pct", "mmlu_acc",
+                "mmlu_forgetting_pts", "socialiqa_acc", "socialiqa_forgetting_pts", "mean_mc_forgetting_pts"}
+    for name, method in summary["methods"].items():
+        assert set(method["metrics"]) == expected, name
+        assert method["seeds"] == [0, 1]
+        for stat in method["metrics"].values():
+            assert stat["n"] == 2 and len(stat["values"]) == 2 and math.isfinite(stat["mean"]) and stat["std"] >= 0
+        assert method["lr"] in summary["protocol"]["lora_lr_grid" if name == "lora" else "full_lr_grid"]
+        assert len(summary["grid"][name]) == 2
+    assert summary["methods"]["fft"]["trainable_parameters"] > summary["methods"]["hft"]["trainable_parameters"]
+    table = (quick_results / "results.md").read_text()
+    for label in ("Full fine-tuning", "HFT (category, 0.5)", "Random half (model-level)", "LoRA (r=16, all linear)"):
+        assert label in table
+
+
+def test_quick_mode_writes_valid_pngs(quick_results):
+    import matplotlib.image
+
+    for name in ("forgetting_vs_new_task.png", "retention_per_ratio.png"):
+        path = quick_results / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 200 and image.shape[1] > 400
+
+
+def test_quick_mode_resumes_without_training_again(quick_results, monkeypatch):
+    before = {p: p.read_text() for p in (quick_results / "runs").rglob("*.json")}
+    assert len(before) == 1 + 6 * 2 + 6 * 2  # base, the grid points, the final runs of both seeds
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runner, "train", no_training)
+    assert cli.main(["forgetting", "--quick", "--output", str(quick_results)]) == 0
+    assert {p: p.read_text() for p in (quick_results / "runs").rglob("*.json")} == before
+    with pytest.raises(ValueError, match="different protocol"):
+        cli.main(["forgetting", "--quick", "--steps", "5", "--output", str(quick_results)])
+
+
+def test_cli_rejects_bad_values_before_writing_anything(tmp_path):
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        cli.main(["forgetting", "--seeds", "a,b"])
+    with pytest.raises(ValueError, match="Unknown method"):
+        cli.main(["forgetting", "--quick", "--methods", "fft,adapterx", "--output", str(output)])
+    with pytest.raises(ValueError, match="neither a built-in task"):
+        cli.main(["forgetting", "--quick", "--task", str(tmp_path / "nope.jsonl"), "--output", str(output)])
+    with pytest.raises(ValueError, match="not a directory"):
+        cli.main(["forgetting", "--model", str(tmp_path / "no-model"), "--output", str(output)])
+    assert not output.exists()

@@ -29,7 +29,8 @@ class Protocol:
     full_lr_grid: list[float] = field(default_factory=lambda: [3e-5, 1e-4])
     lora_lr_grid: list[float] = field(default_factory=lambda: [3e-4, 1e-3])
     prompt: str = "compact"
-    steps: int = 200
+    # 100 steps of 8 keep the full protocol within about two hours on 2 CPU cores (docs/forgetting.md, Budget).
+    steps: int = 100
     batch_size: int = 8
     max_length: int = 96
     loss: str = "full"

@@ -16,14 +16,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/hft_trl_gpu}"
-mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false \
-  PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 MODEL_ARGS=()
 [ -n "${MODEL_DIR:-}" ] && MODEL_ARGS=(--model "$MODEL_DIR")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from tiny_models import batch, clone_state, tiny_model
+from tiny_models import batch, clone_state, reference_pass_gradients, tiny_model, train_steps
 
 from peft_hft import HFTConfig
 from peft_hft.layer import find_ledger
@@ -17,18 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def cuda_batch(seed=0):
-    return {k: v.cuda() for k, v in batch(seed).items()}
-
-
-def train(model, steps=3):
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(steps):
-        inputs = cuda_batch(step)
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    return batch(seed, device="cuda")
 
 
 @pytest.mark.parametrize("originals_device", ["cpu", "device"])
@@ -42,7 +31,7 @@ def test_train_disable_save_reload_on_cuda(tmp_path, originals_device, dtype):
     assert {t.device.type for t in ledger._originals.values()} == {expected_store}
     if originals_device == "cpu":
         assert all(t.is_pinned() for t in ledger._originals.values())
-    train(peft_model)
+    train_steps(peft_model, steps=3)
     assert {p.device.type for p in peft_model.parameters()} == {"cuda"}
     assert {p.dtype for p in peft_model.parameters()} == {dtype}
     tuned = clone_state(model)
@@ -61,21 +50,10 @@ def test_train_disable_save_reload_on_cuda(tmp_path, originals_device, dtype):
 
 
 def test_reference_pass_keeps_gradients_on_cuda():
-    inputs = cuda_batch()
-    grads = []
-    for reference_pass in (False, True):
-        model = get_peft_model(tiny_model("llama", layers=2).cuda(), HFTConfig())
-        train(model, steps=1)
-        model.train()
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        if reference_pass:
-            with torch.no_grad(), model.disable_adapter():
-                model(**inputs)
-        loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        assert torch.equal(grads[0][name], grads[1][name])
+    without, with_reference = reference_pass_gradients("cuda")
+    assert without.keys() == with_reference.keys()
+    for name in without:
+        assert torch.equal(without[name], with_reference[name])
 
 
 def test_moving_the_model_after_injection_keeps_diffs_exact():
@@ -83,7 +61,7 @@ def test_moving_the_model_after_injection_keeps_diffs_exact():
     base = clone_state(model)
     peft_model = get_peft_model(model, HFTConfig())
     peft_model.cuda()
-    train(peft_model)
+    train_steps(peft_model, steps=3)
     diffs = find_ledger(peft_model).diffs("default")
     state = model.state_dict()
     for name, diff in diffs.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import batch, clone_state, tiny_model, train_steps
+from tiny_models import batch, clone_state, reference_pass_gradients, tiny_model, train_steps
 
 from peft_hft import HFTConfig
 from peft_hft.layer import find_ledger
@@ -91,23 +91,10 @@ def test_trained_values_survive_disable_and_enable_bit_exactly():
 
 def test_reference_pass_between_forward_and_backward_does_not_change_gradients():
     """DPO computes reference log-probs with adapters disabled between the policy forward and backward."""
-    inputs = batch()
-    results = []
-    for reference_pass in (False, True):
-        model = tiny_model("llama", layers=2)
-        peft_model = get_peft_model(model, HFTConfig(seed=0))
-        train_steps(peft_model, steps=1)  # make the policy differ from the base
-        peft_model.train()
-        loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
-        if reference_pass:
-            with torch.no_grad(), peft_model.disable_adapter():
-                reference = peft_model(**inputs).logits
-            assert reference.shape[-1] == 100
-        loss.backward()
-        results.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None})
-    assert results[0].keys() == results[1].keys()
-    for name in results[0]:
-        assert torch.equal(results[0][name], results[1][name])
+    without, with_reference = reference_pass_gradients("cpu")
+    assert without.keys() == with_reference.keys()
+    for name in without:
+        assert torch.equal(without[name], with_reference[name])
 
 
 def test_gradients_survive_a_disable_round_trip_and_optimizer_cannot_touch_base_while_disabled():

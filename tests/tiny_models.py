@@ -54,21 +54,48 @@ def clone_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def batch(seed: int = 0, size: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
+def batch(seed: int = 0, size: int = 2, length: int = 8, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Random tokens drawn on the CPU (the same values on every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (size, length), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
 def train_steps(model, steps: int = 1, lr: float = 1e-2, seed: int = 0) -> None:
-    """A few AdamW steps on random tokens, over the parameters that require grad."""
+    """A few AdamW steps on random tokens (on the model's device), over the parameters that require grad."""
     model.train()
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for step in range(steps):
-        inputs = batch(seed + step)
+        inputs = batch(seed + step, device=device)
         loss = model(**inputs, labels=inputs["input_ids"]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
 
+
+
+def reference_pass_gradients(device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Gradients of one HFT step without and with a ``disable_adapter()`` forward between forward and backward.
+
+    DPO computes its reference log-probs that way; the two gradient sets must be equal.
+    """
+    from peft import get_peft_model
+
+    from peft_hft import HFTConfig
+
+    inputs = batch(device=device)
+    results = []
+    for reference_pass in (False, True):
+        peft_model = get_peft_model(tiny_model("llama", layers=2).to(device), HFTConfig(seed=0))
+        train_steps(peft_model, steps=1)  # make the policy differ from the base
+        peft_model.train()
+        loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+        if reference_pass:
+            with torch.no_grad(), peft_model.disable_adapter():
+                reference = peft_model(**inputs).logits
+            assert reference.shape[-1] == VOCAB
+        loss.backward()
+        results.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None})
+    return results

@@ -37,7 +37,7 @@ def status(key):
 import torch, peft_hft
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from peft_hft.merge import merge_checkpoint
+from peft_hft.ops.merge import merge_checkpoint
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 start_rss, start = status("VmRSS"), time.perf_counter()
@@ -69,8 +69,8 @@ def train(results: dict) -> None:
     from peft import get_peft_model
 
     import peft_hft
-    from peft_hft.data import alpaca_demo
-    from peft_hft.default_model import load_default_model
+    from peft_hft.resources.data import alpaca_demo
+    from peft_hft.resources.default_model import load_default_model
 
     model, tokenizer = load_default_model()
     rows = alpaca_demo()
@@ -112,7 +112,7 @@ def bf16_error(results: dict) -> None:
     from peft import PeftModel
 
     import peft_hft  # noqa: F401
-    from peft_hft.default_model import load_default_model
+    from peft_hft.resources.default_model import load_default_model
 
     tuned = torch.load(OUT / "tuned_selected.pt")
     evaluation = torch.load(OUT / "eval.pt")
@@ -144,7 +144,7 @@ def load_times(results: dict) -> None:
     from peft import PeftModel
 
     import peft_hft
-    from peft_hft.default_model import load_default_model
+    from peft_hft.resources.default_model import load_default_model
 
     times = {}
     for label, context in (("with base check", contextlib.nullcontext), ("check skipped", peft_hft.skip_base_check)):
@@ -179,7 +179,7 @@ def merges(results: dict, base_dir: Path) -> None:
         runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         runs[name]["output"] = str(out)
         print(name, runs[name], flush=True)
-    from peft_hft.checkpoint import Checkpoint
+    from peft_hft.format.checkpoint import Checkpoint
 
     base_ckpt, sharded_ckpt = Checkpoint.open(base_dir), Checkpoint.open(sharded)
     runs["streamed"]["largest_shard_bytes"] = base_ckpt.largest_shard_bytes()
@@ -228,7 +228,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     results["machine"] = f"{os.cpu_count()}-core CPU, torch {torch.__version__}"
     results["date"] = time.strftime("%Y-%m-%d")
-    from peft_hft.default_model import default_model_path
+    from peft_hft.resources.default_model import default_model_path
 
     base_dir = default_model_path()
     if not (OUT / "adapter-bf16" / "adapter_model.safetensors").exists():
@@ -243,7 +243,7 @@ def main() -> None:
     if "merge" not in results:
         merges(results, base_dir)
         path.write_text(json.dumps(results, indent=2))
-    from peft_hft.adapter_info import format_info, inspect_adapter
+    from peft_hft.ops.inspect import format_info, inspect_adapter
 
     info32 = inspect_adapter(OUT / "adapter-fp32", base=base_dir)
     info16 = inspect_adapter(OUT / "adapter-bf16", base=base_dir)

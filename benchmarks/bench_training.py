@@ -63,7 +63,7 @@ def parse_args(argv=None):
 
 def make_batches(tokenizer, batch_size: int, seq_len: int, count: int, device) -> list[dict[str, torch.Tensor]]:
     """Real text (llamafactory's Alpaca demo), packed into full-length sequences."""
-    from peft_hft.data import alpaca_demo
+    from peft_hft.resources.data import alpaca_demo
 
     text = "\n\n".join(f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in alpaca_demo())
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
@@ -92,7 +92,7 @@ def build(variant: str, args, selection: list[str]):
     from torch.nn.utils import parametrize
 
     from peft_hft import HFTConfig
-    from peft_hft.default_model import load_default_model
+    from peft_hft.resources.default_model import load_default_model
 
     dtype = getattr(torch, args.dtype)
     model, _ = load_default_model(dtype=dtype, device=args.device)
@@ -137,15 +137,15 @@ def sync(device: str) -> None:
 
 def hft_selection(args) -> list[str]:
     from peft_hft import HFTConfig
-    from peft_hft.default_model import load_default_model
-    from peft_hft.selection import resolve_selection
+    from peft_hft.resources.default_model import load_default_model
+    from peft_hft.tuner.selection import resolve_selection
 
     model, _ = load_default_model()
     return resolve_selection(model, HFTConfig())
 
 
 def originals_bytes(model) -> int:
-    from peft_hft.layer import find_ledger
+    from peft_hft.tuner.layer import find_ledger
 
     ledger = find_ledger(model)
     return 0 if ledger is None else sum(t.numel() * t.element_size() for t in ledger._originals.values())
@@ -186,7 +186,7 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     variants = [v for v in args.variants.split(",") if v]
-    from peft_hft.default_model import load_default_model
+    from peft_hft.resources.default_model import load_default_model
 
     _, tokenizer = load_default_model()
     batches = make_batches(tokenizer, args.batch_size, args.seq_len, max(3, args.warmup + args.rounds), args.device)

@@ -28,9 +28,9 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import peft_hft
-from peft_hft.data import alpaca_demo
-from peft_hft.default_model import default_model_path, load_default_model
-from peft_hft.merge import merge_checkpoint
+from peft_hft.ops.merge import merge_checkpoint
+from peft_hft.resources.data import alpaca_demo
+from peft_hft.resources.default_model import default_model_path, load_default_model
 
 OUT = Path(os.environ["OUT"])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import peft_hft  # noqa: F401
 from peft_hft import HFTConfig
 from peft_hft.continual import ContinualHFT, StageHistory
-from peft_hft.selection import analyze_model
+from peft_hft.tuner.selection import analyze_model
 
 
 def build(dtype: torch.dtype, device: str, seed: int = 0, size: str = "tiny") -> torch.nn.Module:

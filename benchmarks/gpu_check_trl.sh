@@ -31,9 +31,9 @@ if not torch.cuda.is_available():
     sys.exit("FAIL: no CUDA device visible")
 print("device:", torch.cuda.get_device_name(0), "| bf16:", torch.cuda.is_bf16_supported())
 if not sys.argv[1]:
-    from peft_hft.default_model import default_model_path
+    from peft_hft.resources.default_model import default_model_path
     print("model:", default_model_path())
-from peft_hft.data import alpaca_demo, dpo_demo
+from peft_hft.resources.data import alpaca_demo, dpo_demo
 print("data:", len(alpaca_demo()), "SFT examples,", len(dpo_demo()), "preference pairs")
 EOF
 

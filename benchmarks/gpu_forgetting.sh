@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the forgetting benchmark (python -m peft_hft.bench forgetting), run from the repository root.
+# GPU check of the forgetting benchmark (peft-hft bench forgetting), run from the repository root.
 #
 #   OUT=/tmp/gpu-forgetting bash benchmarks/gpu_forgetting.sh
 #
@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
 start=$(date +%s)
-"$PY" -m peft_hft.bench forgetting --quick --device cuda --output "$OUT/quick" > "$OUT/quick.log" 2>&1
+"$PY" -m peft_hft bench forgetting --quick --device cuda --output "$OUT/quick" > "$OUT/quick.log" 2>&1
 echo "quick mode on CUDA: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
 "$PY" - "$OUT/quick/results.json" <<'PYEOF' | tee -a "$OUT/summary.txt"
 import json, math, sys
@@ -31,9 +31,9 @@ for name, method in summary["methods"].items():
 print("quick mode OK:", ", ".join(summary["methods"]))
 PYEOF
 
-if "$PY" -c "from peft_hft.default_model import default_model_path; default_model_path()" > /dev/null 2>&1; then
+if "$PY" -c "from peft_hft.resources.default_model import default_model_path; default_model_path()" > /dev/null 2>&1; then
     start=$(date +%s)
-    "$PY" -m peft_hft.bench forgetting --device cuda --methods fft,hft,lora --seeds 0 \
+    "$PY" -m peft_hft bench forgetting --device cuda --methods fft,hft,lora --seeds 0 \
         --output "$OUT/smollm2" > "$OUT/smollm2.log" 2>&1
     echo "SmolLM2, FFT/HFT/LoRA, seed 0, on CUDA: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
     cat "$OUT/smollm2/results.md" >> "$OUT/summary.txt"

@@ -95,7 +95,7 @@ def load_model_and_tokenizer(path: Optional[str]):
     """
     device = _device()
     if path is None:
-        from peft_hft.default_model import load_default_model
+        from peft_hft.resources.default_model import load_default_model
 
         return load_default_model(dtype=torch.float32, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -43,8 +43,8 @@ from peft_hft.continual import (
     plot_task_curves,
     summary_table,
 )
-from peft_hft.data import load_jsonl
-from peft_hft.default_model import load_default_model
+from peft_hft.resources.data import load_jsonl
+from peft_hft.resources.default_model import load_default_model
 
 REPO = Path(__file__).resolve().parent.parent
 P_GOLD = ":p_gold"  # metric-name suffix of the gold-option probability

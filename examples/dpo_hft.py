@@ -40,8 +40,8 @@ from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
 from peft_hft import HFTConfig
-from peft_hft.chat_data import preference_example, split
-from peft_hft.data import dpo_demo
+from peft_hft.resources.chat_data import preference_example, split
+from peft_hft.resources.data import dpo_demo
 
 METRICS = [
     "eval_loss",

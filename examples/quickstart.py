@@ -21,8 +21,8 @@ from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 import peft_hft
-from peft_hft.data import alpaca_demo
-from peft_hft.default_model import load_default_model
+from peft_hft.resources.data import alpaca_demo
+from peft_hft.resources.default_model import load_default_model
 
 
 def parse_args():

@@ -32,8 +32,8 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from peft_hft import HFTConfig, selection_summary
-from peft_hft.chat_data import instruction_example, split
-from peft_hft.data import alpaca_demo
+from peft_hft.resources.chat_data import instruction_example, split
+from peft_hft.resources.data import alpaca_demo
 
 METRICS = ["eval_loss", "eval_mean_token_accuracy", "eval_entropy"]
 

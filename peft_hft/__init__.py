@@ -12,12 +12,12 @@ adapters::
 
 from __future__ import annotations
 
-from .config import HFTConfig
-from .fingerprint import BaseMismatchError, skip_base_check
-from .layer import HFTLayer
-from .model import HFTModel
-from .registration import register
-from .summary import plot_selection, selection_summary
+from .format.fingerprint import BaseMismatchError, skip_base_check
+from .integrations.registration import register
+from .tuner.config import HFTConfig
+from .tuner.layer import HFTLayer
+from .tuner.model import HFTModel
+from .tuner.summary import plot_selection, selection_summary
 
 __version__ = "0.1.0"
 

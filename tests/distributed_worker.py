@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 import peft_hft  # noqa: F401  (registers HFT with PEFT)
-from peft_hft import HFTConfig, engines
-from peft_hft.distributed import save_adapter, selection_fingerprint, unwrap_peft_model, verify_ranks_agree
+from peft_hft import HFTConfig
+from peft_hft.integrations.distributed import save_adapter, selection_fingerprint, unwrap_peft_model, verify_ranks_agree
+from peft_hft.tuner import engines
 
 STEPS = 3
 LR = 0.1

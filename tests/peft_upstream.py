@@ -9,7 +9,7 @@ import sys
 import tarfile
 import types
 
-from peft_hft.data import Archive, cache_dir, fetch_archive
+from peft_hft.resources.data import Archive, cache_dir, fetch_archive
 
 PACKAGE = "peft_upstream_tests"
 FILES = ("testing_common.py", "testing_utils.py")

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import batch, clone_state, tiny_model, train_steps
 
 from peft_hft import HFTConfig
-from peft_hft.layer import find_ledger
-from peft_hft.model import diff_key, parameter_name_of
+from peft_hft.format.keys import diff_key, parameter_name_of
+from peft_hft.tuner.layer import find_ledger
 
 
 def logits(model, seed=0):

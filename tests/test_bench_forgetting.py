@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from peft_hft.bench import cli, newtask, report, runner, tasks
+from peft_hft.bench import newtask, report, runner, tasks
 from peft_hft.bench.protocol import Protocol, bind
 from peft_hft.bench.quick import tiny_model_and_tokenizer
+from peft_hft.cli import bench as cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METHODS = ["fft", "hft", "hft_r0.25", "hft_r0.75", "hft_model", "lora"]

@@ -13,7 +13,7 @@ from tiny_models import tiny_model
 
 from peft_hft import HFTConfig
 from peft_hft.continual import ContinualHFT
-from peft_hft.selection import BLOCK_CATEGORIES, analyze_model, resolve_selection
+from peft_hft.tuner.selection import BLOCK_CATEGORIES, analyze_model, resolve_selection
 
 
 def block_groups(model, category):

@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from tiny_models import batch, clone_state, reference_pass_gradients, tiny_model, train_steps
 
 from peft_hft import HFTConfig
-from peft_hft.layer import find_ledger
+from peft_hft.tuner.layer import find_ledger
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from peft_hft import data
+from peft_hft.resources import data
 
 
 def make_sdist() -> bytes:

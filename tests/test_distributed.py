@@ -18,7 +18,7 @@ from distributed_worker import train_reference
 from safetensors.torch import load_file
 from tiny_models import tiny_model
 
-from peft_hft.model import diff_key
+from peft_hft.format.keys import diff_key
 
 pytestmark = pytest.mark.distributed
 
@@ -119,7 +119,7 @@ def base_state(base_dir) -> dict[str, torch.Tensor]:
 
 # What each engine saved, and through which path: (run fixture, rank dump tag, adapter directory)
 SAVED_ADAPTERS = [
-    ("ddp_run", "ddp_loop", "ddp_loop_adapter"),  # accelerate loop, peft_hft.distributed.save_adapter
+    ("ddp_run", "ddp_loop", "ddp_loop_adapter"),  # accelerate loop, peft_hft.integrations.distributed.save_adapter
     ("ddp_run", "ddp_trainer", "ddp_trainer_adapter"),  # Trainer.save_model
     ("fsdp2_run", "fsdp2", "fsdp2_adapter"),  # save_adapter: gathers the trained tensors only
     ("fsdp2_run", "fsdp2", "fsdp2_full_state_dict_adapter"),  # full state dict, as accelerate / Trainer gather it

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from tiny_models import batch, clone_state, tiny_model, train_steps
 from torch import nn
 
-from peft_hft import HFTConfig, engines
-from peft_hft.distributed import save_adapter, selection_fingerprint, unwrap_peft_model, verify_ranks_agree
-from peft_hft.layer import HFTLayer, find_ledger
-from peft_hft.model import diff_key
+from peft_hft import HFTConfig
+from peft_hft.format.keys import diff_key
+from peft_hft.integrations.distributed import save_adapter, selection_fingerprint, unwrap_peft_model, verify_ranks_agree
+from peft_hft.tuner import engines
+from peft_hft.tuner.layer import HFTLayer, find_ledger
 
 
 def logits(model):

@@ -10,8 +10,8 @@ from peft import PeftModel, get_peft_model
 from tiny_models import batch, clone_state, tiny_model, train_steps
 
 import peft_hft
-from peft_hft import fingerprint as fp
-from peft_hft.fingerprint import BaseMismatchError, skip_base_check
+from peft_hft.format import fingerprint as fp
+from peft_hft.format.fingerprint import BaseMismatchError, skip_base_check
 
 
 def logits(model):

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from tiny_models import clone_state, tiny_model, train_steps
 
 from peft_hft import HFTConfig
-from peft_hft.cli import main
-from peft_hft.half_reset import half_reset
-from peft_hft.model import parameter_name_of
-from peft_hft.selection import resolve_selection
+from peft_hft.cli.main import main
+from peft_hft.format.keys import parameter_name_of
+from peft_hft.ops.half_reset import half_reset
+from peft_hft.tuner.selection import resolve_selection
 
 
 @pytest.fixture

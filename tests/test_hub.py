@@ -25,7 +25,7 @@ from tiny_models import batch, tiny_model, train_steps
 from transformers import AutoModelForCausalLM
 
 import peft_hft
-from peft_hft.fingerprint import BaseMismatchError
+from peft_hft.format.fingerprint import BaseMismatchError
 
 BASE_REPO = "user/tiny-llama"
 ADAPTER_REPO = "user/hft-adapter"
@@ -121,7 +121,7 @@ def test_upload_download_round_trip_offline(hub, published, tmp_path):
         from peft import AutoPeftModelForCausalLM, PeftModel
         from transformers import AutoModelForCausalLM
         from tiny_models import batch
-        from peft_hft.merge import merge_checkpoint
+        from peft_hft.ops.merge import merge_checkpoint
 
         expected = torch.load({str(tmp_path / "expected.pt")!r})
         def check(model, what):

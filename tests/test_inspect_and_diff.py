@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from tiny_models import batch, clone_state, tiny_model, train_steps
 
 import peft_hft
-from peft_hft import cli
-from peft_hft.adapter_info import inspect_adapter
-from peft_hft.extract import extract_adapter
-from peft_hft.fingerprint import BaseMismatchError, digest
-from peft_hft.merge import merge_checkpoint
-from peft_hft.model import diff_key
-from peft_hft.selection import resolve_selection
+from peft_hft.cli import main as cli
+from peft_hft.format.fingerprint import BaseMismatchError, digest
+from peft_hft.format.keys import diff_key
+from peft_hft.ops.extract import extract_adapter
+from peft_hft.ops.inspect import inspect_adapter
+from peft_hft.ops.merge import merge_checkpoint
+from peft_hft.tuner.selection import resolve_selection
 
 
 def logits(model):

@@ -18,10 +18,10 @@ from tiny_models import batch, tiny_model, train_steps
 from transformers import AutoModelForCausalLM
 
 import peft_hft
-from peft_hft import cli
-from peft_hft.checkpoint import SafetensorsWriter
-from peft_hft.fingerprint import BaseMismatchError
-from peft_hft.merge import merge_checkpoint
+from peft_hft.cli import main as cli
+from peft_hft.format.checkpoint import SafetensorsWriter
+from peft_hft.format.fingerprint import BaseMismatchError
+from peft_hft.ops.merge import merge_checkpoint
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -160,8 +160,8 @@ def test_sigterm_during_a_merge_leaves_nothing(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, time
-        from peft_hft import cli
-        from peft_hft.checkpoint import SafetensorsWriter
+        from peft_hft.cli import main as cli
+        from peft_hft.format.checkpoint import SafetensorsWriter
         original = SafetensorsWriter.write
         def slow_write(self, key, tensor):
             original(self, key, tensor)
@@ -218,7 +218,7 @@ def test_console_script_is_installed():
     from importlib.metadata import entry_points
 
     (entry,) = [e for e in entry_points(group="console_scripts") if e.name == "peft-hft"]
-    assert entry.value == "peft_hft.cli:main" and entry.load() is cli.main
+    assert entry.value == "peft_hft.cli.main:main" and entry.load() is cli.main
     assert (Path(sys.executable).parent / "peft-hft").is_file()
     parser = cli.build_parser()
     assert {"merge", "inspect", "diff"} <= set(parser._subparsers._group_actions[0].choices)
@@ -226,7 +226,7 @@ def test_console_script_is_installed():
 
 MEMORY_SCRIPT = """
 import sys
-from peft_hft.merge import merge_checkpoint
+from peft_hft.ops.merge import merge_checkpoint
 
 def status(key):  # kB
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
@@ -252,7 +252,7 @@ def test_peak_memory_is_bounded_by_the_largest_shard_not_the_model(tmp_path):
     get_peft_model(model, peft_hft.HFTConfig(init_weights=False)).save_pretrained(tmp_path / "adapter")
     del model
     tiny_base, tiny_adapter = make_pair(tmp_path, shards=False)
-    from peft_hft.checkpoint import Checkpoint
+    from peft_hft.format.checkpoint import Checkpoint
 
     checkpoint = Checkpoint.open(tmp_path / "base")
     total, largest = checkpoint.total_bytes, checkpoint.largest_shard_bytes()

@@ -39,7 +39,7 @@ def test_peft_mappings_point_at_hft():
 
 def test_registration_is_idempotent_and_survives_reload():
     peft_hft.register()
-    peft_hft.registration.hft_peft_type()
+    peft_hft.integrations.registration.hft_peft_type()
     assert list(PeftType).count(PeftType.HFT) == 1
     # reloading creates new class objects; run it in a fresh interpreter so this session keeps its classes
     script = textwrap.dedent(
@@ -49,7 +49,7 @@ def test_registration_is_idempotent_and_survives_reload():
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
         from peft.utils import PeftType
         from transformers import LlamaConfig, LlamaForCausalLM
-        importlib.reload(peft_hft.config)
+        importlib.reload(peft_hft.tuner.config)
         importlib.reload(peft_hft)
         assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.HFT] is peft_hft.HFTConfig
         assert list(PeftType).count(PeftType.HFT) == 1

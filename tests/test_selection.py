@@ -12,7 +12,7 @@ from tiny_models import TINY_SPECS, tiny_model
 from torch import nn
 
 from peft_hft import HFTConfig
-from peft_hft.selection import (
+from peft_hft.tuner.selection import (
     ATTENTION,
     EMBEDDING,
     FEED_FORWARD,

@@ -21,7 +21,7 @@ def test_summary_reports_shares_and_marks_every_selected_tensor():
     assert "attention" in text and "50.0%" in text
     rows = [line for line in text.splitlines() if line[:1].isdigit() and len(line.split()) > 5]
     assert len(rows) == 4  # one row per block
-    marks = sum(row.count(peft_hft.summary.TRAINED) for row in rows)
+    marks = sum(row.count(peft_hft.tuner.summary.TRAINED) for row in rows)
     in_blocks = sum(1 for n in selected if ".layers." in n)
     assert marks == in_blocks
     assert "■ lm_head" in text and "■ model.embed_tokens" in text

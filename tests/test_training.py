@@ -8,7 +8,7 @@ from peft import get_peft_model
 from tiny_models import batch, clone_state, reference_pass_gradients, tiny_model, train_steps
 
 from peft_hft import HFTConfig
-from peft_hft.layer import find_ledger
+from peft_hft.tuner.layer import find_ledger
 
 
 def test_one_step_changes_exactly_the_selected_tensors():

@@ -26,7 +26,7 @@ from trl_helpers import (
 )
 
 from peft_hft import HFTConfig
-from peft_hft.layer import find_ledger
+from peft_hft.tuner.layer import find_ledger
 
 
 def _first_batch(trainer) -> dict[str, torch.Tensor]:

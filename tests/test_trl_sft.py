@@ -13,7 +13,7 @@ from tiny_tokenizer import build_tokenizer, chat_model, save_tool_tokenizer
 from trl_helpers import changed, selection, sft_trainer, snapshot, trainable
 
 from peft_hft import HFTConfig
-from peft_hft.model import parameter_name_of
+from peft_hft.format.keys import parameter_name_of
 
 PROBE = torch.tensor([[1, 5, 9, 40, 77, 120, 200, 2]])
 

@@ -30,9 +30,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import distributed_worker as w  # noqa: E402  (shared training set-up of the CPU tests)
 
-from peft_hft import engines  # noqa: E402
-from peft_hft.distributed import save_adapter, unwrap_peft_model  # noqa: E402
-from peft_hft.model import diff_key  # noqa: E402
+from peft_hft.format.keys import diff_key  # noqa: E402
+from peft_hft.integrations.distributed import save_adapter, unwrap_peft_model  # noqa: E402
+from peft_hft.tuner import engines  # noqa: E402
 
 ENGINES = ("fsdp2", "zero2", "zero3")
 EXAMPLES = Path(__file__).resolve().parent

@@ -9,10 +9,10 @@ The same script runs under DDP, FSDP2 and DeepSpeed ZeRO; the engine comes from 
         --model <path or hub id> --bf16 --output outputs/fsdp2_hft
 
 It fine-tunes the embedded SmolLM2-135M-Instruct (or ``--model``) on the first ``--examples`` Alpaca demo examples,
-saves the diff adapter (``Trainer.save_model`` and ``peft_hft.distributed.save_adapter``), and writes what each
-process held for training to ``<output>/memory_<method>.json``: trainable parameters, gradient and optimizer-state
-bytes, HFT's base values in host memory, and the peak memory. Run it once with ``--method full`` and once with
-``--method hft`` into the same ``--output`` to get ``memory.png`` comparing them.
+saves the diff adapter (``Trainer.save_model`` and ``peft_hft.integrations.distributed.save_adapter``), and writes
+what each process held for training to ``<output>/memory_<method>.json``: trainable parameters, gradient and
+optimizer-state bytes, HFT's base values in host memory, and the peak memory. Run it once with ``--method full`` and
+once with ``--method hft`` into the same ``--output`` to get ``memory.png`` comparing them.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from peft_hft import HFTConfig, engines
-from peft_hft.data import alpaca_demo
-from peft_hft.distributed import save_adapter
-from peft_hft.layer import find_ledger
+from peft_hft import HFTConfig
+from peft_hft.integrations.distributed import save_adapter
+from peft_hft.resources.data import alpaca_demo
+from peft_hft.tuner import engines
+from peft_hft.tuner.layer import find_ledger
 
 
 def parse_args() -> argparse.Namespace:
@@ -140,7 +141,7 @@ def main() -> None:
     )
     with training_args.main_process_first(desc="converting the default model"):
         if args.model is None:
-            from peft_hft.default_model import default_model_path
+            from peft_hft.resources.default_model import default_model_path
 
             model_path = str(default_model_path())
         else:

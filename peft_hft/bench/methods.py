@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..config import HFTConfig
+from ..tuner.config import HFTConfig
 
 
 @dataclass(frozen=True)

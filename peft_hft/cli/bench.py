@@ -1,0 +1,138 @@
+"""``peft-hft bench forgetting [--quick] [--model ...] [--task ...] [--output DIR]``: the forgetting benchmark.
+
+The benchmark itself lives in :mod:`peft_hft.bench`; this module is its command line only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..bench.protocol import Protocol, quick_protocol
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _limits(text: str) -> dict[str, Optional[int]]:
+    limits: dict[str, Optional[int]] = {}
+    for item in _names(text):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected name=N (e.g. mmlu=500 or mmlu=all), got {item!r}")
+        try:
+            limits[name] = None if value == "all" else int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer or 'all' after {name}=, got {value!r}") from None
+    return limits
+
+
+# CLI flag -> (Protocol field, parser). Flags left out keep the protocol's default (or the quick mode's).
+OPTIONS = {
+    "--model": ("model", str, "'default' (embedded SmolLM2-135M-Instruct) or a local checkpoint directory"),
+    "--task": ("task", str, "'sarcasm' or a JSON-lines file of {\"input\": [messages], \"ideal\": answer}"),
+    "--methods": ("methods", _names, "comma-separated subset of fft,hft,hft_r0.25,hft_r0.75,hft_model,lora"),
+    "--seeds": ("seeds", _ints, "comma-separated seeds; the first one also runs the learning-rate grid"),
+    "--lr-grid": ("full_lr_grid", _floats, "learning-rate grid of full fine-tuning and the HFT variants"),
+    "--lora-lr-grid": ("lora_lr_grid", _floats, "learning-rate grid of LoRA"),
+    "--prompt": ("prompt", str, "'compact' (last user message + 'Answer:') or 'chat' (the chat template)"),
+    "--steps": ("steps", int, "optimiser steps per run"),
+    "--batch-size": ("batch_size", int, "sequences per step"),
+    "--max-length": ("max_length", int, "longest training sequence in tokens (prompts are cut from the left)"),
+    "--loss": ("loss", str, "'full' (every token) or 'completion' (answer tokens only)"),
+    "--warmup": ("warmup", float, "share of steps with linear warm-up (then linear decay to 0)"),
+    "--precision": ("precision", str, "'bf16' (autocast, fp32 master weights) or 'fp32'"),
+    "--val-size": ("val_size", int, "new-task validation examples (learning-rate choice)"),
+    "--test-size": ("test_size", int, "new-task test examples (reported score)"),
+    "--retention": ("retention", _names, "comma-separated subset of wikipedia,mmlu,quartz,socialiqa"),
+    "--retention-limits": ("retention_limits", _limits, "rows per retention set, e.g. wikipedia=250,mmlu=all"),
+    "--eval-batch-size": ("eval_batch_size", int, "lm-eval batch size"),
+}
+
+
+HELP = "benchmarks to run on your own model: forgetting (FFT vs HFT vs LoRA, what each keeps)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    forgetting = commands.add_parser(
+        "forgetting",
+        help="fine-tune with FFT, HFT (several ratios), a model-level random half and LoRA; measure what is forgotten",
+        description="Fine-tune a model on a new task with each method and measure, with lm-eval, how much of its "
+        "knowledge (Wikipedia perplexity, MMLU, QuaRTz, SocialIQA) each method keeps. Finished runs are saved in "
+        "--output and skipped when the command is run again.",
+    )
+    forgetting.add_argument("--output", type=Path, default=None, help="results directory (default: forgetting-results"
+                            " or forgetting-results-quick)")
+    forgetting.add_argument("--quick", action="store_true", help="tiny model, a few steps, tiny eval subsets (seconds)")
+    forgetting.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    forgetting.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    for flag, (_, parse, help_text) in OPTIONS.items():
+        forgetting.add_argument(flag, type=parse, default=None, help=help_text)
+
+
+def build_parser(prog: str = "peft-hft bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    add_arguments(parser)
+    return parser
+
+
+def protocol_from_args(args: argparse.Namespace) -> Protocol:
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in OPTIONS.items()}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.quick:
+        return quick_protocol(**overrides)
+    protocol = Protocol(**overrides)
+    if "retention_limits" in overrides:  # a partial list keeps the defaults of the other sets
+        protocol.retention_limits = {**Protocol().retention_limits, **overrides["retention_limits"]}
+    return protocol
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Parse ``argv`` (the words after ``peft-hft bench``) and run; errors propagate (the library-level entry)."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None:  # the quick mode's tiny model runs fastest on one thread
+        torch.set_num_threads(threads)
+    from ..bench.forgetting import run
+
+    protocol = protocol_from_args(args)
+    output = args.output or Path("forgetting-results-quick" if args.quick else "forgetting-results")
+    start = time.perf_counter()
+    paths = run(protocol, output, device=args.device)
+    print(f"Finished in {time.perf_counter() - start:.0f} s. Results: {paths['markdown']}")
+    for key in ("json", "forgetting_plot", "ratio_plot"):
+        print(f"  {paths[key]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

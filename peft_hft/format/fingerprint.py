@@ -1,0 +1,262 @@
+"""Fingerprints of the base tensors an HFT adapter modifies, and the check that an adapter meets its own base.
+
+An HFT adapter stores ``tuned - base`` for the tensors it trained. Added to any other base (another revision, a resized
+vocabulary, a re-quantised copy), those diffs give a model that loads without error and is silently wrong. So every
+saved adapter records, in ``adapter_config.json`` (``HFTConfig.base_fingerprint``), the base it belongs to: the base
+model's id and revision when known, and a SHA-256 digest of every base tensor it modifies. Loading
+(``PeftModel.from_pretrained``, ``load_adapter``, ``AutoPeftModel*``) and ``peft-hft merge`` compare the base at hand
+with that record and refuse a mismatch with an error that lists the differing tensors.
+
+Dtype rule. Bases are often loaded in another dtype than the one they were trained in (an fp32 checkpoint loaded in
+bf16 for inference). A digest is taken of the raw bytes in one dtype, so the record holds, for each tensor, the digest
+in the tensor's own dtype plus the digests of the tensor rounded (round-to-nearest-even, as ``tensor.to(dtype)`` and
+``from_pretrained(dtype=...)`` do) to every coarser float dtype. A base matches when, compared at the coarser of the
+two dtypes, the values are bit-identical:
+
+* same dtype: the raw bytes must be identical;
+* the base here is coarser (record fp32, model bf16/fp16): the model's bytes must equal the recorded rounding;
+* the base here is finer (record bf16, model fp32): the model's tensor rounded to the recorded dtype must match.
+
+bf16 and fp16 are not comparable with each other (neither rounds exactly to the other), so such a pair is reported
+as a mismatch that names the dtypes; load the base in float32 or in the recorded dtype.
+
+Opting out (for a base you know to be equivalent, e.g. re-saved with tiny numeric changes): wrap the load in
+``with peft_hft.skip_base_check(): ...`` or set the environment variable ``PEFT_HFT_SKIP_BASE_CHECK=1``; the CLI has
+``--no-verify``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import os
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..utils import dtype_name, torch_dtype
+
+FINGERPRINT_FORMAT = 1
+ALGORITHM = "sha256"
+SKIP_ENV = "PEFT_HFT_SKIP_BASE_CHECK"
+# Float dtypes a base may be rounded to, finest first.
+ROUNDINGS = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_LISTED = 10
+
+_skip = contextvars.ContextVar("peft_hft_skip_base_check", default=False)
+
+
+class BaseMismatchError(ValueError):
+    """An HFT adapter was loaded or merged onto a base other than the one it was made for."""
+
+
+@contextlib.contextmanager
+def skip_base_check() -> Iterator[None]:
+    """Load or merge HFT adapters inside this block without checking that the base is the one they were made for.
+
+    Example:
+        ```py
+        >>> with peft_hft.skip_base_check():
+        ...     model = PeftModel.from_pretrained(other_base, "user/hft-adapter")
+        ```
+    """
+    token = _skip.set(True)
+    try:
+        yield
+    finally:
+        _skip.reset(token)
+
+
+def base_check_skipped() -> bool:
+    """True inside :func:`skip_base_check` or when ``PEFT_HFT_SKIP_BASE_CHECK`` is set to 1/true/yes."""
+    return _skip.get() or os.environ.get(SKIP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Digests
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw bytes (row-major, little-endian, in its own dtype), whatever its device or layout."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    h = hashlib.sha256()
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy())  # hashlib releases the GIL on large buffers
+    return h.hexdigest()
+
+
+def tensor_fingerprint(tensor: torch.Tensor) -> dict[str, Any]:
+    """The record of one base tensor: dtype, shape, digest, and digests of its roundings to coarser float dtypes."""
+    record: dict[str, Any] = {
+        "dtype": dtype_name(tensor.dtype),
+        "shape": list(tensor.shape),
+        ALGORITHM: digest(tensor),
+    }
+    if tensor.is_floating_point():
+        coarser = [d for d in ROUNDINGS if d != tensor.dtype and d.itemsize < tensor.dtype.itemsize]
+        if coarser:
+            record["rounded"] = {dtype_name(d): digest(tensor.to(d)) for d in coarser}
+    return record
+
+
+# Originals never change in place, so their records are cached by tensor identity (a dtype change of the model
+# replaces the ledger's stored tensor and thereby invalidates the entry). Keyed by id() with a liveness check: tensors
+# cannot be dict keys of a WeakKeyDictionary (their == is elementwise).
+_cache: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
+
+
+def _cached_fingerprint(tensor: torch.Tensor) -> dict[str, Any]:
+    key = id(tensor)
+    hit = _cache.get(key)
+    if hit is not None and hit[0]() is tensor:
+        return hit[1]
+    record = tensor_fingerprint(tensor)
+    _cache[key] = (weakref.ref(tensor, lambda _, key=key: _cache.pop(key, None)), record)
+    return record
+
+
+def fingerprint_tensors(
+    tensors: Mapping[str, Callable[[], torch.Tensor]], cache: bool = False, desc: str = "Fingerprinting base tensors"
+) -> dict[str, dict[str, Any]]:
+    """Records of many tensors (given as zero-argument loaders), hashed in parallel threads."""
+    work = _cached_fingerprint if cache else tensor_fingerprint
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(lambda load=load: work(load())) for name, load in tensors.items()}
+        return {name: future.result() for name, future in tqdm(futures.items(), desc=desc, disable=len(futures) < 64)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Comparing a base with a record
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def compare(tensor: torch.Tensor, record: Mapping[str, Any]) -> Optional[str]:
+    """``None`` if ``tensor`` is the recorded base tensor (see the module docstring's dtype rule), else the reason."""
+    shape = tuple(record.get("shape", ()))
+    if tuple(tensor.shape) != shape:
+        return f"shape {tuple(tensor.shape)} here vs {shape} in the adapter's base"
+    recorded = torch_dtype(record["dtype"], "an HFT base fingerprint")
+    here = tensor.dtype
+    if here == recorded:
+        expected, got = record[ALGORITHM], digest(tensor)
+    elif dtype_name(here) in record.get("rounded", {}):
+        expected, got = record["rounded"][dtype_name(here)], digest(tensor)
+    elif here.is_floating_point and here.itemsize > recorded.itemsize:
+        expected, got = record[ALGORITHM], digest(tensor.to(recorded))
+    else:
+        return (
+            f"dtype {dtype_name(here)} here cannot be compared with the recorded {record['dtype']} (neither rounds "
+            f"exactly to the other); load the base in {record['dtype']} or float32"
+        )
+    if got != expected:
+        return f"different values (sha256 {got[:12]}... here vs {expected[:12]}... recorded)"
+    return None
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    name: str
+    reason: str
+
+
+def describe_base(fingerprint: Mapping[str, Any]) -> str:
+    base = fingerprint.get("base_model")
+    revision = fingerprint.get("revision")
+    if not base:
+        return "an unnamed base model"
+    return f"{base!r}" + (f" at revision {revision}" if revision else "")
+
+
+def mismatch_error(
+    mismatches: list[Mismatch], total: int, fingerprint: Mapping[str, Any], subject: str, where: str = "this model"
+) -> BaseMismatchError:
+    """The error for a failed base check; lists the first mismatching tensors and the ways out."""
+    lines = [f"  - {m.name}: {m.reason}" for m in mismatches[:_MAX_LISTED]]
+    if len(mismatches) > _MAX_LISTED:
+        lines.append(f"  ... and {len(mismatches) - _MAX_LISTED} more")
+    base = fingerprint.get("base_model")
+    revision = fingerprint.get("revision")
+    load_hint = (
+        f" (e.g. from_pretrained({base!r}" + (f", revision={revision!r}" if revision else "") + "))" if base else ""
+    )
+    return BaseMismatchError(
+        f"{subject} was made for {describe_base(fingerprint)}, but {len(mismatches)} of the {total} base tensors it "
+        f"modifies differ in {where}:\n" + "\n".join(lines) + "\n"
+        "Adding its diffs to another base gives a silently wrong model. Fix: use the base model the adapter was made "
+        f"for{load_hint}. If the difference is intended, skip this check: wrap the call in "
+        f"`with peft_hft.skip_base_check():`, set {SKIP_ENV}=1, or pass --no-verify to the peft-hft CLI."
+    )
+
+
+def check_fingerprint(
+    fingerprint: Optional[Mapping[str, Any]],
+    tensors: Mapping[str, Callable[[], Optional[torch.Tensor]]],
+    subject: str,
+    where: str = "this model",
+) -> None:
+    """Compare recorded base tensors with the ones at hand (loaders returning ``None`` for absent tensors).
+
+    Raises:
+        BaseMismatchError: listing every tensor whose shape, dtype or values differ, or that is absent.
+    """
+    validate_fingerprint(fingerprint)
+    records = fingerprint["tensors"]
+    unknown = [name for name in records if name not in tensors]
+    reasons: dict[str, Optional[str]] = {name: "not found" for name in unknown}
+
+    def check(name: str) -> Optional[str]:
+        tensor = tensors[name]()
+        return "not found" if tensor is None else compare(tensor, records[name])
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    checked = [name for name in records if name in tensors]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for name, reason in zip(checked, pool.map(check, checked), strict=True):
+            reasons[name] = reason
+    mismatches = [Mismatch(name, reasons[name]) for name in records if reasons[name] is not None]
+    if mismatches:
+        raise mismatch_error(mismatches, len(records), fingerprint, subject, where)
+
+
+def validate_fingerprint(fingerprint: Any) -> None:
+    """Reject a malformed ``base_fingerprint`` (a hand-edited or foreign adapter_config.json) with a clear error."""
+    if not isinstance(fingerprint, Mapping) or not isinstance(fingerprint.get("tensors"), Mapping):
+        raise ValueError(
+            "adapter_config.json has a malformed base_fingerprint (expected an object with a 'tensors' map). Fix: "
+            "re-save the adapter with peft-hft, or remove the base_fingerprint entry to load it unverified."
+        )
+    if fingerprint.get("format", FINGERPRINT_FORMAT) > FINGERPRINT_FORMAT:
+        raise ValueError(
+            f"The adapter's base_fingerprint has format {fingerprint['format']}, newer than this peft-hft understands "
+            f"({FINGERPRINT_FORMAT}). Fix: upgrade peft-hft (pip install -U peft-hft)."
+        )
+    if fingerprint.get("algorithm", ALGORITHM) != ALGORITHM:
+        raise ValueError(f"Unsupported base fingerprint algorithm {fingerprint.get('algorithm')!r}; expected sha256.")
+
+
+def make_fingerprint(
+    records: dict[str, dict[str, Any]], base_model: Optional[str], revision: Optional[str]
+) -> dict[str, Any]:
+    return {
+        "format": FINGERPRINT_FORMAT,
+        "algorithm": ALGORITHM,
+        "base_model": base_model or None,
+        "revision": revision or None,
+        "tensors": records,
+    }
+
+
+def combined_digest(fingerprint: Mapping[str, Any]) -> str:
+    """One short id for a whole base fingerprint (SHA-256 over the sorted per-tensor digests), for display."""
+    h = hashlib.sha256()
+    for name in sorted(fingerprint["tensors"]):
+        h.update(f"{name}:{fingerprint['tensors'][name][ALGORITHM]}\n".encode())
+    return h.hexdigest()

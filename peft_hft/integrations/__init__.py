@@ -1,0 +1,1 @@
+"""Wiring into other libraries: PEFT's registry, transformers' adapter API, the Hub, distributed engines."""

@@ -1,0 +1,305 @@
+"""``HFTModel``: the PEFT tuner for Half Fine-Tuning."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ..format.keys import DIFF_SEGMENT, PEFT_KEY_PREFIX, diff_key, parameter_name_of
+from ..utils import float_dtype
+from .base_check import record_base, verify_base
+from .config import HFTConfig
+from .engines import is_full_value
+from .layer import LEDGER_ATTRIBUTE, HFTLayer, find_ledger
+from .peft_type import PREFIX
+from .selection import canonical_parameter_names, embedding_parameter_names, resolve_selection, validate_selection
+
+
+class HFTModel(BaseTuner):
+    """Half Fine-Tuning tuner (Hui et al., ACL 2025).
+
+    Trains a selected half of the model's tensors in place and freezes the rest; the architecture is unchanged.
+    Create it with ``peft.get_peft_model(model, HFTConfig(...))``.
+
+    Example:
+        ```py
+        >>> import peft_hft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_hft.HFTConfig(ratio=0.5, seed=0))
+        >>> model.print_trainable_parameters()
+        ```
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = HFTLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Injection
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """Resolve the selection, register the adapter in the model's ledger and set ``requires_grad``.
+
+        Everything that can fail is checked before the model is changed, so a bad config leaves the model as it was.
+        """
+        config: HFTConfig = self.peft_config[adapter_name]
+        self._check_new_adapter_config(config)
+        if config.selected_parameters is None:
+            names = resolve_selection(model, config)
+        else:
+            names = canonical_parameter_names(model, config.selected_parameters)
+            validate_selection(model, names)
+
+        ledger = find_ledger(model)
+        first = ledger is None
+        if first:
+            existing = getattr(model, LEDGER_ATTRIBUTE, None)
+            if existing is not None:
+                raise ValueError(
+                    f"{type(model).__name__} already has an attribute {LEDGER_ATTRIBUTE!r} "
+                    f"({type(existing).__name__}), which HFT needs for its bookkeeping."
+                )
+            ledger = HFTLayer(model)
+        source = self._adapter_sharing_config(adapter_name, ledger)
+        ledger.add_adapter(
+            adapter_name,
+            names,
+            config.originals_device,
+            perturb=not config.init_weights,
+            seed=config.seed,
+            copy_of=source,
+        )
+        if first:
+            model.add_module(LEDGER_ATTRIBUTE, ledger)
+            for param in model.parameters():
+                param.requires_grad_(False)
+        config.selected_parameters = list(names)
+        self.targeted_parameter_names = sorted(set(self.targeted_parameter_names) | set(names))
+        active = [a for a in self.active_adapters if a in ledger.hft_adapters]
+        active_config = self.peft_config[active[0]] if active else config
+        ledger.set_adapter(active, inference_mode=active_config.inference_mode)
+
+    def _adapter_sharing_config(self, adapter_name: str, ledger: Optional[HFTLayer]) -> Optional[str]:
+        """The existing adapter whose config object ``adapter_name`` shares, if any.
+
+        ``peft_model.add_adapter(name, peft_model.peft_config[other])`` is how TRL (DPO, KTO, GRPO, RLOO) makes a frozen
+        reference copy of a wrapped adapter; it then copies every parameter named ``*.default.*`` into ``*.ref.*``.
+        HFT adapters own no parameters, so that copy would find nothing and the reference would silently be the base
+        model. An HFT adapter added with another adapter's very config object therefore starts as a copy of it.
+        """
+        if ledger is None:
+            return None
+        config = self.peft_config[adapter_name]
+        for other, other_config in self.peft_config.items():
+            if other != adapter_name and other_config is config and other in ledger.hft_adapters:
+                warnings.warn(
+                    f"HFT adapter {adapter_name!r} was added with the config object of adapter {other!r}, so it "
+                    f"starts as a copy of {other!r}'s current values (this is how TRL makes its reference adapter). "
+                    "The copy holds the tensors that differ from the base model a second time, next to the "
+                    "originals. For a fresh adapter with the same settings, pass copy.deepcopy(config) instead.",
+                    stacklevel=4,
+                )
+                return other
+        return None
+
+    def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - never called
+        raise NotImplementedError("HFT trains tensors in place and replaces no modules.")
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        return peft_config
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: PeftConfig, key: str) -> bool:
+        return False
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        ledger = find_ledger(model)
+        touched = set(ledger.touched()) if ledger is not None else set()
+        for name, param in model.named_parameters():
+            if name not in touched:
+                param.requires_grad_(False)
+        if ledger is not None:
+            ledger.refresh()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """HFT trains the model's own tensors in their own dtype; it never creates fp32 copies of them."""
+
+    def _check_merge_allowed(self) -> None:
+        """Merging is always possible: tied tensors are one tensor, trained and merged once."""
+
+    @property
+    def ledger(self) -> HFTLayer:
+        ledger = find_ledger(self.model)
+        if ledger is None:
+            raise RuntimeError("This model has no HFT adapters (the ledger was removed by unload/merge_and_unload).")
+        return ledger
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Unloading
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        ledger = self.ledger
+        # The weights already hold the trained values, so merging only touches tensors of adapters that are not
+        # applied yet; unloading restores the originals.
+        if merge:
+            ledger.merge(safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar)
+        else:
+            merged, ledger.merged_adapters = ledger.merged_adapters, []
+            try:
+                ledger.enable_adapters(False, progressbar=progressbar)
+            except Exception:  # refused (a sharded model): leave the model as it was
+                ledger.merged_adapters = merged
+                raise
+        ledger.detach()
+        delattr(self.model, LEDGER_ATTRIBUTE)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Saving and loading: the checkpoint holds `tuned - base` for each selected tensor, nothing else
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: PeftConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        ledger = find_ledger(model)
+        if ledger is None or adapter_name not in ledger.hft_adapters:
+            raise ValueError(f"No HFT adapter named {adapter_name!r} in this model; nothing to save.")
+        # Prefer the caller's values (e.g. a state dict that Trainer/accelerate gathered under FSDP or ZeRO-3), but
+        # only whole tensors: a sharded engine's own state_dict() holds DTensor shards or empty placeholders. The
+        # ledger gathers what is missing, or says how to save when it cannot.
+        live = {}
+        for name in ledger.hft_adapters[adapter_name].params:
+            for key in (PEFT_KEY_PREFIX + name, name):
+                if key in state_dict:
+                    if is_full_value(state_dict[key], ledger.root.get_parameter(name)):
+                        live[name] = state_dict[key]
+                    break
+        dtype = float_dtype(config.diff_dtype, "HFTConfig.diff_dtype")
+        out = {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
+        in_full = set()
+        if config.trainable_token_indices is not None:
+            # TRL sets trainable_token_indices when it extended the vocabulary (a chat template with new tokens). The
+            # base values of the new rows were drawn at random in this process, so diffs alone cannot rebuild them:
+            # save the tuned embeddings in full as well, under the keys PEFT's save_embedding_layers=True uses.
+            in_full = embedding_parameter_names(ledger.root) & set(ledger.hft_adapters[adapter_name].params)
+            for name in in_full:
+                value = ledger.current_value(adapter_name, name, live.get(name))
+                out[PEFT_KEY_PREFIX + name] = value.detach().to("cpu", copy=True).contiguous()
+        # The config is saved right after the weights: record the base these diffs belong to (see fingerprint.py).
+        # Tensors saved in full do not depend on the base (and their random new rows differ between processes).
+        fingerprint = record_base(ledger, adapter_name, config)
+        for name in in_full:
+            fingerprint["tensors"].pop(name, None)
+        config.base_fingerprint = fingerprint
+        return out
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key  # diff keys never contain the adapter name
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: PeftConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Apply the diffs in ``state_dict`` to ``adapter_name``; return what PEFT should load itself (the rest).
+
+        A mismatch between the adapter and the model (names, shapes, or a base other than the one recorded in
+        ``config.base_fingerprint``) raises ``ValueError`` after the adapter was removed again, so a failed load leaves
+        the model as it was.
+        """
+        ledger = find_ledger(model)
+        if ledger is None or adapter_name not in ledger.hft_adapters:
+            raise ValueError(f"No HFT adapter named {adapter_name!r} was injected; cannot load its diffs.")
+        selected = set(ledger.hft_adapters[adapter_name].params)
+        diffs, full, rest = {}, {}, {}
+        for key, value in state_dict.items():
+            name = parameter_name_of(key)
+            if name is not None:
+                diffs[name] = value
+                continue
+            # A full tensor of the selection (PEFT's save_embedding_layers, or saved with trainable_token_indices) is
+            # the tuned value itself. Handing it to PEFT's load_state_dict would write it into whatever the weight
+            # holds now, which may be the ledger's copy of the base, so it becomes the adapter's value instead.
+            (canonical,) = canonical_parameter_names(ledger.root, [key.removeprefix(PEFT_KEY_PREFIX)])
+            if canonical in selected:
+                full[canonical] = value
+            else:
+                rest[key] = value
+        if not diffs:
+            rollback_adapter(model, adapter_name)
+            raise ValueError(
+                f"The checkpoint for HFT adapter {adapter_name!r} holds no HFT diffs (keys ending in "
+                f"'.{DIFF_SEGMENT}.<name>'); it is not an HFT adapter file. Fix: point to a directory written by "
+                "save_pretrained() of an HFT model."
+            )
+        canonical = canonical_parameter_names(ledger.root, list(diffs))
+        if len(canonical) == len(diffs):
+            diffs = dict(zip(canonical, diffs.values(), strict=True))
+        for name, value in full.items():
+            base = ledger.original(name)
+            # a tensor of the wrong shape is passed through unchanged, for check_diffs to report
+            diffs[name] = value if value.shape != base.shape else value.to(base.device).float() - base.float()
+        try:
+            ledger.check_diffs(adapter_name, diffs)
+            verify_base(ledger, config, adapter_name)
+            ledger.set_diffs(adapter_name, diffs)
+        except ValueError:
+            rollback_adapter(model, adapter_name)
+            raise
+        return rest
+
+
+def rollback_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove a just-added adapter after a failed load; remove HFT entirely if it was the only adapter."""
+    ledger = find_ledger(model)
+    if ledger is None:
+        return
+    if set(ledger.hft_adapters) == {adapter_name}:
+        ledger.enable_adapters(False)
+        ledger.detach()
+        ledger.restore_requires_grad()
+        parent = ledger.root
+        if getattr(parent, LEDGER_ATTRIBUTE, None) is ledger:
+            delattr(parent, LEDGER_ATTRIBUTE)
+        configs = getattr(parent, "peft_config", None)
+        if isinstance(configs, dict):
+            configs.pop(adapter_name, None)
+            if not configs:
+                del parent.peft_config
+    elif adapter_name in ledger.hft_adapters:
+        ledger.delete_adapter(adapter_name)
+        configs = getattr(ledger.root, "peft_config", None)
+        if isinstance(configs, dict):
+            configs.pop(adapter_name, None)

@@ -1,0 +1,116 @@
+"""Small helpers shared across the package: atomic file output, dtype names, and name listings for messages.
+
+Each exists once so that every caller writes files the same crash-safe way, parses dtype names with the same error,
+and shortens long lists in error messages alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+# Floating dtypes by name, as users write them in configs and on the command line (diff and output dtypes).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+TMP_MARK = ".peft-hft-tmp-"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def float_dtype(name: Optional[str], what: str = "dtype") -> Optional[torch.dtype]:
+    """The torch dtype named ``name`` (one of :data:`FLOAT_DTYPES`); ``None`` stays ``None`` ("keep the dtype")."""
+    if name is None:
+        return None
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"{what} must be None or one of {FLOAT_DTYPES}, got {name!r}.")
+    return getattr(torch, name)
+
+
+def torch_dtype(name: str, where: str) -> torch.dtype:
+    """Any torch dtype by name (``"float32"``, ``"int8"``, ...), for names read from files; ``where`` names the file."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"Unknown dtype {name!r} in {where}.")
+    return dtype
+
+
+def listing(items: Sequence[str], limit: int = 5) -> str:
+    """``"a, b, c, d, e and 7 more"``: the first ``limit`` items of a list for an error message."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it and a rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(destination: Path) -> None:
+    """Delete temporary directories of earlier runs for ``destination`` whose process is gone (e.g. killed -9)."""
+    prefix = f".{destination.name}{TMP_MARK}"
+    if not destination.parent.is_dir():
+        return
+    for candidate in destination.parent.iterdir():
+        if candidate.name.startswith(prefix) and candidate.is_dir():
+            pid = candidate.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(candidate, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(destination: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``destination``; on success it is renamed to ``destination``.
+
+    On any error (including ``KeyboardInterrupt``) the temporary directory is deleted and ``destination`` is left as
+    it was, so no half-written output ever appears under the destination's name.
+    """
+    destination = Path(destination).expanduser().absolute()
+    if destination.exists() and not overwrite:
+        raise FileExistsError(f"{destination} already exists. Fix: choose another output path, or pass --overwrite.")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(destination)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}{TMP_MARK}{os.getpid()}-", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            retired = destination.parent / f".{destination.name}.peft-hft-old-{uuid.uuid4().hex[:8]}"
+            os.replace(destination, retired)
+            os.replace(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

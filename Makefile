@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make test        build .venv (if needed) and run the test suite"
 	@echo "make demo        build .venv (if needed) and fine-tune the embedded SmolLM2 model with HFT"
-	@echo "make lint        ruff over the package, tests, examples and benchmarks"
+	@echo "make lint        ruff, and the import contracts (layers, no cycles) with import-linter"
 	@echo "make benchmarks  step-time / memory benchmark (HFT vs freezing vs full fine-tuning)"
 
 $(VENV)/.ready: pyproject.toml
@@ -39,6 +39,7 @@ demo: venv
 
 lint: venv
 	$(PY) -m ruff check peft_hft tests examples benchmarks
+	$(VENV)/bin/lint-imports  # dependency direction and no import cycles (contracts in pyproject.toml)
 
 benchmarks: venv
 	$(PY) benchmarks/bench_training.py

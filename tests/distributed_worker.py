@@ -1,4 +1,4 @@
-"""One process of the multi-process HFT runs in tests/test_distributed.py (and the single-process reference).
+"""One process of the multi-process HFT runs in tests/integrations/test_distributed.py (and the single-process reference).
 
 Launched as ``<launcher> tests/distributed_worker.py {ddp,fsdp2,zero} BASE_DIR OUT_DIR`` with 2 CPU processes:
 ``ddp`` under ``accelerate launch --cpu`` (a plain accelerate loop, then a transformers Trainer), ``fsdp2`` and

@@ -1,7 +1,8 @@
 """GPU check of HFT under accelerate's FSDP2 and DeepSpeed ZeRO-2/3, with a plain accelerate loop and with Trainer.
 
 Run it through ``examples/distributed/gpu_check.sh`` (one GPU is enough: a world of one still shards into DTensors,
-partitions under ZeRO-3 and goes through every gather). It complements tests/test_distributed.py, which runs the same
+partitions under ZeRO-3 and goes through every gather). It complements tests/integrations/test_distributed.py, which
+runs the same
 training with 2 CPU processes but cannot reach accelerate's FSDP plugin (GPU only), DeepSpeed's CUDA code, or the
 ledger's GPU path (base values in host memory, weights on the GPU).
 

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from tiny_tokenizer import build_tokenizer, chat_model
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY_RUN = ["--max-steps", "2", "--train-size", "4", "--eval-size", "4", "--batch-size", "2", "--max-length", "256"]
 
 

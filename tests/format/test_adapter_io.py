@@ -82,7 +82,7 @@ def test_reload_reproduces_the_tuned_logits(trained):
 def test_fresh_process_reloads_with_identical_logits(trained, tmp_path):
     peft_model, base, path = trained
     torch.save({"base": base, "logits": logits(peft_model)}, tmp_path / "expected.pt")
-    tests_dir = os.path.dirname(__file__)
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = textwrap.dedent(
         f"""
         import sys, torch

@@ -116,7 +116,7 @@ def test_upload_download_round_trip_offline(hub, published, tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, torch
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
         import peft_hft
         from peft import AutoPeftModelForCausalLM, PeftModel
         from transformers import AutoModelForCausalLM

@@ -1,6 +1,6 @@
 """CUDA behaviour: training on the GPU with the originals in (pinned) host memory or beside the weights.
 
-Skipped where there is no GPU (CI); run on a GPU machine with ``pytest tests/test_cuda.py``.
+Skipped where there is no GPU (CI); run on a GPU machine with ``pytest tests/tuner/test_cuda.py``.
 """
 
 from __future__ import annotations

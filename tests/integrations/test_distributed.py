@@ -22,7 +22,7 @@ from peft_hft.format.keys import diff_key
 
 pytestmark = pytest.mark.distributed
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "distributed_worker.py"
 WORLD = 2
 LAUNCH_TIMEOUT_S = 300
 

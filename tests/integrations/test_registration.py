@@ -76,7 +76,7 @@ def _declared_requirements() -> dict[str, Requirement]:
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     return {Requirement(d).name.lower(): Requirement(d) for d in deps}
 

@@ -1,0 +1,134 @@
+"""Every ``peft-hft`` subcommand, run on tiny checkpoints: in process through ``peft_hft.cli.main.main`` (what the
+console script calls), and once through ``python -m peft_hft`` in a subprocess.
+
+The library functions behind the commands have their own tests (tests/ops/, tests/bench/); these check the command
+line itself: arguments, exit codes, what is printed and written. A guard fails when a subcommand has no test here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
+from tiny_models import tiny_model, train_steps
+
+import peft_hft
+from peft_hft.cli.main import SUBCOMMANDS, main
+from peft_hft.format.keys import parameter_name_of
+
+TESTED = {"merge", "inspect", "diff", "half-reset", "bench"}
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def peft_hft_cli(*args: str) -> Result:
+    """``peft-hft ARGS`` in this process: exit status (argparse's SystemExit included) and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A base checkpoint, an HFT adapter trained on it, and a fully fine-tuned checkpoint of the same base."""
+    root = tmp_path_factory.mktemp("cli")
+    base = tiny_model("llama", layers=2)
+    base.save_pretrained(root / "base")
+    peft_model = get_peft_model(tiny_model("llama", layers=2), peft_hft.HFTConfig(seed=1))
+    train_steps(peft_model, steps=2, lr=5e-2)
+    peft_model.save_pretrained(root / "adapter")
+    tuned = tiny_model("llama", layers=2)
+    for param in tuned.parameters():
+        param.requires_grad_(True)
+    train_steps(tuned, steps=2, lr=1e-2)
+    tuned.save_pretrained(root / "tuned")
+    return root
+
+
+def test_every_subcommand_has_a_test_here():
+    assert set(SUBCOMMANDS) == TESTED
+
+
+@pytest.mark.parametrize("command", sorted(TESTED))
+def test_help_names_the_command(command):
+    result = peft_hft_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"peft-hft {command}" in result.stdout
+
+
+def test_no_command_prints_usage_and_fails():
+    result = peft_hft_cli()
+    assert result.returncode == 2 and "COMMAND" in result.stderr
+
+
+def test_merge_writes_base_plus_diffs(checkpoints, tmp_path):
+    # once through the module entry point in a fresh interpreter, as a user runs it
+    args = ["merge", str(checkpoints / "base"), str(checkpoints / "adapter"), str(tmp_path / "m"), "--quiet"]
+    result = subprocess.run([sys.executable, "-m", "peft_hft", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "base verified" in result.stdout
+    base = load_file(checkpoints / "base" / "model.safetensors")
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    diffs = {parameter_name_of(k): v for k, v in load_file(checkpoints / "adapter" / "adapter_model.safetensors").items()}
+    for name, tensor in base.items():
+        expected = tensor + diffs[name] if name in diffs else tensor
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+    again = peft_hft_cli("merge", str(checkpoints / "base"), str(checkpoints / "adapter"), str(tmp_path / "m"),
+                         "--quiet")
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_inspect_reports_the_selection(checkpoints):
+    result = peft_hft_cli("inspect", str(checkpoints / "adapter"), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    config = json.loads((checkpoints / "adapter" / "adapter_config.json").read_text())
+    assert info["selected_tensors"] == len(config["selected_parameters"]) > 0
+    assert info["fingerprint"]["tensors"] == info["selected_tensors"]
+    missing = peft_hft_cli("inspect", str(checkpoints / "no-such-adapter"))
+    assert missing.returncode == 1 and "error:" in missing.stderr
+
+
+def test_diff_extracts_every_changed_tensor(checkpoints, tmp_path):
+    result = peft_hft_cli("diff", str(checkpoints / "tuned"), str(checkpoints / "base"), str(tmp_path / "d"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    base = load_file(checkpoints / "base" / "model.safetensors")
+    tuned = load_file(checkpoints / "tuned" / "model.safetensors")
+    diffs = {parameter_name_of(k): v for k, v in load_file(tmp_path / "d" / "adapter_model.safetensors").items()}
+    assert set(diffs) == {n for n in base if not torch.equal(base[n], tuned[n])}
+    for name, diff in diffs.items():
+        assert torch.equal(diff, tuned[name] - base[name]), name
+
+
+def test_half_reset_keeps_the_selected_half(checkpoints, tmp_path):
+    result = peft_hft_cli("half-reset", str(checkpoints / "tuned"), str(checkpoints / "base"), str(tmp_path / "h"),
+                          "--seed", "2", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "tensors keep their fine-tuned values" in result.stdout
+    config = json.loads((tmp_path / "h" / "adapter_config.json").read_text())
+    diffs = {parameter_name_of(k) for k in load_file(tmp_path / "h" / "adapter_model.safetensors")}
+    assert diffs == set(config["selected_parameters"])
+    assert 0 < len(diffs) < len(load_file(checkpoints / "base" / "model.safetensors"))
+
+
+def test_bench_rejects_bad_values_before_any_work(tmp_path):
+    result = peft_hft_cli("bench", "forgetting", "--seeds", "a,b", "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and "expected comma-separated integers" in result.stderr
+    assert not (tmp_path / "out").exists()

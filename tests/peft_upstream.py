@@ -1,10 +1,12 @@
-"""Fetch PEFT's own generic test suite (``tests/testing_common.py`` of the installed peft version's sdist) so that
-its checks can run against HFT. The files are extracted into the peft-hft cache, never into this repository."""
+"""Fetch PEFT's own generic test suite (``tests/testing_common.py`` and ``tests/test_custom_models.py`` of the
+installed peft version's sdist) so that its checks can run against HFT. The files are extracted into the peft-hft
+cache, never into this repository."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import sys
 import tarfile
 import types
@@ -12,7 +14,7 @@ import types
 from peft_hft.resources.data import Archive, cache_dir, fetch_archive
 
 PACKAGE = "peft_upstream_tests"
-FILES = ("testing_common.py", "testing_utils.py")
+FILES = ("testing_common.py", "testing_utils.py", "test_custom_models.py")
 
 
 def _stub_diffusers() -> None:
@@ -46,9 +48,23 @@ def load_testing_common() -> types.ModuleType:
     return importlib.import_module(f"{PACKAGE}.testing_common")
 
 
+def load_custom_models() -> types.ModuleType:
+    """Import ``test_custom_models`` (its small custom models and their checks) from the same sdist."""
+    load_testing_common()
+    return importlib.import_module(f"{PACKAGE}.test_custom_models")
+
+
+def generic_checks(cls: type, parameter: str) -> list[str]:
+    """The ``test_*`` methods of ``cls`` parametrized by a config (they take ``parameter``): the method-generic ones."""
+    return sorted(
+        name for name, function in inspect.getmembers(cls, inspect.isfunction)
+        if name.startswith("test_") and parameter in inspect.signature(function).parameters
+    )
+
+
 def upstream_checks(module: types.ModuleType) -> list[str]:
     """Names of the generic checks (``_test_*`` methods) PeftCommonTester offers in this peft version."""
     return sorted(n.removeprefix("_test_") for n in dir(module.PeftCommonTester) if n.startswith("_test_"))
 
 
-__all__ = ["load_testing_common", "upstream_checks"]
+__all__ = ["generic_checks", "load_custom_models", "load_testing_common", "upstream_checks"]

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..format.fingerprint import digest
-from ..format.keys import ADAPTER_WEIGHTS, parameter_name_of
+from ..format.keys import ADAPTER_WEIGHTS
+from ..format.reader import read_adapter
 from ..ops.merge import apply_diff
 from ..tuner.layer import find_ledger
 from ..tuner.selection import canonical_parameter_names
@@ -86,16 +86,11 @@ def weight_fingerprint(model: nn.Module) -> str:
 
 
 def read_diffs(adapter_dir: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
-    """The diffs of a saved HFT adapter, keyed by parameter name (canonical names of ``model``, if given)."""
-    path = Path(adapter_dir) / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {adapter_dir} is not a saved HFT adapter.")
-    diffs = {}
-    for key, value in load_file(path).items():
-        name = parameter_name_of(key)
-        if name is None:
-            raise ValueError(f"{path} holds {key!r}, which is not an HFT diff; the file is not an HFT adapter.")
-        diffs[name] = value
+    """The diffs of a saved HFT adapter, keyed by parameter name (canonical names of ``model``, if given).
+
+    Read with the package's one strict reader, so a damaged stage is refused exactly as ``from_pretrained`` would.
+    """
+    diffs = read_adapter(adapter_dir, what="stage adapter").diff_tensors()
     if model is not None:
         diffs = dict(zip(canonical_parameter_names(model, list(diffs)), diffs.values(), strict=True))
     return diffs

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Optional
 import torch
 
 from ..utils import PathLike
-from .keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_NAME, SINGLE_NAME, parameter_name_of
+from .keys import INDEX_NAME, SINGLE_NAME
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -122,25 +122,65 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse a safetensors header: ``({key: TensorEntry}, metadata)``; raises a clear error for a broken file."""
+    """Parse a safetensors header: ``({key: TensorEntry}, metadata)``; raises a clear ``ValueError`` for a broken file.
+
+    Checked before any tensor is read: the header is a JSON object of well-formed entries, every tensor's byte range
+    matches its dtype and shape and lies inside the file, and no two ranges overlap (the safetensors format's rules).
+    """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                raise ValueError("header too large")
+            if length > min(100_000_000, max(0, size - 8)):
+                raise ValueError(f"header length {length} does not fit in the file of {size} bytes")
             header = json.loads(f.read(length))
-    except (OSError, struct.error, ValueError) as exc:
+    except (OSError, struct.error, ValueError, RecursionError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt.") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object.")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: the safetensors '__metadata__' must map strings to strings.")
     entries = {}
     for key, info in header.items():
+        problem = _entry_problem(info)
+        if problem:
+            raise ValueError(f"{path}: the header entry of tensor {key!r} is malformed ({problem}); it is corrupt.")
         if info["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}, which peft-hft cannot process.")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
-        entries[key] = TensorEntry(
-            key, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), path, 8 + length + begin, end - begin
-        )
+        if end - begin != _numel(info["shape"]) * dtype.itemsize:
+            raise ValueError(
+                f"{path}: tensor {key} claims {end - begin} bytes, but shape {info['shape']} of {info['dtype']} needs "
+                f"{_numel(info['shape']) * dtype.itemsize}; the file is corrupt."
+            )
+        if 8 + length + end > size:
+            raise ValueError(f"{path}: tensor {key} lies outside the file ({size} bytes); the file is truncated.")
+        entries[key] = TensorEntry(key, dtype, tuple(info["shape"]), path, 8 + length + begin, end - begin)
+    ordered = sorted(entries.values(), key=lambda e: e.start)
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        if before.start + before.nbytes > after.start:
+            raise ValueError(f"{path}: tensors {before.key} and {after.key} overlap; the file is corrupt.")
     return entries, metadata
+
+
+def _entry_problem(info: Any) -> Optional[str]:
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(info, dict):
+        return "not an object"
+    if not isinstance(info.get("dtype"), str):
+        return "no dtype"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(integer(s) for s in shape):
+        return "shape is not a list of non-negative integers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(integer(o) for o in offsets):
+        return "data_offsets is not [begin, end]"
+    if offsets[1] < offsets[0]:
+        return "data_offsets end before they begin"
+    return None
 
 
 def read_tensor(entry: TensorEntry, handle: Optional[BinaryIO] = None) -> torch.Tensor:
@@ -357,55 +397,3 @@ def _numel(shape: Sequence[int]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Adapters on disk
-# ------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdapterFiles:
-    """An HFT adapter directory: its config and the header of its weights file."""
-
-    source: Source
-    config: dict[str, Any]
-    entries: dict[str, TensorEntry]  # keyed by checkpoint key (base_model.model.<module>.hft_diff.<attr>)
-
-    @classmethod
-    def open(cls, name_or_path: PathLike, revision: Optional[str] = None, what: str = "ADAPTER") -> AdapterFiles:
-        source = resolve(name_or_path, what, revision, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"])
-        config_path = source.directory / ADAPTER_CONFIG
-        if not config_path.is_file():
-            raise FileNotFoundError(
-                f"{what} {source.name} has no {ADAPTER_CONFIG}; it is not a PEFT adapter directory. Subfolders hold "
-                "named adapters other than 'default': pass the subfolder."
-            )
-        config = json.loads(config_path.read_text())
-        if config.get("peft_type") != "HFT":
-            raise ValueError(
-                f"{what} {source.name} is a {config.get('peft_type')} adapter, not an HFT adapter. Fix: merge it with "
-                "PEFT (PeftModel.from_pretrained(...).merge_and_unload())."
-            )
-        weights = source.directory / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            legacy = source.directory / "adapter_model.bin"
-            raise FileNotFoundError(
-                f"{what} {source.name} has no {ADAPTER_WEIGHTS}"
-                + (" (only adapter_model.bin: re-save it with safe_serialization=True)." if legacy.is_file() else ".")
-            )
-        entries, _ = read_header(weights)
-        return cls(source, config, entries)
-
-    def diff_entries(self) -> dict[str, TensorEntry]:
-        """``parameter name -> entry`` of every diff in the weights file."""
-        out = {}
-        for key, entry in self.entries.items():
-            name = parameter_name_of(key)
-            if name is None:
-                raise ValueError(
-                    f"{self.source.name}/{ADAPTER_WEIGHTS} holds {key!r}, which is not an HFT diff key "
-                    "('base_model.model.<module>.hft_diff.<attr>')."
-                )
-            out[name] = entry
-        return out

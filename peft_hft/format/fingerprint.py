@@ -31,6 +31,7 @@ import contextlib
 import contextvars
 import hashlib
 import os
+import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -226,20 +227,70 @@ def check_fingerprint(
         raise mismatch_error(mismatches, len(records), fingerprint, subject, where)
 
 
+class FingerprintError(ValueError):
+    """A ``base_fingerprint`` record is malformed (a hand-edited, truncated or foreign ``adapter_config.json``)."""
+
+
+_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_FIX = "Fix: re-save the adapter with peft-hft, or remove the base_fingerprint entry to load it unverified."
+
+
 def validate_fingerprint(fingerprint: Any) -> None:
-    """Reject a malformed ``base_fingerprint`` (a hand-edited or foreign adapter_config.json) with a clear error."""
-    if not isinstance(fingerprint, Mapping) or not isinstance(fingerprint.get("tensors"), Mapping):
-        raise ValueError(
-            "adapter_config.json has a malformed base_fingerprint (expected an object with a 'tensors' map). Fix: "
-            "re-save the adapter with peft-hft, or remove the base_fingerprint entry to load it unverified."
+    """Reject a malformed ``base_fingerprint`` with a :class:`FingerprintError` that names the field.
+
+    A record that cannot prove anything (empty ``tensors``, a record without a digest) is an error, never taken as
+    verified; whether it covers every tensor the adapter changes is checked by the reader, which knows the diffs.
+    """
+    if not isinstance(fingerprint, Mapping):
+        raise FingerprintError(
+            f"malformed base_fingerprint: expected an object, got {type(fingerprint).__name__}. {_FIX}"
         )
-    if fingerprint.get("format", FINGERPRINT_FORMAT) > FINGERPRINT_FORMAT:
-        raise ValueError(
-            f"The adapter's base_fingerprint has format {fingerprint['format']}, newer than this peft-hft understands "
+    version = fingerprint.get("format", FINGERPRINT_FORMAT)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise FingerprintError(f"malformed base_fingerprint: 'format' must be an integer, got {version!r}. {_FIX}")
+    if version > FINGERPRINT_FORMAT:
+        raise FingerprintError(
+            f"the adapter's base_fingerprint has format {version}, newer than this peft-hft understands "
             f"({FINGERPRINT_FORMAT}). Fix: upgrade peft-hft (pip install -U peft-hft)."
         )
     if fingerprint.get("algorithm", ALGORITHM) != ALGORITHM:
-        raise ValueError(f"Unsupported base fingerprint algorithm {fingerprint.get('algorithm')!r}; expected sha256.")
+        raise FingerprintError(
+            f"unsupported base fingerprint algorithm {fingerprint.get('algorithm')!r}; expected {ALGORITHM!r}. {_FIX}"
+        )
+    for key in ("base_model", "revision"):
+        if fingerprint.get(key) is not None and not isinstance(fingerprint[key], str):
+            raise FingerprintError(f"malformed base_fingerprint: '{key}' must be a string or null. {_FIX}")
+    tensors = fingerprint.get("tensors")
+    if not isinstance(tensors, Mapping) or not tensors:
+        raise FingerprintError(
+            "malformed base_fingerprint: 'tensors' must be a non-empty object of per-tensor records (an empty record "
+            f"proves nothing about the base). {_FIX}"
+        )
+    for name, record in tensors.items():
+        problem = _record_problem(record)
+        if problem:
+            raise FingerprintError(f"malformed base_fingerprint record of {name!r}: {problem}. {_FIX}")
+
+
+def _record_problem(record: Any) -> Optional[str]:
+    if not isinstance(record, Mapping):
+        return f"expected an object, got {type(record).__name__}"
+    dtype = record.get("dtype")
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+        return f"'dtype' must name a torch dtype, got {dtype!r}"
+    shape = record.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        return f"'shape' must be a list of non-negative integers, got {shape!r}"
+    if not isinstance(record.get(ALGORITHM), str) or not _HEX_DIGEST.match(record[ALGORITHM]):
+        return f"'{ALGORITHM}' must be a 64-digit lower-case hex digest"
+    rounded = record.get("rounded", {})
+    if not isinstance(rounded, Mapping) or not all(
+        isinstance(k, str) and isinstance(getattr(torch, k, None), torch.dtype) and isinstance(v, str)
+        and _HEX_DIGEST.match(v)
+        for k, v in rounded.items()
+    ):
+        return "'rounded' must map dtype names to 64-digit hex digests"
+    return None
 
 
 def make_fingerprint(

@@ -21,6 +21,7 @@ def register() -> None:
     from ..tuner.config import HFTConfig
     from ..tuner.model import HFTModel
     from .hub import patch_peft
+    from .loading import patch_peft_loading
     from .transformers import patch_transformers
 
     peft_type = hft_peft_type()
@@ -33,3 +34,4 @@ def register() -> None:
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = PREFIX
     patch_transformers()
     patch_peft()  # HFT model card in save_pretrained, and a push_to_hub that keeps it
+    patch_peft_loading()  # strict reading, nothing half-applied, atomic saves, base state dict

@@ -10,9 +10,10 @@ adapter type takes the original code path unchanged.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any, Optional
+
+from ..format.reader import peek_peft_type, read_adapter
+from ..tuner.model import unchanged_on_failure, validate_adapter_name
 
 _PATCH_MARKER = "_peft_hft_patched"
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download", "proxies")
@@ -31,24 +32,9 @@ def _is_hft_adapter(peft_model_id: Optional[str], peft_config: Any, hub_kwargs: 
         return isinstance(peft_config, HFTConfig) or (
             isinstance(peft_config, dict) and str(peft_config.get("peft_type")) == "HFT"
         )
-    if peft_model_id is None:
-        return False
-    subfolder = hub_kwargs.get("subfolder")
-    local = os.path.join(peft_model_id, subfolder) if subfolder else peft_model_id
-    path = os.path.join(local, "adapter_config.json")
-    if not os.path.isfile(path):
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError
-
-        try:
-            path = hf_hub_download(peft_model_id, "adapter_config.json", **hub_kwargs)
-        except (OSError, ValueError, HfHubHTTPError):  # not resolvable here: let transformers raise its own error
-            return False
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("peft_type") == "HFT"
-    except (OSError, ValueError):
-        return False
+    kwargs = dict(hub_kwargs)
+    subfolder = kwargs.pop("subfolder", None)
+    return peek_peft_type(peft_model_id, subfolder=subfolder, **kwargs) == "HFT"
 
 
 def load_hft_adapter(
@@ -62,22 +48,30 @@ def load_hft_adapter(
 ):
     """Load an HFT adapter into a plain transformers model, like ``PeftModel.load_adapter`` does for a PeftModel."""
     from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from peft.utils import load_peft_weights
+
+    from .loading import config_of
 
     hub_kwargs = hub_kwargs or {}
     adapter_name = adapter_name or "default"
+    validate_adapter_name(adapter_name)
     if getattr(model, "_hf_peft_config_loaded", False) and adapter_name in getattr(model, "peft_config", {}):
         raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
-    if peft_config is None:
-        peft_config = PeftConfig.from_pretrained(peft_model_id, **hub_kwargs)
-    elif isinstance(peft_config, dict):
+    if peft_model_id is not None and (peft_config is None or adapter_state_dict is None):
+        # everything read and validated before the model is touched
+        download = dict(hub_kwargs)
+        revision, subfolder = download.pop("revision", None), download.pop("subfolder", None)
+        adapter = read_adapter(str(peft_model_id), revision=revision, subfolder=subfolder, hub_kwargs=download)
+        if peft_config is None:
+            peft_config = config_of(adapter)
+        if adapter_state_dict is None:
+            adapter_state_dict = adapter.state_dict()
+    if isinstance(peft_config, dict):
         peft_config = PeftConfig.from_peft_type(**peft_config)
     peft_config.inference_mode = not is_trainable
-    if adapter_state_dict is None:
-        adapter_state_dict = load_peft_weights(peft_model_id, device="cpu", **hub_kwargs)
-    inject_adapter_in_model(peft_config, model, adapter_name)
-    model._hf_peft_config_loaded = True
-    result = set_peft_model_state_dict(model, adapter_state_dict, adapter_name=adapter_name)
+    with unchanged_on_failure(model, adapter_name):
+        inject_adapter_in_model(peft_config, model, adapter_name)
+        model._hf_peft_config_loaded = True
+        result = set_peft_model_state_dict(model, adapter_state_dict, adapter_name=adapter_name)
     if not getattr(model, "peft_config", None):
         model._hf_peft_config_loaded = False
     if not is_trainable:

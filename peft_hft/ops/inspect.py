@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..format.checkpoint import AdapterFiles, Checkpoint, PathLike, meta_model, parameter_aliases
-from ..format.fingerprint import BaseMismatchError, check_fingerprint, combined_digest, validate_fingerprint
-from ..format.keys import ADAPTER_WEIGHTS
+from ..format.checkpoint import Checkpoint, PathLike, meta_model, parameter_aliases
+from ..format.fingerprint import BaseMismatchError, check_fingerprint, combined_digest
+from ..format.reader import read_adapter
+from ..utils import dtype_name
 
 
 @dataclass
@@ -79,13 +80,14 @@ def inspect_adapter(
     base_revision: Optional[str] = None, plot: Optional[PathLike] = None,
 ) -> AdapterInfo:
     """Describe an HFT adapter; ``base`` (default: the adapter's ``base_model_name_or_path``) adds the model view."""
-    files = AdapterFiles.open(adapter, revision)
+    # The strict reader: a damaged adapter (config, header, dtypes, keys, values) is an error, not a report.
+    with read_adapter(adapter, revision=revision, load=False) as files:
+        pass
     tensors = {
-        name: (str(e.dtype).removeprefix("torch."), e.shape, e.nbytes) for name, e in files.diff_entries().items()
+        name: (dtype_name(files.entries[key].dtype), files.entries[key].shape, files.entries[key].nbytes)
+        for name, key in files.diffs.items()
     }
     fingerprint = files.config.get("base_fingerprint")
-    if fingerprint:
-        validate_fingerprint(fingerprint)
     base_name = str(base) if base is not None else (
         files.config.get("base_model_name_or_path") or (fingerprint or {}).get("base_model")
     )
@@ -93,7 +95,7 @@ def inspect_adapter(
         files.source.name,
         files.config,
         tensors,
-        (files.source.directory / ADAPTER_WEIGHTS).stat().st_size,
+        files.weights_path.stat().st_size,
         base_name,
         (fingerprint or {}).get("revision") or files.config.get("revision"),
     )

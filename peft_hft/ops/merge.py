@@ -25,7 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..format.checkpoint import (
-    AdapterFiles,
     Checkpoint,
     PathLike,
     SafetensorsWriter,
@@ -41,9 +40,9 @@ from ..format.fingerprint import (
     compare,
     describe_base,
     mismatch_error,
-    validate_fingerprint,
 )
-from ..format.keys import ADAPTER_WEIGHTS, INDEX_NAME
+from ..format.keys import INDEX_NAME
+from ..format.reader import AdapterFile, check_finite, read_adapter
 from ..utils import FLOAT_DTYPES, atomic_directory, float_dtype, listing
 
 # Files of a model directory that are weights (rewritten or dropped), not configuration to copy.
@@ -146,19 +145,38 @@ def merge_checkpoint(
         ValueError / FileNotFoundError / FileExistsError: bad inputs, with the fix in the message.
     """
     out_dtype = float_dtype(dtype, "dtype (None keeps the stored dtypes)")
-    adapter_files = AdapterFiles.open(adapter, adapter_revision)
-    diffs = adapter_files.diff_entries()
-    selected = adapter_files.config.get("selected_parameters") or []
-    if set(selected) != set(diffs):
+    # Values are checked while merging (each diff is read once; a NaN/Inf stops the merge before anything appears).
+    with read_adapter(adapter, revision=adapter_revision, load=False, check_values=False) as adapter_file:
+        return _merge(adapter_file, base, output, out_dtype, dtype, verify, overwrite, progress, base_revision)
+
+
+def _refuse_overlap(output: PathLike, inputs: dict[str, Path]) -> None:
+    """Refuse an output that is an input, lies inside one, or contains one (``--overwrite`` would delete it)."""
+    out = Path(output).expanduser().resolve()
+    for what, directory in inputs.items():
+        directory = directory.resolve()
+        if out == directory or directory in out.parents or out in directory.parents:
+            relation = "is" if out == directory else "lies inside" if directory in out.parents else "contains"
+            raise ValueError(
+                f"The output {output} {relation} the {what} directory {directory}; writing it (with or without "
+                "--overwrite) would replace or alter an input. Fix: choose an output directory outside both inputs."
+            )
+
+
+def _merge(adapter_file: AdapterFile, base: PathLike, output: PathLike, out_dtype: Optional[torch.dtype],
+           dtype: Optional[str], verify: bool, overwrite: bool, progress: bool,
+           base_revision: Optional[str]) -> MergeResult:
+    if adapter_file.full:
         raise ValueError(
-            f"The adapter {adapter_files.source.name} is inconsistent: adapter_config.json selects "
-            f"{len(selected)} tensors but the weights file holds diffs of {len(diffs)} ("
-            f"{sorted(set(selected) ^ set(diffs))[:5]} differ). Re-save the adapter."
+            f"The adapter {adapter_file.source.name} also holds tuned tensors in full "
+            f"({listing(sorted(adapter_file.full))}), saved because the vocabulary was extended before training; a "
+            "base checkpoint on disk has the old vocabulary. Fix: merge in memory: resize the base's embeddings, "
+            "then PeftModel.from_pretrained(...).merge_and_unload()."
         )
+    diffs = {name: adapter_file.entries[key] for name, key in adapter_file.diffs.items()}
     checkpoint = Checkpoint.open(base, base_revision)
-    fingerprint = adapter_files.config.get("base_fingerprint") if verify and not base_check_skipped() else None
-    if fingerprint is not None:
-        validate_fingerprint(fingerprint)
+    _refuse_overlap(output, {"BASE": checkpoint.source.directory, "ADAPTER": adapter_file.directory})
+    fingerprint = adapter_file.config.get("base_fingerprint") if verify and not base_check_skipped() else None
     targets = _targets(checkpoint, diffs, parameter_aliases(meta_model(checkpoint.source.directory)))
     _check_shapes(checkpoint, diffs, targets, fingerprint)
 
@@ -167,9 +185,7 @@ def merge_checkpoint(
     verified: set[str] = set()
     written = 0
     bar = tqdm(total=checkpoint.total_bytes, unit="B", unit_scale=True, desc="Merging", disable=not progress)
-    with atomic_directory(output, overwrite=overwrite) as staging, bar, open(
-        adapter_files.source.directory / ADAPTER_WEIGHTS, "rb"
-    ) as adapter_file:
+    with atomic_directory(output, overwrite=overwrite) as staging, bar:
         for shard in checkpoint.shards:
             bar.set_postfix_str(shard.name)
             entries = {e.key: e for e in checkpoint.shard_entries(shard)}
@@ -188,7 +204,10 @@ def merge_checkpoint(
                             if reason is not None:
                                 mismatches.append(Mismatch(name, reason))
                             verified.add(name)
-                        tensor = apply_diff(tensor, read_tensor(diffs[name], adapter_file), target)
+                        diff = adapter_file.read(adapter_file.diffs[name])
+                        check_finite(adapter_file.diffs[name], diff, adapter_file.weights_path)
+                        tensor = apply_diff(tensor, diff, target)
+                        del diff
                     elif tensor.dtype != target:
                         tensor = tensor.to(target)
                     writer.write(key, tensor)
@@ -197,7 +216,7 @@ def merge_checkpoint(
                     del tensor
             if mismatches:
                 raise mismatch_error(
-                    mismatches, len(records), fingerprint, f"The HFT adapter {adapter_files.source.name}",
+                    mismatches, len(records), fingerprint, f"The HFT adapter {adapter_file.source.name}",
                     f"the base checkpoint {checkpoint.source.name} (stopped after shard {shard.name}; nothing was "
                     "written)",
                 )

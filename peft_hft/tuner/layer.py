@@ -308,9 +308,10 @@ class HFTLayer(nn.Module, BaseTunerLayer):
     # ---------------------------------------------------------------------------------------------------------------
 
     def _target_applied(self, active: Sequence[str]) -> tuple[str, ...]:
+        if self._disable_adapters:
+            return ()  # disabled means the base model's outputs, merged or not (as for LoRA)
         applied = list(self.merged_adapters)
-        if not self._disable_adapters:
-            applied += [a for a in active if a not in applied]
+        applied += [a for a in active if a not in applied]
         return tuple(a for a in applied if a in self.hft_adapters)
 
     def _capture(self, adapter: str, applied: Sequence[str]) -> None:
@@ -458,6 +459,16 @@ class HFTLayer(nn.Module, BaseTunerLayer):
     @_atomic
     def enable_adapters(self, enabled: bool, progressbar: bool = False) -> None:
         self._disable_adapters = not enabled
+        if not enabled:
+            # LoRA unmerges while disabled (LoraLayer.forward) and stays unmerged afterwards: so does HFT.
+            self.merged_adapters = []
+        self.refresh(progressbar)
+
+    @_atomic
+    def apply_merged_only(self, progressbar: bool = False) -> None:
+        """Bring the weights to ``base + diffs of the merged adapters`` only (what ``merge_and_unload`` returns)."""
+        self._disable_adapters = False
+        self._active_adapter = []
         self.refresh(progressbar)
 
     @_atomic

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
+from collections.abc import Iterator
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Optional
 
 import torch
@@ -10,7 +14,8 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..format.keys import DIFF_SEGMENT, PEFT_KEY_PREFIX, diff_key, parameter_name_of
+from ..format.keys import PEFT_KEY_PREFIX, diff_key
+from ..format.reader import check_finite, check_tensors, register_config_check
 from ..utils import float_dtype
 from .base_check import record_base, verify_base
 from .config import HFTConfig
@@ -55,6 +60,7 @@ class HFTModel(BaseTuner):
 
         Everything that can fail is checked before the model is changed, so a bad config leaves the model as it was.
         """
+        validate_adapter_name(adapter_name)
         config: HFTConfig = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
         if config.selected_parameters is None:
@@ -160,9 +166,11 @@ class HFTModel(BaseTuner):
     ) -> nn.Module:
         ledger = self.ledger
         # The weights already hold the trained values, so merging only touches tensors of adapters that are not
-        # applied yet; unloading restores the originals.
+        # applied yet; unloading restores the originals. Like LoRA, merging exactly `adapter_names` (default: the
+        # active adapters) leaves every other adapter out of the returned weights, active or not.
         if merge:
             ledger.merge(safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar)
+            ledger.apply_merged_only(progressbar=progressbar)
         else:
             merged, ledger.merged_adapters = ledger.merged_adapters, []
             try:
@@ -204,21 +212,15 @@ class HFTModel(BaseTuner):
                     break
         dtype = float_dtype(config.diff_dtype, "HFTConfig.diff_dtype")
         out = {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
-        in_full = set()
-        if config.trainable_token_indices is not None:
+        for name in saved_in_full(ledger, adapter_name, config):
             # TRL sets trainable_token_indices when it extended the vocabulary (a chat template with new tokens). The
             # base values of the new rows were drawn at random in this process, so diffs alone cannot rebuild them:
             # save the tuned embeddings in full as well, under the keys PEFT's save_embedding_layers=True uses.
-            in_full = embedding_parameter_names(ledger.root) & set(ledger.hft_adapters[adapter_name].params)
-            for name in in_full:
-                value = ledger.current_value(adapter_name, name, live.get(name))
-                out[PEFT_KEY_PREFIX + name] = value.detach().to("cpu", copy=True).contiguous()
-        # The config is saved right after the weights: record the base these diffs belong to (see fingerprint.py).
-        # Tensors saved in full do not depend on the base (and their random new rows differ between processes).
-        fingerprint = record_base(ledger, adapter_name, config)
-        for name in in_full:
-            fingerprint["tensors"].pop(name, None)
-        config.base_fingerprint = fingerprint
+            value = ledger.current_value(adapter_name, name, live.get(name))
+            out[PEFT_KEY_PREFIX + name] = value.detach().to("cpu", copy=True).contiguous()
+        # Whoever writes the config next (PEFT's save_pretrained writes it after the weights; peft-hft's save wrapper
+        # records it before saving and checks the pair before publishing it) gets the base these diffs belong to.
+        record_fingerprint(ledger, adapter_name, config)
         return out
 
     @classmethod
@@ -233,7 +235,7 @@ class HFTModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Apply the diffs in ``state_dict`` to ``adapter_name``; return what PEFT should load itself (the rest).
+        """Apply the diffs in ``state_dict`` to ``adapter_name``; PEFT is left nothing to load itself.
 
         A mismatch between the adapter and the model (names, shapes, or a base other than the one recorded in
         ``config.base_fingerprint``) raises ``ValueError`` after the adapter was removed again, so a failed load leaves
@@ -242,28 +244,27 @@ class HFTModel(BaseTuner):
         ledger = find_ledger(model)
         if ledger is None or adapter_name not in ledger.hft_adapters:
             raise ValueError(f"No HFT adapter named {adapter_name!r} was injected; cannot load its diffs.")
-        selected = set(ledger.hft_adapters[adapter_name].params)
-        diffs, full, rest = {}, {}, {}
-        for key, value in state_dict.items():
-            name = parameter_name_of(key)
-            if name is not None:
-                diffs[name] = value
-                continue
-            # A full tensor of the selection (PEFT's save_embedding_layers, or saved with trainable_token_indices) is
-            # the tuned value itself. Handing it to PEFT's load_state_dict would write it into whatever the weight
-            # holds now, which may be the ledger's copy of the base, so it becomes the adapter's value instead.
-            (canonical,) = canonical_parameter_names(ledger.root, [key.removeprefix(PEFT_KEY_PREFIX)])
-            if canonical in selected:
-                full[canonical] = value
-            else:
-                rest[key] = value
-        if not diffs:
-            rollback_adapter(model, adapter_name)
-            raise ValueError(
-                f"The checkpoint for HFT adapter {adapter_name!r} holds no HFT diffs (keys ending in "
-                f"'.{DIFF_SEGMENT}.<name>'); it is not an HFT adapter file. Fix: point to a directory written by "
-                "save_pretrained() of an HFT model."
+        # The same checks as for a file (keys, dtypes, shapes recorded in the fingerprint, finite values), for state
+        # dicts handed to set_peft_model_state_dict directly; nothing but diffs (and the documented full tensors) is
+        # ever passed on to PEFT's load_state_dict, which would write it into the model.
+        layout = {key: (value.dtype, tuple(value.shape)) for key, value in state_dict.items()}
+        try:
+            diff_keys, full_keys = check_tensors(
+                layout,
+                {
+                    "selected_parameters": list(ledger.hft_adapters[adapter_name].params),
+                    "trainable_token_indices": config.trainable_token_indices,
+                    "base_fingerprint": config.base_fingerprint,
+                },
+                f"The checkpoint of HFT adapter {adapter_name!r}",
             )
+            for key, value in state_dict.items():
+                check_finite(key, value, f"The checkpoint of HFT adapter {adapter_name!r}")
+        except ValueError:
+            rollback_adapter(model, adapter_name)
+            raise
+        diffs = {name: state_dict[key] for name, key in diff_keys.items()}
+        full = {name: state_dict[key] for name, key in full_keys.items()}
         canonical = canonical_parameter_names(ledger.root, list(diffs))
         if len(canonical) == len(diffs):
             diffs = dict(zip(canonical, diffs.values(), strict=True))
@@ -278,7 +279,7 @@ class HFTModel(BaseTuner):
         except ValueError:
             rollback_adapter(model, adapter_name)
             raise
-        return rest
+        return {}
 
 
 def rollback_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -303,3 +304,98 @@ def rollback_adapter(model: nn.Module, adapter_name: str) -> None:
         configs = getattr(ledger.root, "peft_config", None)
         if isinstance(configs, dict):
             configs.pop(adapter_name, None)
+
+
+def saved_in_full(ledger: HFTLayer, adapter_name: str, config: HFTConfig) -> set[str]:
+    """Tensors saved as tuned values in full besides their diffs: the embeddings, when the vocabulary was extended
+    (``trainable_token_indices`` set, as TRL does), since their new rows' base values exist in no other process."""
+    if config.trainable_token_indices is None:
+        return set()
+    return embedding_parameter_names(ledger.root) & set(ledger.hft_adapters[adapter_name].params)
+
+
+def record_fingerprint(ledger: HFTLayer, adapter_name: str, config: HFTConfig) -> dict[str, Any]:
+    """Record in ``config.base_fingerprint`` the base the adapter's diffs belong to (see ``format/fingerprint.py``).
+
+    Tensors saved in full do not depend on the base (and their random new rows differ between processes), so they
+    are not recorded.
+    """
+    fingerprint = record_base(ledger, adapter_name, config)
+    for name in saved_in_full(ledger, adapter_name, config):
+        fingerprint["tensors"].pop(name, None)
+    config.base_fingerprint = fingerprint
+    return fingerprint
+
+
+def config_from_dict(config: dict[str, Any]) -> HFTConfig:
+    """The ``HFTConfig`` of a saved ``adapter_config.json`` (unknown fields, e.g. of a newer peft-hft, are dropped).
+
+    Registered as a check of the adapter reader, so ``HFTConfig``'s own validation runs on every config read.
+    """
+    known = HFTConfig.__dataclass_fields__
+    return HFTConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
+
+
+register_config_check(config_from_dict)
+
+
+def validate_adapter_name(adapter_name: Any) -> None:
+    """Refuse adapter names that cannot be a directory name: ``save_pretrained`` saves adapter ``name`` in
+    ``<save_directory>/<name>``, so a name must never reach outside that directory or collide with its root.
+
+    PEFT accepts any string (it only warns when the name is part of the method prefix); HFT is stricter where the name
+    becomes a path: no empty names, no path separators, no ``.``/``..``, no drive letters or NUL characters.
+    """
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"An adapter name must be a string, got {type(adapter_name).__name__} ({adapter_name!r}).")
+    problem = None
+    if not adapter_name.strip():
+        problem = "it is empty (save_pretrained would write it over the 'default' adapter's files)"
+    elif "/" in adapter_name or "\\" in adapter_name or (os.altsep and os.altsep in adapter_name):
+        problem = "it contains a path separator (save_pretrained would write outside the save directory)"
+    elif adapter_name in (".", ".."):
+        problem = "it is a relative path component"
+    elif "\0" in adapter_name or PureWindowsPath(adapter_name).drive or PurePosixPath(adapter_name).is_absolute():
+        problem = "it is not a valid directory name"
+    if problem:
+        raise ValueError(
+            f"Invalid adapter name {adapter_name!r}: {problem}. save_pretrained saves adapters other than 'default' "
+            "in a sub-directory named after the adapter. Fix: use a plain name such as 'sft' or 'task_1'."
+        )
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def unchanged_on_failure(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Undo everything a failed load of ``adapter_name`` into ``model`` did, then re-raise.
+
+    ``model`` is the module the ledger lives in (the base model). Restored: the ledger (removed if the load created
+    it, else the new adapter deleted from it), ``peft_config`` (attribute and entry), transformers'
+    ``_hf_peft_config_loaded`` flag, and every parameter's ``requires_grad``. A retry then starts from the same model.
+    """
+    ledger = find_ledger(model)
+    adapters_before = set(ledger.hft_adapters) if ledger is not None else set()
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    attributes = {name: model.__dict__.get(name, _MISSING) for name in ("peft_config", "_hf_peft_config_loaded")}
+    configs = attributes["peft_config"]
+    config_names = set(configs) if isinstance(configs, dict) else None
+    try:
+        yield
+    except BaseException:
+        ledger = find_ledger(model)
+        if ledger is not None and adapter_name in ledger.hft_adapters and adapter_name not in adapters_before:
+            rollback_adapter(model, adapter_name)
+        for name, value in attributes.items():
+            if value is _MISSING:
+                model.__dict__.pop(name, None)
+            else:
+                model.__dict__[name] = value
+        if config_names is not None:
+            for name in set(configs) - config_names:
+                del configs[name]
+        for name, param in model.named_parameters():
+            if name in requires_grad:
+                param.requires_grad_(requires_grad[name])
+        raise

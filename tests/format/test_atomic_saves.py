@@ -82,7 +82,7 @@ def test_concurrent_saves_and_reads_see_only_complete_adapters(tmp_path):
 def test_concurrent_saves_from_two_processes_leave_one_complete_adapter(tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
         from peft import get_peft_model
         from tiny_models import tiny_model
         from peft_hft import HFTConfig

@@ -304,3 +304,20 @@ def test_allow_non_finite_is_scoped():
     with allow_non_finite():
         assert peft_hft.format.reader.non_finite_allowed()
     assert not peft_hft.format.reader.non_finite_allowed()
+
+
+def test_load_adapter_into_a_peft_model_changes_nothing_on_failure(saved, tmp_path):
+    path, tuned, dtype = saved
+    bad = damaged_copy(path, tmp_path, "second")
+    data = (bad / ADAPTER_WEIGHTS).read_bytes()
+    (bad / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
+    model = PeftModel.from_pretrained(tiny_model("llama", dtype=dtype), path, is_trainable=True)
+    before = snapshot(model.get_base_model())
+    with pytest.raises(AdapterFormatError):
+        model.load_adapter(bad, "other")
+    after = snapshot(model.get_base_model())
+    assert after["requires_grad"] == before["requires_grad"] and after["modules"] == before["modules"]
+    assert list(model.peft_config) == ["default"] and list(model.base_model.ledger.hft_adapters) == ["default"]
+    assert torch.equal(logits(model), tuned)
+    model.load_adapter(path, "other")  # the retry works
+    assert sorted(model.peft_config) == ["default", "other"]

@@ -164,7 +164,8 @@ def _patch_config_reading() -> None:
 
         @functools.wraps(from_json)
         def from_json_file(cls, path_json_file, **kwargs):
-            return load_config_json(Path(path_json_file), require_peft_type=False)
+            load_config_json(Path(path_json_file), require_peft_type=False)  # errors that name the file
+            return from_json(cls, path_json_file, **kwargs)
 
         setattr(from_json_file, _PATCH_MARKER, True)
         PeftConfigMixin.from_json_file = classmethod(from_json_file)

@@ -17,6 +17,7 @@ from .config import HFTConfig
 from .engines import is_full_value
 from .layer import LEDGER_ATTRIBUTE, HFTLayer, find_ledger
 from .peft_type import PREFIX
+from .precision import warn_if_fp16
 from .selection import canonical_parameter_names, embedding_parameter_names, resolve_selection, validate_selection
 
 
@@ -81,7 +82,10 @@ class HFTModel(BaseTuner):
             perturb=not config.init_weights,
             seed=config.seed,
             copy_of=source,
+            fp32_master_weights=config.fp32_master_weights,
         )
+        if config.fp32_master_weights and not config.inference_mode:
+            warn_if_fp16(model, names)
         if first:
             model.add_module(LEDGER_ATTRIBUTE, ledger)
             for param in model.parameters():

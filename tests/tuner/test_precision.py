@@ -104,13 +104,16 @@ def test_opt_out_reproduces_in_place_bf16_training_and_warns(fp32_diffs, tmp_pat
     assert saved["fp32_master_weights"] is False
 
 
-def test_fp32_models_get_no_masters_and_train_as_before():
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_fp32_models_get_no_masters_and_train_as_before(autocast):
+    """fp32 weights (with bf16 autocast: the forgetting benchmark's --precision bf16) are their own masters."""
     model = base(torch.float32)
     peft_model = get_peft_model(model, HFTConfig(seed=0))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        train(peft_model, steps=2)
+        train(peft_model, steps=2, autocast=autocast)
     assert find_ledger(peft_model).masters.nbytes() == 0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_reload_and_merge_round_trips_stay_bf16(tmp_path):

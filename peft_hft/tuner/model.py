@@ -139,7 +139,8 @@ class HFTModel(BaseTuner):
             ledger.refresh()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """HFT trains the model's own tensors in their own dtype; it never creates fp32 copies of them."""
+        """HFT trains the model's own tensors in their own dtype (PEFT's fp32 upcast would change the model); bf16/fp16
+        tensors get fp32 master values inside the optimizer step instead (see precision.py)."""
 
     def _check_merge_allowed(self) -> None:
         """Merging is always possible: tied tensors are one tensor, trained and merged once."""

@@ -10,6 +10,17 @@ Variants, all on the same model, data and optimizer (AdamW over the trainable te
   parameters of the selected block tensors, applied as ``W + delta`` through ``torch.nn.utils.parametrize`` (the
   tied embedding is trained in place, as in ``hft``).
 
+With ``--dtype bfloat16``/``float16`` (the model loaded in that dtype) the default variants change to the ones that
+matter for half precision (docs/concepts.md, "Precision"):
+
+* ``hft``           -- the default: bf16 weights, fp32 master values of the trained half (``fp32_master_weights``);
+* ``hft-nomaster``  -- ``HFTConfig(fp32_master_weights=False)``: updates written straight into bf16 weights;
+* ``freeze``        -- plain ``requires_grad`` freezing in bf16 (no masters);
+* ``fft``           -- pure bf16 full fine-tuning (no masters);
+* ``fft-amp``       -- full fine-tuning with fp32 master weights, the usual mixed precision: the model in fp32, the
+  forward and backward under ``torch.autocast(dtype=bf16)`` (what ``Trainer(bf16=True)`` does with an fp32 model);
+* ``lora``          -- PEFT LoRA (r=16, every linear layer of the blocks), whose weights PEFT keeps in fp32.
+
 Step times are interleaved round by round (the machines are noisy) and summarised by their median. Peak memory is
 measured per variant in isolation (a fresh subprocess per variant on the CPU) with ``benchmarks/memory.py``: on CUDA
 ``torch.cuda.max_memory_allocated``, on the CPU malloc's allocated bytes sampled after every PyTorch operation. HFT's
@@ -24,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -33,6 +45,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -42,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import PeakMemory  # noqa: E402
 
 VARIANTS = ("freeze", "hft", "fft", "delta")
+LOW_PRECISION_VARIANTS = ("freeze", "hft", "hft-nomaster", "fft", "fft-amp", "lora")
+AUTOCAST_VARIANTS = ("fft-amp",)  # fp32 model, low-precision compute
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -53,8 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=8, help="measured steps per variant (interleaved)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None,
+                   help=f"default: {','.join(VARIANTS)}; in bf16/fp16: {','.join(LOW_PRECISION_VARIANTS)}")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-memory", action="store_true",
+                   help="step times only (the CPU peak-memory sampler is slow in bf16); HFT's master and originals "
+                        "bytes are still reported")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results"), help="directory for JSON and PNG")
     p.add_argument("--tag", default=None, help="name of the result files (default: <device>-<dtype>)")
     p.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: one variant in a subprocess
@@ -94,14 +113,21 @@ def build(variant: str, args, selection: list[str]):
     from peft_hft import HFTConfig
     from peft_hft.resources.default_model import load_default_model
 
-    dtype = getattr(torch, args.dtype)
+    dtype = torch.float32 if variant in AUTOCAST_VARIANTS else getattr(torch, args.dtype)
     model, _ = load_default_model(dtype=dtype, device=args.device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
     if variant == "hft":
         model = get_peft_model(model, HFTConfig())
-    elif variant == "fft":
+    elif variant == "hft-nomaster":
+        model = get_peft_model(model, HFTConfig(fp32_master_weights=False))
+    elif variant == "lora":
+        from peft import LoraConfig
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    elif variant in ("fft", "fft-amp"):
         model.requires_grad_(True)
     elif variant == "freeze":
         model.requires_grad_(False)
@@ -123,8 +149,11 @@ def build(variant: str, args, selection: list[str]):
     return model, optimizer
 
 
-def step(model, optimizer, batch) -> None:
-    loss = model(**batch).loss
+def step(model, optimizer, batch, autocast: Optional[torch.dtype] = None) -> None:
+    """One AdamW step; ``autocast`` runs forward and backward in that dtype (mixed precision on an fp32 model)."""
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext():
+        loss = model(**batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -148,7 +177,18 @@ def originals_bytes(model) -> int:
     from peft_hft.tuner.layer import find_ledger
 
     ledger = find_ledger(model)
-    return 0 if ledger is None else sum(t.numel() * t.element_size() for t in ledger._originals.values())
+    return 0 if ledger is None else sum(ledger.originals_bytes().values())
+
+
+def master_bytes(model) -> int:
+    from peft_hft import memory_report
+    from peft_hft.tuner.layer import find_ledger
+
+    return 0 if find_ledger(model) is None else memory_report(model)["master_bytes"]
+
+
+def autocast_of(variant: str, args) -> Optional[torch.dtype]:
+    return getattr(torch, args.dtype) if variant in AUTOCAST_VARIANTS and args.dtype != "float32" else None
 
 
 def measure_memory(variant: str, args, selection, batches) -> dict:
@@ -159,16 +199,18 @@ def measure_memory(variant: str, args, selection, batches) -> dict:
     """
     model, optimizer = build(variant, args, selection)
     store = originals_bytes(model)
-    step(model, optimizer, batches[0])  # optimizer state exists from the first step on
+    autocast = autocast_of(variant, args)
+    step(model, optimizer, batches[0], autocast)  # optimizer state (and HFT's fp32 masters) exist from step 1 on
     gc.collect()
     with PeakMemory(args.device) as peak:
         for batch in batches[1:3]:
-            step(model, optimizer, batch)
+            step(model, optimizer, batch, autocast)
     on_cpu = not args.device.startswith("cuda")
     return {
         "variant": variant,
         "peak_bytes": peak.peak - (store if on_cpu else 0),
         "originals_store_bytes": store,
+        "master_bytes": master_bytes(model),  # part of the peak: on the training device
         "store_location": "host memory" + (" (subtracted from the CPU peak)" if on_cpu else ""),
     }
 
@@ -185,7 +227,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    variants = [v for v in args.variants.split(",") if v]
+    default = LOW_PRECISION_VARIANTS if args.dtype != "float32" else VARIANTS
+    variants = [v for v in (args.variants or ",".join(default)).split(",") if v]
     from peft_hft.resources.default_model import load_default_model
 
     _, tokenizer = load_default_model()
@@ -198,7 +241,7 @@ def main(argv=None) -> None:
 
     # Memory: each variant alone (a subprocess per variant on CPU, where peak RSS cannot be reset).
     memory = {}
-    for variant in tqdm(variants, desc="Peak memory"):
+    for variant in tqdm([] if args.no_memory else variants, desc="Peak memory"):
         if args.device == "cpu":
             memory[variant] = memory_in_subprocess(variant, [a for a in argv if a != "--memory-only"])
         else:
@@ -210,17 +253,20 @@ def main(argv=None) -> None:
     built = {v: build(v, args, selection) for v in variants}
     for i in range(args.warmup):
         for v in variants:
-            step(*built[v], batches[i])
+            step(*built[v], batches[i], autocast_of(v, args))
     times = {v: [] for v in variants}
     for r in tqdm(range(args.rounds), desc="Interleaved steps"):
         for v in variants:
             sync(args.device)
             start = time.perf_counter()
-            step(*built[v], batches[args.warmup + r])
+            step(*built[v], batches[args.warmup + r], autocast_of(v, args))
             sync(args.device)
             times[v].append(time.perf_counter() - start)
 
     trainable = {v: sum(p.numel() for p in built[v][0].parameters() if p.requires_grad) for v in variants}
+    if args.no_memory:
+        memory = {v: {"variant": v, "peak_bytes": float("nan"), "originals_store_bytes": originals_bytes(built[v][0]),
+                      "store_location": "host memory", "master_bytes": master_bytes(built[v][0])} for v in variants}
     total = sum(p.numel() for p in built["fft" if "fft" in built else variants[0]][0].parameters())
     median = {v: statistics.median(times[v]) for v in variants}
     result = {
@@ -234,24 +280,22 @@ def main(argv=None) -> None:
         "total_params": total,
     }
     ratios = {}
-    if "hft" in median and "freeze" in median:
-        ratios["step_time hft/freeze"] = median["hft"] / median["freeze"]
-        ratios["peak_memory hft/freeze"] = memory["hft"]["peak_bytes"] / memory["freeze"]["peak_bytes"]
-    if "hft" in median and "fft" in median:
-        ratios["step_time hft/fft"] = median["hft"] / median["fft"]
-        ratios["peak_memory hft/fft"] = memory["hft"]["peak_bytes"] / memory["fft"]["peak_bytes"]
-    if "delta" in median and "freeze" in median:
-        ratios["step_time delta/freeze"] = median["delta"] / median["freeze"]
-        ratios["peak_memory delta/freeze"] = memory["delta"]["peak_bytes"] / memory["freeze"]["peak_bytes"]
+    pairs = [("hft", o) for o in ("freeze", "fft", "hft-nomaster", "fft-amp", "lora")] + [("delta", "freeze")]
+    for a, b in pairs:
+        if a in median and b in median:
+            ratios[f"step_time {a}/{b}"] = median[a] / median[b]
+            if not args.no_memory:
+                ratios[f"peak_memory {a}/{b}"] = memory[a]["peak_bytes"] / memory[b]["peak_bytes"]
     result["ratios"] = ratios
 
     print(f"\nSmolLM2-135M-Instruct, {args.device} {args.dtype}, batch {args.batch_size} x {args.seq_len} tokens")
-    print(f"{'variant':<8}{'trainable':>14}{'median step (s)':>18}{'peak memory (MiB)':>20}")
+    print(f"{'variant':<14}{'trainable':>14}{'median step (s)':>18}{'peak memory (MiB)':>20}")
     for v in variants:
-        print(f"{v:<8}{trainable[v]:>14,}{median[v]:>18.3f}{memory[v]['peak_bytes'] / 2**20:>20.1f}")
+        print(f"{v:<14}{trainable[v]:>14,}{median[v]:>18.3f}{memory[v]['peak_bytes'] / 2**20:>20.1f}")
     if "hft" in memory:
         print(f"HFT originals store ({memory['hft']['store_location']}): "
-              f"{memory['hft']['originals_store_bytes'] / 2**20:.1f} MiB")
+              f"{memory['hft']['originals_store_bytes'] / 2**20:.1f} MiB; fp32 master values (in the peak): "
+              f"{memory['hft']['master_bytes'] / 2**20:.1f} MiB")
     for name, value in ratios.items():
         print(f"{name:<28}{value:.3f}")
 
@@ -272,7 +316,7 @@ def plot(result: dict, path: Path) -> None:
     variants = list(result["median_step_s"])
     base_t = result["median_step_s"].get("freeze") or 1.0
     base_m = result["memory"].get("freeze", {}).get("peak_bytes") or 1
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(variants)), 3.6), dpi=120)
     axes[0].bar(variants, [result["median_step_s"][v] / base_t for v in variants], color="#1f77b4")
     axes[0].set_title("median step time / freeze")
     axes[1].bar(variants, [result["memory"][v]["peak_bytes"] / base_m for v in variants], color="#ff7f0e")

@@ -17,7 +17,7 @@ from .integrations.registration import register
 from .tuner.config import HFTConfig
 from .tuner.layer import HFTLayer
 from .tuner.model import HFTModel
-from .tuner.summary import plot_selection, selection_summary
+from .tuner.summary import memory_report, plot_selection, selection_summary
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "HFTConfig",
     "HFTLayer",
     "HFTModel",
+    "memory_report",
     "plot_selection",
     "selection_summary",
     "skip_base_check",

@@ -3,7 +3,8 @@
 Launched as ``<launcher> tests/distributed_worker.py {ddp,fsdp2,zero} BASE_DIR OUT_DIR`` with 2 CPU processes:
 ``ddp`` under ``accelerate launch --cpu`` (a plain accelerate loop, then a transformers Trainer), ``fsdp2`` and
 ``zero`` under ``torchrun`` (torch's ``fully_shard``; ``deepspeed.initialize`` with ZeRO-2, then ZeRO-3 loaded
-partitioned through ``deepspeed.zero.Init``).
+partitioned through ``deepspeed.zero.Init``); ``precision`` under ``torchrun`` (bf16 models under ZeRO-2 with bf16 and
+FSDP2: no fp32 master copies from HFT beside the engine's).
 
 Every run is the same training in principle: the tiny base model saved in BASE_DIR, ``HFTConfig(seed=0)``, plain SGD,
 STEPS steps over one global batch of GLOBAL_BATCH equal-length sequences split evenly across the processes. Each
@@ -338,7 +339,81 @@ def scenario_zero(base_dir: str, out: Path) -> None:
     torch.distributed.barrier()
 
 
-SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "zero": scenario_zero}
+# ----------------------------------------------------------------------------------------------------------------------
+# Precision on bf16 models: engines that keep fp32 master weights themselves get no second copy from HFT
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _master_bytes(model) -> int:
+    return unwrap_peft_model(model).base_model.ledger.masters.nbytes()
+
+
+def _trained_changed(model, before: dict[str, torch.Tensor]) -> bool:
+    ledger = unwrap_peft_model(model).base_model.ledger
+    return any(not torch.equal(engines.full_value(ledger.root.get_parameter(n), n, collective=True).cpu(), v)
+               for n, v in before.items())
+
+
+def scenario_precision(base_dir: str, out: Path) -> None:
+    import warnings
+
+    import deepspeed
+    import deepspeed.comm.torch as ds_torch_comm
+    from peft import get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    ds_torch_comm.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    inputs = rank_rows(rank, world)
+    checks: dict[str, Any] = {}
+
+    # DeepSpeed ZeRO-2 with bf16 on a bf16 model: DeepSpeed steps its own fp32 partitions
+    model = get_peft_model(load_base(base_dir).to(torch.bfloat16), hft_config())
+    selected = list(model.peft_config["default"].selected_parameters)
+    before = {n: model.get_base_model().get_parameter(n).detach().clone() for n in selected}
+    config = dict(zero_config(2, world), bf16={"enabled": True})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train_engine(engine, inputs)
+    checks["zero2_bf16_master_bytes"] = _master_bytes(model)
+    checks["zero2_bf16_weights_dtype"] = sorted({str(p.dtype) for p in model.parameters()})
+    checks["zero2_bf16_changed"] = _trained_changed(model, before)
+    checks["zero2_bf16_hft_warnings"] = [str(w.message) for w in caught if "master" in str(w.message)]
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def fsdp2_run(dtype: torch.dtype, policy) -> tuple[int, list[str], bool]:
+        model = get_peft_model(load_base(base_dir).to(dtype), hft_config())
+        before = {n: model.get_base_model().get_parameter(n).detach().clone() for n in selected}
+        inner = model.get_base_model()
+        for layer in inner.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                model(**inputs).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        messages = [str(w.message) for w in caught if "master" in str(w.message)]
+        return _master_bytes(model), messages, _trained_changed(model, before)
+
+    # FSDP2 on a bf16 model: no masters on sharded parameters, one warning naming MixedPrecisionPolicy
+    bytes_, messages, changed = fsdp2_run(torch.bfloat16, MixedPrecisionPolicy())
+    checks.update(fsdp2_bf16_master_bytes=bytes_, fsdp2_bf16_warnings=messages, fsdp2_bf16_changed=changed)
+    # the documented fix: fp32 parameters, bf16 compute
+    bytes_, messages, changed = fsdp2_run(torch.float32, MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    checks.update(fsdp2_mp_master_bytes=bytes_, fsdp2_mp_warnings=messages, fsdp2_mp_changed=changed)
+    torch.save(checks, out / f"precision_rank{rank}.pt")
+    torch.distributed.barrier()
+
+
+SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "zero": scenario_zero, "precision": scenario_precision}
 
 if __name__ == "__main__":
     scenario, base_dir, out_dir = sys.argv[1:4]

@@ -54,8 +54,18 @@ class HFTConfig(PeftConfig):
             ``disable_adapter`` and for ``unmerge``): ``"cpu"`` (default) keeps them in host memory, off the
             accelerator; ``"device"`` keeps them beside the weights, which makes ``disable_adapter`` free (useful for
             DPO's reference passes) at the cost of device memory for half the model.
-        diff_dtype: Dtype of the saved diffs. ``None`` (default) saves them in each tensor's own dtype. ``"float32"``
-            makes the diffs of bf16/fp16 models exact; ``"bfloat16"`` halves the size of fp32 adapters.
+        diff_dtype: Dtype of the saved diffs. ``None`` (default) saves float32 diffs for the bf16/fp16 tensors of an
+            adapter with ``fp32_master_weights`` (they carry the fp32 master: a reload restores the trained weights
+            bit-exactly, and training resumes from the master) and each tensor's own dtype otherwise.
+            ``"bfloat16"`` halves the file of a bf16 adapter (the diff of the bf16 weight; a reload reproduces all
+            but a few elements, which are one ulp off, see docs/concepts.md) or of an fp32 adapter.
+        fp32_master_weights: ``True`` (default) keeps an fp32 master value of every trained bf16/fp16 tensor, which
+            the optimizer steps while the model computes, saves and merges in its own dtype; without it, updates
+            smaller than half a bf16 ulp (about 0.2% of a weight) round away, which at lr 1e-5 is most of them. Costs
+            4 bytes per trained parameter on the training device (see docs/concepts.md). ``False`` trains the tensors
+            in their own dtype, for engines that keep fp32 master weights themselves (DeepSpeed bf16/ZeRO never
+            gets a second copy either way; FSDP2 with fp32 parameters needs none); it warns when a low-precision
+            model is trained so. No effect on fp32 models.
         init_weights: ``True`` (default) starts from the base model exactly. ``False`` perturbs the selected tensors
             with small random noise, which mimics a trained adapter; only useful for tests.
         modules_to_save: Modules trained in full and saved (as diffs) in addition to the selection. TRL fills this in
@@ -91,6 +101,9 @@ class HFTConfig(PeftConfig):
         default="cpu", metadata={"help": "Where the original values of trained tensors are kept."}
     )
     diff_dtype: Optional[str] = field(default=None, metadata={"help": f"Dtype of saved diffs, one of {DIFF_DTYPES}."})
+    fp32_master_weights: bool = field(
+        default=True, metadata={"help": "Keep fp32 master values of trained bf16/fp16 tensors for the optimizer."}
+    )
     init_weights: bool = field(default=True, metadata={"help": "False perturbs the selection (tests only)."})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules trained in full in addition to the selection."}
@@ -128,8 +141,12 @@ class HFTConfig(PeftConfig):
             )
         if self.diff_dtype is not None and self.diff_dtype not in DIFF_DTYPES:
             raise ValueError(
-                f"HFTConfig.diff_dtype must be None (each tensor's own dtype) or one of {DIFF_DTYPES}, "
+                f"HFTConfig.diff_dtype must be None (the default) or one of {DIFF_DTYPES}, "
                 f"got {self.diff_dtype!r}."
+            )
+        if not isinstance(self.fp32_master_weights, bool):
+            raise ValueError(
+                f"HFTConfig.fp32_master_weights must be True or False, got {self.fp32_master_weights!r}."
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"HFTConfig.seed must be an int, got {self.seed!r}.")

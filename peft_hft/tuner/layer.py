@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..utils import listing
 from . import engines
+from .precision import MasterValues, is_low_precision
 
 LEDGER_ATTRIBUTE = "hft"
 
@@ -52,6 +53,8 @@ class _Adapter:
     # Gradients of the adapter's tensors, kept while the adapter is not live (so an optimizer step then cannot touch
     # the base values, and gradient accumulation survives a disable_adapter() round trip).
     grads: dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+    # Keep fp32 master values of the adapter's low-precision tensors while it trains (see precision.py).
+    fp32_master_weights: bool = True
 
 
 def _atomic(method: Callable) -> Callable:
@@ -91,6 +94,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         # requires_grad of every parameter before HFT touched the model, to undo a failed first load.
         self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
+        # fp32 master values of the trained low-precision tensors, stepped by the optimizer (see precision.py)
+        self.masters = MasterValues(self)
 
     def forward(self, *args, **kwargs):  # pragma: no cover - the ledger is bookkeeping, never called
         raise RuntimeError("The HFT ledger is not a layer of the forward pass.")
@@ -201,6 +206,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         perturb: bool = False,
         seed: int = 0,
         copy_of: Optional[str] = None,
+        fp32_master_weights: bool = True,
     ) -> None:
         """Register ``adapter_name`` training ``params``; capture the originals it needs. Atomic on failure.
 
@@ -211,6 +217,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
 
         With ``copy_of``, the new adapter starts from that adapter's current values instead of the base (a frozen copy
         such as the reference adapter TRL makes of a trained one); only tensors that differ from the base are stored.
+        ``fp32_master_weights`` gives the adapter's low-precision tensors fp32 master values while it trains.
         """
         if copy_of is not None and copy_of not in self.hft_adapters:
             raise ValueError(f"Cannot copy unknown HFT adapter {copy_of!r}; available: {sorted(self.hft_adapters)}.")
@@ -242,7 +249,9 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             full = engines.full_value(param, name, collective=True)
             new_originals[name] = self._to_store(full, device, pin=full.is_cuda and device.type == "cpu")
         self._originals.update(new_originals)
-        record = _Adapter(params=tuple(params), originals_device=originals_device)
+        record = _Adapter(
+            params=tuple(params), originals_device=originals_device, fp32_master_weights=fp32_master_weights
+        )
         self.hft_adapters[adapter_name] = record
         if copy_of is not None:
             source = self.hft_adapters[copy_of]
@@ -270,6 +279,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         self._transition(self._target_applied(remaining_active))
         record = self.hft_adapters.pop(adapter_name)
         still_used = set(self.touched())
+        self.masters.drop(n for n in record.params if n not in still_used)
         for name in record.params:
             if name not in still_used:
                 del self._originals[name]
@@ -294,6 +304,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 param.data = param.data.clone()
         self.hft_adapters.clear()
         self._originals.clear()
+        self.masters.drop()
         self._applied = ()
         self.merged_adapters = []
 
@@ -415,6 +426,24 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                     out[name] = out.get(name, ()) + (adapter,)
         return out
 
+    def originals_bytes(self) -> dict[str, int]:
+        """Bytes of the stored originals, in host memory and on accelerators."""
+        out = {"host": 0, "device": 0}
+        for tensor in self._originals.values():
+            out["host" if tensor.device.type == "cpu" else "device"] += tensor.numel() * tensor.element_size()
+        return out
+
+    def master_candidates(self, with_masters: bool = True) -> dict[str, nn.Parameter]:
+        """The live, trainable low-precision tensors whose adapter keeps fp32 masters (or, with ``with_masters=False``,
+        does not), by name: what the optimizer-step hooks of precision.py may swap."""
+        out = {}
+        for name, owners in self._live_trainable(self._applied).items():
+            param = self._param(name)
+            mastered = any(self.hft_adapters[o].fp32_master_weights for o in owners)
+            if is_low_precision(param) and mastered == with_masters:
+                out[name] = param
+        return out
+
     def _stash_grad(self, name: str, param: nn.Parameter, owners: tuple[str, ...]) -> None:
         for owner in owners:
             self.hft_adapters[owner].grads[name] = param.grad
@@ -518,12 +547,22 @@ class HFTLayer(nn.Module, BaseTunerLayer):
     # Diffs
     # ---------------------------------------------------------------------------------------------------------------
 
-    def current_value(self, adapter: str, name: str, live: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The adapter's value of ``name`` now (from the weights, or ``live`` if given, when it is applied)."""
+    def current_value(
+        self, adapter: str, name: str, live: Optional[torch.Tensor] = None, precise: bool = False
+    ) -> torch.Tensor:
+        """The adapter's value of ``name`` now (from the weights, or ``live`` if given, when it is applied).
+
+        With ``precise``, a trained low-precision tensor is read from its fp32 master (see precision.py), also in
+        place of a ``live`` value that is the weight itself (PEFT's saving passes ``model.state_dict()``).
+        """
         record = self.hft_adapters[adapter]
         if adapter in self._applied and (not record.values_current or live is not None):
-            if live is None:
-                live = engines.full_value(self._param(name), name, collective=False)
+            param = self._param(name)
+            master = self.masters.value(name, param) if precise else None
+            if master is not None and (live is None or _shares_storage(live, param.data)):
+                live = master
+            elif live is None:
+                live = engines.full_value(param, name, collective=False)
             others = [a for a in self._contributors(name, self._applied) if a != adapter]
             if not others:
                 return live
@@ -536,14 +575,25 @@ class HFTLayer(nn.Module, BaseTunerLayer):
     def diffs(
         self, adapter: str, dtype: Optional[torch.dtype] = None, live_values: Optional[dict[str, torch.Tensor]] = None
     ) -> dict[str, torch.Tensor]:
-        """``tuned - base`` for every tensor of ``adapter``, on the CPU, in ``dtype`` (default: the tensor's)."""
+        """``tuned - base`` for every tensor of ``adapter``, on the CPU, in ``dtype``.
+
+        The default ``dtype`` is float32 for the bf16/fp16 tensors of an adapter with fp32 master values (the diff
+        then carries the master: a reload restores the weight bit-exactly and the master with it), else the tensor's
+        own dtype. A float32 diff is taken from the master; a low-precision one from the weight the model computes
+        with, which a reload reproduces except where ``weight - base`` does not fit the low precision.
+        """
         out = {}
-        for name in self.hft_adapters[adapter].params:
+        record = self.hft_adapters[adapter]
+        for name in record.params:
             live = None if live_values is None else live_values.get(name)
-            value = self.current_value(adapter, name, live).detach()
             base = self.original(name)
+            stored = dtype or (
+                torch.float32 if record.fp32_master_weights and is_low_precision(base) else base.dtype
+            )
+            precise = stored == torch.float32
+            value = self.current_value(adapter, name, live, precise=precise).detach()
             diff = value.to("cpu").float() - base.to("cpu").float()
-            out[name] = diff.to(dtype or base.dtype).contiguous()
+            out[name] = diff.to(stored).contiguous()
         return out
 
     def check_diffs(self, adapter: str, diffs: dict[str, torch.Tensor]) -> None:
@@ -593,14 +643,23 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             if a != adapter:
                 self._capture(a, applied)
         record = self.hft_adapters[adapter]
+        precise = {}
         for name, diff in diffs.items():
             base = self.original(name)
-            record.values[name] = (base.float() + diff.to(base.device).float()).to(base.dtype)
+            value = base.float() + diff.to(base.device).float()
+            record.values[name] = value.to(base.dtype)
+            if diff.dtype == torch.float32 and is_low_precision(base) and record.fp32_master_weights and (
+                record.requires_grad
+            ):
+                precise[name] = value  # a float32 diff carries the fp32 master of a bf16 tensor: keep it
         record.values_current = True
         if adapter in applied:
             # force a rewrite of the adapter's tensors
             self._applied = tuple(a for a in applied if a != adapter)
             self._transition(applied)
+            for name, value in precise.items():
+                if self._contributors(name, applied) == [adapter]:
+                    self.masters.seed(name, value, self._param(name))
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -22,6 +22,7 @@ from .config import HFTConfig
 from .engines import is_full_value
 from .layer import LEDGER_ATTRIBUTE, HFTLayer, find_ledger
 from .peft_type import PREFIX
+from .precision import warn_if_fp16
 from .selection import canonical_parameter_names, embedding_parameter_names, resolve_selection, validate_selection
 
 
@@ -87,7 +88,10 @@ class HFTModel(BaseTuner):
             perturb=not config.init_weights,
             seed=config.seed,
             copy_of=source,
+            fp32_master_weights=config.fp32_master_weights,
         )
+        if config.fp32_master_weights and not config.inference_mode:
+            warn_if_fp16(model, names)
         if first:
             model.add_module(LEDGER_ATTRIBUTE, ledger)
             for param in model.parameters():
@@ -141,7 +145,8 @@ class HFTModel(BaseTuner):
             ledger.refresh()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """HFT trains the model's own tensors in their own dtype; it never creates fp32 copies of them."""
+        """HFT trains the model's own tensors in their own dtype (PEFT's fp32 upcast would change the model); bf16/fp16
+        tensors get fp32 master values inside the optimizer step instead (see precision.py)."""
 
     def _check_merge_allowed(self) -> None:
         """Merging is always possible: tied tensors are one tensor, trained and merged once."""

@@ -98,7 +98,39 @@ def selection_summary(model: nn.Module, adapter_name: Optional[str] = None) -> s
         model: A PeftModel, HFTModel or transformers model holding HFT adapters.
         adapter_name: The adapter to describe (default: the active one).
     """
-    return format_summary(_resolve(model, adapter_name))
+    return format_summary(_resolve(model, adapter_name)) + "\n\n" + format_memory(memory_report(model))
+
+
+def memory_report(model: nn.Module) -> dict[str, int]:
+    """Bytes HFT keeps besides the model's own weights, gradients and optimizer state.
+
+    ``master_bytes`` is what the fp32 masters hold now (they are created at the first optimizer step);
+    ``master_bytes_when_training`` what they will hold once every trainable low-precision tensor was stepped (4 bytes
+    per element, on the training device); ``originals_host_bytes`` / ``originals_device_bytes`` the base values kept
+    for the diffs, ``disable_adapter`` and ``unmerge``.
+    """
+    ledger = find_ledger(model)
+    if ledger is None:
+        raise ValueError(f"{type(model).__name__} has no HFT adapter, so HFT keeps nothing beside its weights.")
+    pending = ledger.master_candidates(with_masters=True)
+    stored = ledger.originals_bytes()
+    return {
+        "master_bytes": ledger.masters.nbytes(),
+        "master_bytes_when_training": sum(4 * p.numel() for p in pending.values()),
+        "originals_host_bytes": stored["host"],
+        "originals_device_bytes": stored["device"],
+    }
+
+
+def format_memory(report: dict[str, int]) -> str:
+    """One line of :func:`peft_hft.precision.memory_report`: what HFT keeps beside the model's weights."""
+    mib = 2**20
+    return (
+        f"HFT memory beside the weights: fp32 master values {report['master_bytes'] / mib:.1f} MiB now, "
+        f"{report['master_bytes_when_training'] / mib:.1f} MiB once every trained bf16/fp16 tensor was stepped "
+        f"(training device); originals {report['originals_host_bytes'] / mib:.1f} MiB in host memory, "
+        f"{report['originals_device_bytes'] / mib:.1f} MiB on the device"
+    )
 
 
 def format_summary(report: SelectionReport) -> str:

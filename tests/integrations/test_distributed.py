@@ -83,6 +83,13 @@ def zero_run(base_dir):
     return launch("torchrun", "zero", base_dir, base_dir.parent / "zero")
 
 
+@pytest.fixture(scope="module")
+def precision_run(base_dir):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (pip install 'peft-hft[dev]' installs it)")
+    return launch("torchrun", "precision", base_dir, base_dir.parent / "precision")
+
+
 def ranks(run: Path, tag: str) -> list[dict]:
     return [torch.load(run / f"{tag}_rank{r}.pt") for r in range(WORLD)]
 
@@ -171,3 +178,17 @@ def test_zero3_loads_partitioned_gathers_only_the_trained_half_and_refuses_clear
         assert checks["disable_refused"] == "ok"
         assert checks["plain_save_refused"] == "ok"
         assert checks["empty_state_dict_refused"] == "ok"
+
+
+def test_engines_that_keep_fp32_masters_get_no_second_copy_on_bf16_models(precision_run):
+    for rank in range(WORLD):
+        checks = torch.load(precision_run / f"precision_rank{rank}.pt")
+        # ZeRO-2 with bf16: DeepSpeed steps its own fp32 partitions; HFT makes no masters and does not warn
+        assert checks["zero2_bf16_master_bytes"] == 0 and checks["zero2_bf16_changed"]
+        assert checks["zero2_bf16_weights_dtype"] == ["torch.bfloat16"] and not checks["zero2_bf16_hft_warnings"]
+        # FSDP2 on a bf16 model: no masters on sharded parameters, one warning with the fix
+        assert checks["fsdp2_bf16_master_bytes"] == 0
+        assert len(checks["fsdp2_bf16_warnings"]) == 1 and "MixedPrecisionPolicy" in checks["fsdp2_bf16_warnings"][0]
+        # the fix: fp32 parameters with MixedPrecisionPolicy(param_dtype=bf16): no masters needed, no warning
+        assert checks["fsdp2_mp_master_bytes"] == 0 and checks["fsdp2_mp_changed"]
+        assert not checks["fsdp2_mp_warnings"]

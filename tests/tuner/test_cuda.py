@@ -66,3 +66,39 @@ def test_moving_the_model_after_injection_keeps_diffs_exact():
     state = model.state_dict()
     for name, diff in diffs.items():
         assert torch.equal(diff, state[name].cpu() - base[name])
+
+
+def test_bf16_on_cuda_trains_on_fp32_masters_beside_the_weights():
+    """The bf16 path on a GPU: masters on the device, updates below a bf16 ulp kept, the reference pass through the
+    pinned host originals leaves the masters in place (they are re-validated by value), fp32 diffs reload exactly."""
+    from peft_hft import memory_report
+
+    def run(dtype):
+        model = tiny_model("llama", layers=2).to(torch.bfloat16).to(dtype).cuda()
+        peft_model = get_peft_model(model, HFTConfig(seed=0))
+        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+        peft_model.train()
+        for step in range(20):
+            inputs = batch(step, size=4, length=16, device="cuda")
+            loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+            with torch.no_grad(), peft_model.disable_adapter():  # DPO's reference pass
+                peft_model(**inputs)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return peft_model, find_ledger(peft_model).diffs("default", torch.float32)
+
+    peft_model, diffs = run(torch.bfloat16)
+    _, reference = run(torch.float32)
+    changed = sum(int((d != 0).sum()) for d in diffs.values())
+    changed_fp32 = sum(int((d != 0).sum()) for d in reference.values())
+    assert changed >= 0.9 * changed_fp32
+    norm = torch.sqrt(sum((d**2).sum() for d in diffs.values()))
+    norm_fp32 = torch.sqrt(sum((d**2).sum() for d in reference.values()))
+    assert abs(norm / norm_fp32 - 1) < 0.15
+    ledger = find_ledger(peft_model)
+    assert {ledger.masters.value(n, peft_model.get_base_model().get_parameter(n)).device.type
+            for n in ledger.masters.names()} == {"cuda"}
+    report = memory_report(peft_model)
+    assert report["master_bytes"] == report["master_bytes_when_training"] > 0
+    assert {p.dtype for p in peft_model.parameters()} == {torch.bfloat16}

@@ -1,0 +1,178 @@
+"""Does HFT learn on a bf16 model? Loss curves of HFT-bf16 (default, fp32 master values) vs HFT-fp32 vs HFT-bf16
+without master values, on SmolLM2-135M-Instruct at a full-rank fine-tuning learning rate.
+
+Every run trains the same HFT selection (``HFTConfig(seed=0)``) with AdamW on the same batches of real text
+(llamafactory's Alpaca demo, packed), and evaluates the loss on the same held-out sequences (the last tenth of the
+text) every ``--eval-every`` steps. It also compares what each bf16 run learned with the fp32 run: the share of
+trained elements whose saved diff is non-zero and the norm of the diffs, relative to fp32 (the float32 diffs, read
+from the ledger).
+
+Usage::
+
+    python benchmarks/bench_precision.py                          # CPU: 40 steps, batch 2 x 128, lr 1e-5
+    python benchmarks/bench_precision.py --device cuda --steps 300 --batch-size 8 --seq-len 512
+
+Writes ``precision-quality-<device>.json`` and ``.png`` into ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = {  # name -> (model dtype, fp32_master_weights)
+    "HFT-fp32": ("float32", True),
+    "HFT-bf16 (default: fp32 masters)": ("bfloat16", True),
+    "HFT-bf16, fp32_master_weights=False": ("bfloat16", False),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-sequences", type=int, default=8)
+    p.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
+    return p.parse_args(argv)
+
+
+def packed_text(tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) token sequences of length ``seq_len``: the first nine tenths of the text, and the rest."""
+    from peft_hft.resources.data import alpaca_demo
+
+    text = "\n\n".join(f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in alpaca_demo())
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    rows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    split = int(len(rows) * 0.9)
+    return rows[:split], rows[split:]
+
+
+def held_out_loss(model, rows: torch.Tensor, device: str) -> float:
+    model.eval()
+    with torch.no_grad():
+        losses = [model(input_ids=r[None].to(device), labels=r[None].to(device)).loss.float().item() for r in rows]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run(name: str, args, train_rows: torch.Tensor, eval_rows: torch.Tensor) -> dict:
+    from peft import get_peft_model
+
+    from peft_hft import HFTConfig, memory_report
+    from peft_hft.resources.default_model import load_default_model
+    from peft_hft.tuner.layer import find_ledger
+
+    dtype, masters = RUNS[name]
+    model, _ = load_default_model(dtype=getattr(torch, dtype), device=args.device)
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, HFTConfig(seed=0, fp32_master_weights=masters))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
+    curve = {0: held_out_loss(peft_model, eval_rows, args.device)}
+    train_loss = []
+    peft_model.train()
+    for step in tqdm(range(1, args.steps + 1), desc=name):
+        start = ((step - 1) * args.batch_size) % (len(train_rows) - args.batch_size)
+        ids = train_rows[start : start + args.batch_size].to(args.device)
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss.append(loss.float().item())
+        if step % args.eval_every == 0 or step == args.steps:
+            curve[step] = held_out_loss(peft_model, eval_rows, args.device)
+    ledger = find_ledger(peft_model)
+    diffs = ledger.diffs("default", torch.float32)
+    return {
+        "model_dtype": dtype,
+        "fp32_master_weights": masters,
+        "held_out_loss": curve,
+        "train_loss": train_loss,
+        "master_bytes": memory_report(peft_model)["master_bytes"],
+        "diffs": diffs,
+    }
+
+
+def compare(diffs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    changed = sum(int((d != 0).sum()) for d in diffs.values())
+    changed_ref = sum(int((d != 0).sum()) for d in reference.values())
+    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in diffs.values())).item()
+    norm_ref = torch.sqrt(sum((d.double() ** 2).sum() for d in reference.values())).item()
+    flat = torch.cat([d.flatten() for d in diffs.values()]).double()
+    flat_ref = torch.cat([reference[n].flatten() for n in diffs]).double()
+    return {
+        "changed_share_vs_fp32": changed / max(changed_ref, 1),
+        "diff_norm_vs_fp32": norm / max(norm_ref, 1e-30),
+        "cosine_with_fp32_diff": torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0).item(),
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for name, r in result["runs"].items():
+        steps = [int(s) for s in r["held_out_loss"]]
+        axes[0].plot(steps, list(r["held_out_loss"].values()), marker="o", label=name)
+        windows = [r["train_loss"][max(0, i - 4) : i + 1] for i in range(len(r["train_loss"]))]
+        smooth = [sum(w) / len(w) for w in windows]
+        axes[1].plot(range(1, len(smooth) + 1), smooth, label=name)
+    axes[0].set(title="held-out loss", xlabel="step", ylabel="loss")
+    axes[1].set(title="training loss (moving average of 5)", xlabel="step")
+    axes[0].legend(fontsize=8)
+    a = result["args"]
+    fig.suptitle(f"SmolLM2-135M-Instruct, HFT, AdamW lr {a['lr']}, batch {a['batch_size']} x {a['seq_len']}, "
+                 f"{a['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    from peft_hft.resources.default_model import load_default_model
+
+    _, tokenizer = load_default_model()
+    train_rows, eval_rows = packed_text(tokenizer, args.seq_len)
+    eval_rows = eval_rows[: args.eval_sequences]
+    runs = {name: run(name, args, train_rows, eval_rows) for name in RUNS}
+    reference = runs["HFT-fp32"]["diffs"]
+    for r in runs.values():
+        r["learned"] = compare(r.pop("diffs"), reference)
+    result = {
+        "machine": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+                    or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "args": vars(args),
+        "runs": runs,
+    }
+    print(f"\n{'run':<40}{'held-out loss start -> end':>28}{'changed vs fp32':>17}{'norm vs fp32':>14}")
+    for name, r in runs.items():
+        losses = list(r["held_out_loss"].values())
+        print(f"{name:<40}{losses[0]:>17.4f} -> {losses[-1]:.4f}{r['learned']['changed_share_vs_fp32']:>17.3f}"
+              f"{r['learned']['diff_norm_vs_fp32']:>14.3f}")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if args.device.startswith("cuda") else "cpu"
+    (out / f"precision-quality-{tag}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"precision-quality-{tag}.png")
+    print(f"wrote {out / f'precision-quality-{tag}.json'} and .png")
+
+
+if __name__ == "__main__":
+    main()

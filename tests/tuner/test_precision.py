@@ -1,0 +1,407 @@
+"""fp32 master values for the trained half of bf16/fp16 models (peft_hft/precision.py): a bf16 run learns what an fp32
+run learns, while the model keeps computing, saving, merging and disabling in bf16; the opt-out trains as before."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from tiny_models import batch, tiny_model
+
+from peft_hft import HFTConfig, memory_report, selection_summary
+from peft_hft.tuner import precision
+from peft_hft.tuner.layer import find_ledger
+
+STEPS, LR = 20, 1e-5
+BF16 = torch.bfloat16
+
+
+def base(dtype: torch.dtype = BF16, seed: int = 0):
+    """The tiny Llama, rounded to bf16 once, so fp32 and bf16 runs start from the same values."""
+    return tiny_model("llama", seed=seed).to(BF16).to(dtype)
+
+
+def train(model, steps: int = STEPS, lr: float = LR, autocast: bool = False, seed: int = 0, optimizer=None):
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.AdamW(params, lr=lr)
+    for step in range(steps):
+        inputs = batch(seed + step, size=4, length=16)
+        context = torch.autocast("cpu", dtype=BF16) if autocast else contextlib.nullcontext()
+        with context:
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return optimizer
+
+
+def saved_diffs(peft_model, tmp_path, name: str = "adapter") -> dict[str, torch.Tensor]:
+    peft_model.save_pretrained(tmp_path / name)
+    return {k: v.float() for k, v in load_file(tmp_path / name / "adapter_model.safetensors").items()}
+
+
+def changed_and_norm(diffs: dict[str, torch.Tensor]) -> tuple[int, float]:
+    return sum(int((d != 0).sum()) for d in diffs.values()), float(torch.sqrt(sum((d**2).sum() for d in diffs.values())))
+
+
+@pytest.fixture(scope="module")
+def fp32_diffs(tmp_path_factory):
+    peft_model = get_peft_model(base(torch.float32), HFTConfig(seed=0))
+    train(peft_model)
+    return saved_diffs(peft_model, tmp_path_factory.mktemp("fp32"))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_bf16_run_learns_what_the_fp32_run_learns(fp32_diffs, tmp_path, autocast):
+    model = base()
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    selected = set(peft_model.peft_config["default"].selected_parameters)
+    train(peft_model, autocast=autocast)
+    diffs = saved_diffs(peft_model, tmp_path)
+    assert diffs.keys() == fp32_diffs.keys()
+    changed, norm = changed_and_norm(diffs)
+    changed_fp32, norm_fp32 = changed_and_norm(fp32_diffs)
+    assert changed >= 0.9 * changed_fp32
+    assert abs(norm / norm_fp32 - 1) < 0.15
+    norms = [k for k in diffs if "norm" in k]
+    assert norms and all((diffs[k] != 0).any() for k in norms)  # the norms learn too (they did not without masters)
+    # the model stays bf16: trained tensors hold the master rounded to bf16, frozen tensors are bit-identical
+    assert {p.dtype for p in model.parameters()} == {BF16}
+    ledger = find_ledger(peft_model)
+    for name, param in model.named_parameters():
+        if name in selected:
+            assert torch.equal(param.data, ledger.masters.value(name, param).to(BF16))
+        else:
+            assert torch.equal(param.data, frozen_before[name]), name
+
+
+def test_opt_out_reproduces_in_place_bf16_training_and_warns(fp32_diffs, tmp_path):
+    config = HFTConfig(seed=0, fp32_master_weights=False)
+    peft_model = get_peft_model(base(), config)
+    selected = peft_model.peft_config["default"].selected_parameters
+    with pytest.warns(UserWarning, match=r"without fp32 master values.*fp32_master_weights=True"):
+        train(peft_model)
+    # today's behaviour: plain requires_grad freezing of the same tensors, trained in bf16
+    plain = base()
+    for name, param in plain.named_parameters():
+        param.requires_grad_(name in selected)
+    train(plain)
+    for name in selected:
+        assert torch.equal(peft_model.get_base_model().get_parameter(name), plain.get_parameter(name)), name
+    assert find_ledger(peft_model).masters.nbytes() == 0
+    changed, _ = changed_and_norm(saved_diffs(peft_model, tmp_path))
+    assert changed < 0.5 * changed_and_norm(fp32_diffs)[0]  # most updates rounded away
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["fp32_master_weights"] is False
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_fp32_models_get_no_masters_and_train_as_before(autocast):
+    """fp32 weights (with bf16 autocast: the forgetting benchmark's --precision bf16) are their own masters."""
+    model = base(torch.float32)
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train(peft_model, steps=2, autocast=autocast)
+    assert find_ledger(peft_model).masters.nbytes() == 0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_reload_and_merge_round_trips_stay_bf16(tmp_path):
+    peft_model = get_peft_model(base(), HFTConfig(seed=0))
+    train(peft_model)
+    inputs = batch(99)
+    with torch.no_grad():
+        tuned = peft_model(**inputs).logits
+    trained = {n: p.detach().clone() for n, p in peft_model.get_base_model().named_parameters()}
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(base(), tmp_path / "adapter")
+    # the default diff of a bf16 tensor with a master is float32 (master - original): the reload is bit-exact
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["diff_dtype"] is None
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    for name, param in loaded.get_base_model().named_parameters():
+        assert torch.equal(param, trained[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, tuned, rtol=0, atol=0.05)
+    # a trainable reload continues from the saved fp32 masters, not from the rounded weights
+    resumed = PeftModel.from_pretrained(base(), tmp_path / "adapter", is_trainable=True)
+    ledger, resumed_ledger = find_ledger(peft_model), find_ledger(resumed)
+    assert sorted(resumed_ledger.masters.names()) == sorted(ledger.masters.names())
+    for name in ledger.masters.names():
+        torch.testing.assert_close(
+            resumed_ledger.masters.value(name, resumed.get_base_model().get_parameter(name)),
+            ledger.masters.value(name, peft_model.get_base_model().get_parameter(name)), rtol=1e-6, atol=1e-9,
+        )
+    assert find_ledger(loaded).masters.nbytes() == 0  # an inference load keeps none
+    merged = peft_model.merge_and_unload()
+    assert {p.dtype for p in merged.parameters()} == {BF16}
+    for name, param in merged.named_parameters():
+        assert torch.equal(param, trained[name]), name  # the active adapter is already in the weights
+
+
+def test_disable_adapter_gives_the_bf16_base_exactly_and_keeps_the_masters():
+    model = base()
+    reference = base()
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    optimizer = train(peft_model, steps=3)
+    ledger = find_ledger(peft_model)
+    masters = {n: ledger.masters.value(n, model.get_parameter(n)).clone() for n in ledger.masters.names()}
+    inputs = batch(99)
+    with torch.no_grad(), peft_model.disable_adapter():
+        disabled = peft_model(**inputs).logits
+        expected = reference(**inputs).logits
+    assert torch.equal(disabled, expected)
+    for name, master in masters.items():  # the masters survive the reference pass ...
+        assert torch.equal(ledger.masters.value(name, model.get_parameter(name)), master)
+    # ... and a reference pass between forward and backward (DPO) leaves training on the masters
+    peft_model.train()
+    inputs = batch(5, size=4, length=16)
+    loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+    with torch.no_grad(), peft_model.disable_adapter():
+        peft_model(**inputs)
+    loss.backward()
+    optimizer.step()
+    assert ledger.masters.nbytes() == sum(m.numel() * 4 for m in masters.values())
+    assert any(not torch.equal(ledger.masters.value(n, model.get_parameter(n)), m) for n, m in masters.items())
+
+
+def test_several_adapters_each_train_from_their_own_values():
+    model = base()
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    peft_model.add_adapter("other", HFTConfig(seed=1))
+    ledger = find_ledger(peft_model)
+    shared = sorted(set(ledger.hft_adapters["default"].params) & set(ledger.hft_adapters["other"].params))
+    assert shared
+    train(peft_model, steps=5, lr=1e-3)
+    after_default = {n: model.get_parameter(n).detach().clone() for n in shared}
+    peft_model.set_adapter("other")
+    assert all(torch.equal(model.get_parameter(n), ledger.original(n)) for n in shared)
+    train(peft_model, steps=1, lr=1e-5)
+    # "other" started from the base: its master was rebuilt from the base values, not left from "default"
+    diffs = ledger.diffs("other", torch.float32)
+    assert all(diffs[n].abs().max() < 1e-3 for n in shared)
+    peft_model.set_adapter("default")
+    assert all(torch.equal(model.get_parameter(n), after_default[n]) for n in shared)
+    train(peft_model, steps=1, lr=1e-5)
+    moved = {n: (model.get_parameter(n).float() - after_default[n].float()).abs().max() for n in shared}
+    assert all(m < 1e-2 for m in moved.values())  # continues from its own values
+    assert {p.dtype for p in model.parameters()} == {BF16}
+
+
+def test_gradient_checkpointing_trains_on_the_masters(fp32_diffs, tmp_path):
+    model = base()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    train(peft_model)
+    changed, norm = changed_and_norm(saved_diffs(peft_model, tmp_path))
+    changed_fp32, norm_fp32 = changed_and_norm(fp32_diffs)
+    assert changed >= 0.9 * changed_fp32 and abs(norm / norm_fp32 - 1) < 0.15
+
+
+def test_optimizer_state_is_fp32_and_a_reloaded_state_is_upcast():
+    model = base()
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    optimizer = train(peft_model, steps=2)
+    states = [s for s in optimizer.state.values() if "exp_avg" in s]
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+    saved = optimizer.state_dict()
+    fresh = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=LR)
+    fresh.load_state_dict(saved)  # torch casts the state to the parameters' dtype (bf16) here ...
+    assert {s["exp_avg"].dtype for s in fresh.state.values()} == {BF16}
+    train(peft_model, steps=1, optimizer=fresh)
+    assert {s["exp_avg"].dtype for s in fresh.state.values()} == {torch.float32}  # ... and the next step upcasts it
+
+
+def test_memory_report_counts_the_masters():
+    model = base()
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    selected = peft_model.peft_config["default"].selected_parameters
+    numel = sum(model.get_parameter(n).numel() for n in selected)
+    report = memory_report(peft_model)
+    assert report["master_bytes"] == 0 and report["master_bytes_when_training"] == 4 * numel
+    assert report["originals_host_bytes"] == 2 * numel
+    train(peft_model, steps=1)
+    report = memory_report(peft_model)
+    assert report["master_bytes"] == 4 * numel
+    assert "fp32 master values" in selection_summary(peft_model)
+    off = memory_report(get_peft_model(base(), HFTConfig(seed=0, fp32_master_weights=False)))
+    assert off["master_bytes_when_training"] == 0
+
+
+def test_unload_frees_the_masters_and_dead_models_leave_no_work():
+    model = base()
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    train(peft_model, steps=1)
+    ledger = find_ledger(peft_model)
+    masters = ledger.masters
+    peft_model.unload()
+    assert masters.nbytes() == 0
+    tracked = precision.tracked_models()
+    del peft_model, model, ledger, masters
+    gc.collect()
+    assert precision.tracked_models() < tracked
+
+
+def test_fp16_models_warn_about_grad_scaler_and_closures_skip_masters():
+    with pytest.warns(UserWarning, match="GradScaler"):
+        peft_model = get_peft_model(base(torch.float16), HFTConfig(seed=0))
+    train(peft_model, steps=1)  # a plain loop without a scaler works, on masters
+    assert find_ledger(peft_model).masters.nbytes() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        get_peft_model(base(torch.float16), HFTConfig(seed=0, inference_mode=True))
+    model = get_peft_model(base(), HFTConfig(seed=0))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    inputs = batch(0)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        return loss
+
+    closure()
+    with pytest.warns(UserWarning, match="closure"):
+        optimizer.step(closure)
+    assert find_ledger(model).masters.nbytes() == 0
+
+
+def test_config_validates_and_saves_the_opt_out(tmp_path):
+    with pytest.raises(ValueError, match="fp32_master_weights must be True or False"):
+        HFTConfig(fp32_master_weights="yes")
+    assert HFTConfig().fp32_master_weights is True
+    config = HFTConfig(fp32_master_weights=False)
+    config.save_pretrained(tmp_path)
+    assert HFTConfig.from_pretrained(tmp_path).fp32_master_weights is False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainers (bf16=True on a bf16 model): nothing to change for the user
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, seed: int = 0, rows: int = 16):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, 100, (rows, 16), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(16, dtype=torch.long), "labels": self.ids[i]}
+
+
+def _trainer_args(tmp_path, **overrides):
+    from transformers import TrainingArguments
+
+    kwargs = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=LR,
+                  lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_strategy="no",
+                  use_cpu=True, bf16=True, disable_tqdm=True, seed=0)
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def _assert_trained_on_masters(peft_model, before: dict[str, torch.Tensor], optimizer=None) -> None:
+    ledger = find_ledger(peft_model)
+    selected = peft_model.peft_config["default"].selected_parameters
+    assert sorted(ledger.masters.names()) == sorted(selected)
+    assert {p.dtype for p in peft_model.parameters()} == {BF16}
+    model = peft_model.get_base_model()
+    for name in selected:  # the masters moved, by much less than a bf16 ulp in most elements
+        if "embed_tokens" in name:
+            continue  # rows of tokens the batches never contain get no gradient
+        master = ledger.masters.value(name, model.get_parameter(name))
+        assert (master != before[name].float()).float().mean() > 0.9, name
+    for name, param in model.named_parameters():
+        if name not in selected:
+            assert torch.equal(param, before[name]), name
+    if optimizer is not None:
+        assert {s["exp_avg"].dtype for s in optimizer.state.values()} == {torch.float32}
+
+
+def test_transformers_trainer_with_bf16_and_checkpoint_resume(tmp_path):
+    from transformers import Trainer
+
+    model = base()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    args = _trainer_args(tmp_path, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=_Tokens())
+    trainer.train()
+    _assert_trained_on_masters(peft_model, before, trainer.optimizer)
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    # resume from the step-2 checkpoint: the adapter (fp32 diffs) restores the masters, the optimizer state is fp32
+    model2 = base()
+    peft_model2 = get_peft_model(model2, HFTConfig(seed=0))
+    trainer2 = Trainer(model=peft_model2, args=args, train_dataset=_Tokens())
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    _assert_trained_on_masters(peft_model2, before, trainer2.optimizer)
+    for name, param in model2.named_parameters():  # the resumed run ends where the uninterrupted one did
+        torch.testing.assert_close(param, final[name], rtol=0, atol=float(final[name].abs().max()) * 2**-7)
+    # (not bit-exact: torch's load_state_dict rounds the fp32 Adam moments to the bf16 parameters' dtype once)
+
+
+def test_trl_sft_trainer_with_bf16(tmp_path):
+    from tiny_tokenizer import build_tokenizer, chat_model
+    from trl import SFTConfig
+    from trl_helpers import sft_trainer
+
+    model = chat_model(build_tokenizer()).to(BF16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = sft_trainer(model, tmp_path, HFTConfig(seed=3), bf16=True, learning_rate=LR, max_steps=3)
+    assert isinstance(trainer.args, SFTConfig)
+    trainer.train()
+    _assert_trained_on_masters(trainer.model, before, trainer.optimizer)
+
+
+def test_trl_dpo_trainer_with_bf16_reference_is_the_bf16_base(tmp_path, monkeypatch):
+    import trl.trainer.dpo_trainer as dpo_module
+    from tiny_tokenizer import build_tokenizer, chat_model
+    from trl_helpers import dpo_trainer
+
+    model = chat_model(build_tokenizer()).to(BF16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = dpo_trainer(model, tmp_path, HFTConfig(seed=1), bf16=True, learning_rate=LR, max_steps=3)
+    seen = []
+    original = dpo_module.use_adapter
+
+    @contextlib.contextmanager
+    def checking(peft_model, adapter_name):
+        with original(peft_model, adapter_name):
+            seen.append(all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()))
+            yield
+
+    monkeypatch.setattr(dpo_module, "use_adapter", checking)
+    trainer.train()
+    assert seen and all(seen)  # every reference pass ran on the bf16 base, bit for bit
+    _assert_trained_on_masters(trainer.model, before, trainer.optimizer)
+
+
+def test_continual_stages_on_bf16_train_on_masters_and_rebuild_exactly(tmp_path):
+    from peft_hft.continual import ContinualHFT, StageHistory
+
+    model = base()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    continual = ContinualHFT(model, HFTConfig(seed=0), tmp_path / "h", policy="complementary")
+    learned = []
+    for k in range(2):
+        with continual.stage(f"t{k}") as peft_model:
+            train(peft_model, steps=5, seed=10 * k)
+            learned.append(find_ledger(peft_model).masters.nbytes())
+    assert all(learned)
+    fresh = base()
+    fresh.load_state_dict(start)
+    rebuilt = StageHistory(tmp_path / "h").load(fresh).state_dict()
+    assert all(rebuilt[n].dtype == BF16 and torch.equal(rebuilt[n], t) for n, t in model.state_dict().items())

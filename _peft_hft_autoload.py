@@ -6,8 +6,7 @@ as lm-eval's ``--model_args peft=...`` give them no place to do so. pip installs
 this module in site-packages; Python's ``site`` runs its one line at every interpreter start, which calls
 :func:`install`. That only puts a small finder at the front of ``sys.meta_path`` (no torch, no peft, no
 ``peft_hft`` is imported: about 0.2 ms, see docs/integrations.md). When ``peft`` itself is imported later, the finder
-lets PEFT's normal loader run and then imports ``peft_hft``, which registers the method; after that it removes
-itself.
+lets PEFT's normal loader run and then imports ``peft_hft``, which registers the method, and removes itself.
 
 This is a top-level module on purpose: anything inside the ``peft_hft`` package would run ``peft_hft/__init__.py``,
 which imports torch and peft, at every interpreter start.
@@ -62,9 +61,11 @@ class _PeftFinder:
     def find_spec(cls, fullname, path=None, target=None):
         if fullname != "peft":
             return None
-        if cls in sys.meta_path:
-            sys.meta_path.remove(cls)
+        # Stay in place until peft is loaded: availability checks (transformers' is_peft_available) call
+        # importlib.util.find_spec("peft") long before the import itself.
         for finder in sys.meta_path:
+            if finder is cls:
+                continue
             find_spec = getattr(finder, "find_spec", None)
             spec = find_spec(fullname, path, target) if find_spec is not None else None
             if spec is not None:
@@ -89,6 +90,8 @@ class _RegisteringLoader:
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        if _PeftFinder in sys.meta_path:
+            sys.meta_path.remove(_PeftFinder)
         module.__loader__ = self.loader
         if module.__spec__ is not None:
             module.__spec__.loader = self.loader

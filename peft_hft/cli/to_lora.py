@@ -8,6 +8,8 @@ HELP = "convert an HFT adapter to a standard LoRA adapter (truncated SVD of each
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..utils import FLOAT_DTYPES
+
     parser.add_argument("adapter", metavar="ADAPTER", help="HFT adapter directory")
     parser.add_argument("output", metavar="OUT", help="directory to create for the LoRA adapter")
     parser.add_argument("--rank", type=int, required=True, help="LoRA rank (capped at each matrix's full rank)")
@@ -16,7 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--others", choices=("modules_to_save", "drop"), default="modules_to_save",
         help="diffs LoRA cannot express (norms, biases): stored in full as modules_to_save (default), or dropped",
     )
-    parser.add_argument("--dtype", help="dtype of the LoRA factors (default: each tensor's dtype)")
+    parser.add_argument(
+        "--embeddings", choices=("lora", "drop"), default="lora",
+        help="embedding diffs: as LoRA (default), or dropped (LoRA on tied embeddings breaks tie_weights())",
+    )
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES, help="dtype of the LoRA factors (default: as the tensor)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -28,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     report = adapter_to_lora(
         args.adapter, args.output, args.rank, base=args.base, others=args.others,
         dtype=float_dtype(args.dtype, "--dtype"), overwrite=args.overwrite, progressbar=not args.quiet,
+        embeddings=args.embeddings,
     )
     print(f"Wrote LoRA adapter {args.output}: {report.summary()}.")
     if report.dropped:

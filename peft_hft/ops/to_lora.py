@@ -9,6 +9,8 @@ and ``lora_A``/``lora_B`` weights, so the result loads with plain ``PeftModel.fr
   (``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r``); exact when ``rank >= min(D.shape)``;
 * the weight diff of an ``nn.Embedding`` becomes a LoRA embedding (``lora_embedding_A``/``_B``); a tied input/output
   embedding gets a LoRA on both modules, since LoRA's embedding adapter does not change the tied output head;
+  (``embeddings="drop"`` leaves the embedding diffs out instead: LoRA on a *tied* embedding breaks transformers'
+  ``tie_weights()``, which lm-eval's ``hf`` model calls, and several servers take no embedding LoRA at all);
 * every other diff (norms, biases, tensors of other module types) cannot be a low-rank product. With
   ``others="modules_to_save"`` (default) its module is stored in full, tuned, under LoRA's ``modules_to_save``
   (exact, and tiny for norms); ``others="drop"`` leaves it out and reports it (for servers that reject
@@ -37,11 +39,13 @@ from tqdm.auto import tqdm
 
 from ..format.keys import PEFT_KEY_PREFIX
 from ..tuner.layer import find_ledger
+from ..tuner.selection import embedding_parameter_names
 from ..utils import atomic_directory
 
 REPORT_NAME = "lora_conversion.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
 Others = Literal["modules_to_save", "drop"]
+Embeddings = Literal["lora", "drop"]
 
 
 @dataclass
@@ -115,6 +119,7 @@ def convert_to_lora(
     others: Others = "modules_to_save",
     dtype: Optional[torch.dtype] = None,
     progressbar: bool = False,
+    embeddings: Embeddings = "lora",
 ) -> tuple[LoraConfig, dict[str, torch.Tensor], LoraConversionReport]:
     """Convert the HFT adapter ``adapter_name`` of ``model`` (a PeftModel or HFTModel) to LoRA.
 
@@ -125,6 +130,8 @@ def convert_to_lora(
         raise ValueError(f"rank must be a positive integer, got {rank!r}.")
     if others not in ("modules_to_save", "drop"):
         raise ValueError(f"others must be 'modules_to_save' or 'drop', got {others!r}.")
+    if embeddings not in ("lora", "drop"):
+        raise ValueError(f"embeddings must be 'lora' or 'drop', got {embeddings!r}.")
     ledger = find_ledger(model)
     if ledger is None or adapter_name not in ledger.hft_adapters:
         available = sorted(ledger.hft_adapters) if ledger is not None else []
@@ -134,13 +141,16 @@ def convert_to_lora(
     hft_config = configs.get(adapter_name) if isinstance(configs, dict) else None
     params = ledger.hft_adapters[adapter_name].params
     owners = _owners(root)
+    dropped_embeddings = embedding_parameter_names(root) if embeddings == "drop" else set()
 
     # Which modules hold each diff, and how each module is converted. A module with any diff LoRA cannot express
     # (a bias, a norm) goes whole into modules_to_save, so it is never both a LoRA target and a saved module.
     kind_of: dict[str, str] = {}
     for name in params:
         for module_name, attr, module in owners[name]:
-            if attr == "weight" and isinstance(module, nn.Linear):
+            if name in dropped_embeddings:
+                kind = "dropped"
+            elif attr == "weight" and isinstance(module, nn.Linear):
                 kind = "lora"
             elif attr == "weight" and isinstance(module, nn.Embedding):
                 kind = "lora_embedding"
@@ -218,10 +228,12 @@ def save_as_lora(
     dtype: Optional[torch.dtype] = None,
     overwrite: bool = False,
     progressbar: bool = False,
+    embeddings: Embeddings = "lora",
 ) -> LoraConversionReport:
     """Convert (see :func:`convert_to_lora`) and save a LoRA adapter directory: ``adapter_config.json``,
     ``adapter_model.safetensors`` and the report ``lora_conversion.json``. Written atomically."""
-    lora_config, state_dict, report = convert_to_lora(model, rank, adapter_name, others, dtype, progressbar)
+    lora_config, state_dict, report = convert_to_lora(model, rank, adapter_name, others, dtype, progressbar,
+                                                      embeddings)
     with atomic_directory(path, overwrite=overwrite) as staging:
         save_file(state_dict, str(Path(staging) / LORA_WEIGHTS_NAME), metadata={"format": "pt"})
         lora_config.save_pretrained(str(staging))
@@ -273,6 +285,7 @@ def adapter_to_lora(
     dtype: Optional[torch.dtype] = None,
     overwrite: bool = False,
     progressbar: bool = True,
+    embeddings: Embeddings = "lora",
 ) -> LoraConversionReport:
     """Load ``base`` (default: the adapter's ``base_model_name_or_path``) with the HFT adapter, convert, save.
 
@@ -292,4 +305,4 @@ def adapter_to_lora(
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     peft_model = PeftModel.from_pretrained(model, adapter)
     return save_as_lora(output, peft_model, rank, others=others, dtype=dtype, overwrite=overwrite,
-                        progressbar=progressbar)
+                        progressbar=progressbar, embeddings=embeddings)

@@ -11,7 +11,6 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from tiny_models import batch, tiny_model
 
 from peft_hft import HFTConfig
-from peft_hft.cli.main import main as cli_main
 from peft_hft.ops.to_lora import REPORT_NAME, convert_to_lora, save_as_lora
 
 
@@ -79,6 +78,16 @@ def test_others_drop_leaves_norms_out_and_says_so(tmp_path):
     assert not PeftConfig.from_pretrained(tmp_path / "lora").modules_to_save
 
 
+def test_embeddings_drop_leaves_the_embeddings_out_and_tie_weights_works(tmp_path):
+    model = hft_model(tied=True)
+    report = save_as_lora(tmp_path / "lora", model, rank=64, embeddings="drop")
+    assert sorted(report.dropped) == ["lm_head.weight", "model.embed_tokens.weight"]  # one tied tensor, two modules
+    config = PeftConfig.from_pretrained(tmp_path / "lora")
+    assert not {"model.embed_tokens", "lm_head"} & set(config.target_modules)
+    lora = PeftModel.from_pretrained(tiny_model("llama", tie_word_embeddings=True), tmp_path / "lora")
+    lora.base_model.model.tie_weights()  # what lm-eval's hf model calls; LoRA on a tied embedding breaks it
+
+
 def test_peft_convert_to_lora_points_to_the_hft_converter():
     from peft import convert_to_lora as peft_convert_to_lora
 
@@ -94,19 +103,3 @@ def test_bad_input_is_refused():
         convert_to_lora(model, rank=4, adapter_name="other")
     with pytest.raises(ValueError, match="others must be"):
         convert_to_lora(model, rank=4, others="keep")
-
-
-def test_cli_to_lora(tmp_path, capsys):
-    base_dir = tmp_path / "base"
-    tiny_model("llama").save_pretrained(base_dir)
-    model = get_peft_model(tiny_model("llama"), HFTConfig(seed=3, init_weights=False))
-    expected = logits(model)
-    model.save_pretrained(tmp_path / "hft")
-    out = tmp_path / "lora"
-    assert cli_main(["to-lora", str(tmp_path / "hft"), str(out), "--rank", "64", "--base", str(base_dir),
-                     "--quiet"]) == 0
-    assert "relative error 0.0000 overall" in capsys.readouterr().out
-    lora = PeftModel.from_pretrained(tiny_model("llama"), out)
-    torch.testing.assert_close(logits(lora), expected, rtol=0, atol=1e-4)
-    assert cli_main(["to-lora", str(tmp_path / "hft"), str(out), "--rank", "4", "--base", str(base_dir)]) == 1
-    assert "already exists" in capsys.readouterr().err

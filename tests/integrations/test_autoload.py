@@ -245,3 +245,26 @@ def test_editable_and_wheel_installs_and_uninstall_leave_nothing_behind(source_c
         assert listing(site) == before
         pycache = site / "__pycache__"
         assert not pycache.exists() or not [p for p in pycache.iterdir() if HOOK in p.name]
+
+
+def test_a_broken_installation_warns_instead_of_breaking_import_peft(monkeypatch):
+    sys.path.insert(0, str(REPO))
+    try:
+        import _peft_hft_autoload as hook
+    finally:
+        sys.path.remove(str(REPO))
+
+    class Broken:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "peft_hft":
+                raise ImportError("simulated broken install")
+            return None
+
+    monkeypatch.delitem(sys.modules, "peft_hft")
+    monkeypatch.setattr(sys, "meta_path", [Broken, *sys.meta_path])
+    with pytest.warns(UserWarning, match="could not register the HFT method.*simulated broken install.*PEFT_HFT_NO_AUTOLOAD"):
+        hook._register()
+    for value, enabled in (("", True), ("0", True), ("false", True), ("1", False), ("yes", False)):
+        monkeypatch.setenv(hook.ENV_VARIABLE, value)
+        assert hook.enabled() is enabled

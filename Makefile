@@ -21,7 +21,7 @@ help:
 	@echo "make lint        ruff, and the import contracts (layers, no cycles) with import-linter"
 	@echo "make benchmarks  step-time / memory benchmark (HFT vs freezing vs full fine-tuning)"
 
-$(VENV)/.ready: pyproject.toml
+$(VENV)/.ready: pyproject.toml setup.py peft_hft-autoload.pth
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_SPEC)
 	$(PIP) install --quiet -e ".[dev,examples]"

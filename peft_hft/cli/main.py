@@ -23,6 +23,9 @@ SUBCOMMANDS: dict[str, str] = {
     "diff": "peft_hft.cli.diff",
     "half-reset": "peft_hft.cli.half_reset",
     "bench": "peft_hft.cli.bench",
+    "to-lora": "peft_hft.cli.to_lora",
+    "sft": "peft_hft.cli.sft",
+    "dpo": "peft_hft.cli.dpo",
 }
 
 # Errors that are the user's input, not a bug: printed as one message, without a traceback.
@@ -42,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        passthrough = getattr(module, "PASSTHROUGH", False)  # the command parses its own arguments (TRL's parser)
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP, add_help=not passthrough)
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, passthrough=passthrough)
     return parser
 
 
@@ -64,7 +68,10 @@ def _interrupt_on_termination() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``peft-hft`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.passthrough_args = extra
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -111,6 +111,14 @@ class HFTLayer(nn.Module, BaseTunerLayer):
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         """Nothing to move: HFT adds no adapter weights, and its stored tensors follow the weights lazily."""
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's ``convert_to_lora`` converts one tuner layer per module; the ledger is one layer for all of them."""
+        raise TypeError(
+            "peft.convert_to_lora works per tuner layer, and HFT has none per module. Fix: convert HFT adapters with "
+            "peft_hft.ops.to_lora.convert_to_lora(model, rank) / save_as_lora(path, model, rank), or the command "
+            "`peft-hft to-lora ADAPTER OUT --rank R`."
+        )
+
     def extra_repr(self) -> str:
         sizes = {name: len(a.params) for name, a in self.hft_adapters.items()}
         return f"adapters={sizes}, active={self._active_adapter}, merged={self.merged_adapters}"

@@ -7,7 +7,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from peft.config import PeftConfig
@@ -18,6 +18,7 @@ from ..format.keys import PEFT_KEY_PREFIX, diff_key
 from ..format.reader import check_finite, check_tensors, register_config_check
 from ..utils import float_dtype
 from .base_check import record_base, verify_base
+from .combine import CombinationType, add_weighted_adapter
 from .config import HFTConfig
 from .engines import is_full_value
 from .layer import LEDGER_ATTRIBUTE, HFTLayer, find_ledger
@@ -150,6 +151,25 @@ class HFTModel(BaseTuner):
 
     def _check_merge_allowed(self) -> None:
         """Merging is always possible: tied tensors are one tensor, trained and merged once."""
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: CombinationType = "linear",
+        density: Optional[float] = None,
+        majority_sign_method: Literal["total", "frequency"] = "total",
+        **svd_options: Any,
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of HFT ``adapters`` (LoRA's method, same arguments).
+
+        ``"linear"`` is exact task arithmetic, ``base + sum_i weights[i] * diff_i``; ``"ties"``, ``"dare_linear"``,
+        ``"dare_ties"`` and ``"magnitude_prune"`` run PEFT's ``merge_utils`` on each tensor's diffs (``density``
+        required). LoRA's SVD options (``svd_rank``, ...) are accepted and ignored, as LoRA ignores them for these
+        types. See :mod:`peft_hft.tuner.combine`.
+        """
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, density, majority_sign_method)
 
     @property
     def ledger(self) -> HFTLayer:

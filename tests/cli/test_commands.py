@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ import peft_hft
 from peft_hft.cli.main import SUBCOMMANDS, main
 from peft_hft.format.keys import parameter_name_of
 
-TESTED = {"merge", "inspect", "diff", "half-reset", "bench"}
+TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "sft", "dpo"}
 
 
 @dataclass
@@ -132,3 +133,105 @@ def test_bench_rejects_bad_values_before_any_work(tmp_path):
     result = peft_hft_cli("bench", "forgetting", "--seeds", "a,b", "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and "expected comma-separated integers" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# to-lora, sft, dpo (issue 15)
+# ---------------------------------------------------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "trl_cli"
+
+
+def test_to_lora_writes_a_plain_lora_adapter(checkpoints, tmp_path):
+    from peft import PeftModel
+    from tiny_models import batch
+
+    out = tmp_path / "lora"
+    args = ["to-lora", str(checkpoints / "adapter"), str(out), "--rank", "64", "--base", str(checkpoints / "base")]
+    result = peft_hft_cli(*args, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "relative error 0.0000 overall" in result.stdout
+    inputs = batch()
+    with torch.no_grad():
+        hft = PeftModel.from_pretrained(tiny_model("llama", layers=2), checkpoints / "adapter")(**inputs).logits
+        lora = PeftModel.from_pretrained(tiny_model("llama", layers=2), out)
+        assert lora.peft_config["default"].peft_type.value == "LORA"
+        torch.testing.assert_close(lora(**inputs).logits, hft, rtol=0, atol=1e-5)
+    again = peft_hft_cli(*args)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def trl_inputs(tmp_path_factory):
+    """A tiny chat model with its tokenizer, and SFT / preference datasets as local JSON-lines directories."""
+    from tiny_tokenizer import build_tokenizer, chat_model
+    from trl_helpers import preference_rows, sft_rows
+
+    root = tmp_path_factory.mktemp("trl-cli")
+    tokenizer = build_tokenizer()
+    chat_model(tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    for name, rows in (("sft", sft_rows()), ("dpo", preference_rows())):
+        (root / name).mkdir()
+        (root / name / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def tiny_run(trl_inputs, stage: str, output: Path) -> list[str]:
+    """Overrides of the example YAML for two offline CPU steps on the tiny model."""
+    return ["--config", str(EXAMPLES / f"{stage}_hft.yaml"), "--model_name_or_path", str(trl_inputs / "model"),
+            "--dataset_name", str(trl_inputs / stage), "--output_dir", str(output), "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2",
+            "--max_length", "128", "--use_cpu", "true", "--logging_steps", "1000", "--hft_seed", "3"]
+
+
+def assert_hft_adapter(output: Path, base_dir: Path, seed: int) -> None:
+    """``output`` holds a normal HFT adapter with the command line's settings that changes the base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["peft_type"] == "HFT" and config["seed"] == seed and config["ratio"] == 0.5
+    diffs = load_file(output / "adapter_model.safetensors")
+    assert diffs and all(parameter_name_of(k) for k in diffs)
+    assert any(d.abs().max() > 0 for d in diffs.values())
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    loaded = PeftModel.from_pretrained(base, output)
+    changed = {n.removeprefix("base_model.model.") for n, p in loaded.named_parameters()
+               if not torch.equal(p, before[n.removeprefix("base_model.model.")])}
+    assert changed and changed <= set(config["selected_parameters"])
+
+
+def test_sft_trains_from_the_example_yaml_under_accelerate_launch(trl_inputs, tmp_path):
+    import os
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "peft_hft", "sft", *tiny_run(trl_inputs, "sft", tmp_path / "out")]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_hft_adapter(tmp_path / "out", trl_inputs / "model", seed=3)
+
+
+def test_dpo_trains_from_the_example_yaml(trl_inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    result = peft_hft_cli("dpo", *tiny_run(trl_inputs, "dpo", tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_hft_adapter(tmp_path / "out", trl_inputs / "model", seed=3)
+    import trl
+
+    assert "get_peft_config" not in vars(trl) or trl.get_peft_config.__module__.startswith("trl")  # put back
+
+
+def test_sft_refuses_lora_options_and_lists_hft_options(trl_inputs, tmp_path):
+    result = peft_hft_cli("sft", "--use_peft", "--model_name_or_path", str(trl_inputs / "model"),
+                          "--dataset_name", str(trl_inputs / "sft"), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true")
+    assert result.returncode == 1 and "--use_peft" in result.stderr and "--hft_ratio" in result.stderr
+    assert not (tmp_path / "out").exists()
+    helped = peft_hft_cli("sft", "--help")
+    assert helped.returncode == 0
+    assert all(flag in helped.stdout for flag in ("--hft_ratio", "--hft_seed", "--hft_strategy", "--learning_rate",
+                                                  "--model_name_or_path"))
+    assert "--hft_selected_parameters" not in helped.stdout and "--hft_base_fingerprint" not in helped.stdout

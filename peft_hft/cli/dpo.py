@@ -1,0 +1,23 @@
+"""``peft-hft dpo [TRL's dpo arguments] [--hft_* ...] [--config run.yaml]``: preference optimisation (DPO) with HFT.
+
+The arguments are TRL's own (``trl dpo --help``: ScriptArguments, DPOConfig, ModelConfig, dataset mixtures, YAML
+files through ``--config``) plus HFTConfig's fields as ``--hft_<field>``; TRL parses them and runs its own script with
+an HFT adapter (see :mod:`peft_hft.integrations.trl_cli`). Under accelerate: ``accelerate launch -m peft_hft dpo ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "preference optimisation (DPO) with HFT through TRL's dpo script (TRL's arguments, YAML --config, --hft_*)"
+PASSTHROUGH = True  # TRL's parser reads the arguments (`peft-hft dpo --help` shows them)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Nothing: every argument goes to TRL's parser."""
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..integrations.trl_cli import run as run_trl_script
+
+    return run_trl_script("dpo", args.passthrough_args)

@@ -160,6 +160,7 @@ def _train(bench: Bench, method: Method, lr: float, seed: int) -> tuple[dict[str
     record: dict[str, Any] = {"run": name, "method": method.name, "lr": lr, "seed": seed}
     config = getattr(model, "peft_config", {}).get("default")
     if getattr(config, "calibration", None) is not None:
+        # seconds: copying the base model, the calibration pass and wrapping it, together
         record["calibration"] = {**config.calibration, "seconds": time.perf_counter() - start,
                                  "selected_parameters": list(config.selected_parameters)}
     try:

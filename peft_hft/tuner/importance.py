@@ -341,8 +341,11 @@ def importance_scores(
         else:
             meter = _GradientMeter(model, units)
             meter.hooks(model, stack)
+        total = len(dataloader) if hasattr(dataloader, "__len__") else None
+        if max_batches is not None:
+            total = max_batches if total is None else min(total, max_batches)
         for batch in tqdm(_batches(dataloader, max_batches), desc=f"calibration ({strategy})", disable=not progress,
-                          total=max_batches):
+                          total=total):
             batch = _to_device(batch, device)
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()

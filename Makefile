@@ -12,12 +12,14 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: help venv test demo lint benchmarks clean
 
 help:
 	@echo "make test        build .venv (if needed) and run the test suite"
-	@echo "make demo        build .venv (if needed) and fine-tune the embedded SmolLM2 model with HFT"
+	@echo "make demo        build .venv (if needed); HFT teaches the embedded SmolLM2 a new skill, keeps what it knew"
+	@echo "                 (make demo DEMO_ARGS=--compare-fft: full fine-tuning side by side)"
 	@echo "make lint        ruff, and the import contracts (layers, no cycles) with import-linter"
 	@echo "make benchmarks  step-time / memory benchmark (HFT vs freezing vs full fine-tuning)"
 
@@ -35,7 +37,7 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv
-	$(PY) examples/quickstart.py
+	$(PY) examples/quickstart.py $(DEMO_ARGS)
 
 lint: venv
 	$(PY) -m ruff check peft_hft tests examples benchmarks

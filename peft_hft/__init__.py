@@ -15,6 +15,7 @@ from __future__ import annotations
 from .format.fingerprint import BaseMismatchError, skip_base_check
 from .integrations.registration import register
 from .tuner.config import HFTConfig
+from .tuner.importance import calibrate, importance_scores
 from .tuner.layer import HFTLayer
 from .tuner.model import HFTModel
 from .tuner.summary import memory_report, plot_selection, selection_summary
@@ -26,6 +27,8 @@ __all__ = [
     "HFTConfig",
     "HFTLayer",
     "HFTModel",
+    "calibrate",
+    "importance_scores",
     "memory_report",
     "plot_selection",
     "selection_summary",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -20,9 +20,22 @@ class Method:
     make_config: Callable[[int], Optional[Any]]  # seed -> PEFT config (None: full fine-tuning)
     ratio: Optional[float] = None  # share of the base tensors trained (None for LoRA)
     adapter_grid: bool = False  # True: uses the adapter learning-rate grid (Protocol.lora_lr_grid)
+    # importance strategy of peft_hft.calibrate that picks the tensors within the config's structure (None: its draw)
+    calibration: Optional[str] = None
 
-    def wrap(self, model: nn.Module, seed: int) -> nn.Module:
-        """The model ready to train: the PEFT model for adapters, the model itself (all trainable) for FFT."""
+    @property
+    def calibration_data(self) -> Optional[str]:
+        """What the calibration pass reads: ``"general"`` text, the ``"task"``'s training batches, or nothing."""
+        if self.calibration is None or self.calibration == "snr":
+            return None
+        return "task" if self.calibration == "gradient" else "general"
+
+    def wrap(self, model: nn.Module, seed: int, calibration_batches: Optional[Iterable] = None) -> nn.Module:
+        """The model ready to train: the PEFT model for adapters, the model itself (all trainable) for FFT.
+
+        Methods with a ``calibration`` strategy score the base model on ``calibration_batches`` first; the adapter is
+        a plain HFT adapter whose config records the strategy.
+        """
         config = self.make_config(seed)
         if config is None:
             for param in model.parameters():
@@ -30,6 +43,12 @@ class Method:
             return model
         from peft import get_peft_model
 
+        if self.calibration is not None:
+            from ..tuner.importance import calibrate
+
+            if self.calibration_data is not None and calibration_batches is None:
+                raise ValueError(f"Method {self.name!r} needs calibration batches ({self.calibration_data} data).")
+            config = calibrate(model, calibration_batches, strategy=self.calibration, config=config)
         return get_peft_model(model, config)
 
 
@@ -44,13 +63,18 @@ def _lora(seed: int) -> Any:
 
 
 def default_methods() -> list[Method]:
-    """Full fine-tuning, HFT (paper default and ratios 0.25 / 0.75), the model-level random half, and LoRA."""
+    """Full fine-tuning, HFT (paper default and ratios 0.25 / 0.75), the model-level random half, HFT's structure with
+    the tensors picked by an importance score (``peft_hft.calibrate``), and LoRA."""
     return [
         Method("fft", "Full fine-tuning", lambda seed: None, ratio=1.0),
         Method("hft", "HFT (category, 0.5)", _hft(0.5), ratio=0.5),
         Method("hft_r0.25", "HFT (category, 0.25)", _hft(0.25), ratio=0.25),
         Method("hft_r0.75", "HFT (category, 0.75)", _hft(0.75), ratio=0.75),
         Method("hft_model", "Random half (model-level)", _hft(0.5, "model"), ratio=0.5),
+        Method("hft_snr", "HFT, highest spectral SNR", _hft(0.5), ratio=0.5, calibration="snr"),
+        Method("hft_wanda", "HFT, least Wanda importance on C4", _hft(0.5), ratio=0.5, calibration="wanda"),
+        Method("hft_fisher", "HFT, least Fisher on C4", _hft(0.5), ratio=0.5, calibration="fisher"),
+        Method("hft_grad", "HFT, largest task gradient", _hft(0.5), ratio=0.5, calibration="gradient"),
         Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),
     ]
 

@@ -188,3 +188,28 @@ def training_batches(
             }
         )
     return batches
+
+
+GENERAL_TEXT = ("llamafactory", "data/c4_demo.jsonl")  # 300 English web documents (C4), no overlap with retention
+
+
+def general_text_batches(
+    tokenizer: Any, sequences: int, max_length: int, batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """The first ``sequences`` documents of C4 (``GENERAL_TEXT``), each cut to ``max_length`` tokens, as padded
+    batches with an attention mask and no labels: general text for the importance strategies that measure what old
+    knowledge needs (``peft_hft.calibrate``'s ``"wanda"`` and ``"fisher"``)."""
+    rows = data.load_jsonl(*GENERAL_TEXT)[:sequences]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [tokenizer(r["text"], add_special_tokens=False).input_ids[:max_length] for r in rows]
+    batches = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        width = max(map(len, chunk))
+        batches.append(
+            {
+                "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in chunk]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk]),
+            }
+        )
+    return batches

@@ -3,11 +3,13 @@ against the share of tensors trained."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 COLORS = {"fft": "tab:red", "hft": "tab:blue", "hft_r0.25": "tab:cyan", "hft_r0.75": "tab:purple",
-          "hft_model": "tab:orange", "lora": "tab:green"}
+          "hft_model": "tab:orange", "lora": "tab:green", "hft_snr": "tab:brown", "hft_wanda": "tab:pink",
+          "hft_fisher": "tab:olive", "hft_grad": "tab:gray"}
 
 
 def _pyplot():
@@ -87,7 +89,7 @@ def plot_retention_per_ratio(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
     ladder = sorted(
         (m["ratio"], name) for name, m in summary["methods"].items()
-        if name == "fft" or (name.startswith("hft") and name != "hft_model")
+        if name in ("fft", "hft") or name.startswith("hft_r")
     )
     for ax, (key, ylabel, scale, base_value) in zip(axes.flat, panels, strict=False):
         points = [(r, summary["methods"][n]["metrics"].get(key)) for r, n in ladder]
@@ -113,6 +115,39 @@ def plot_retention_per_ratio(summary: dict[str, Any], path: Path) -> None:
         ax.axis("off")
     list(axes.flat)[0].legend(fontsize=7)
     fig.suptitle("Retention per ratio (mean ± std over seeds)")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_paired_differences(summary: dict[str, Any], path: Path, metrics: Sequence[tuple[str, float, str]]) -> None:
+    """One panel per paired metric (``report.PAIRED_METRICS``: key, scale, label): each method's per-seed difference
+    against full fine-tuning (dots) and the mean with its 95% t-interval. Left of zero on the forgetting panels =
+    forgot less than FFT on the same seed."""
+    plt = _pyplot()
+    paired = summary.get("paired") or {}
+    names = list(paired)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 0.9 + 0.5 * len(names)),
+                             squeeze=False)
+    for ax, (key, _, label) in zip(axes[0], metrics, strict=True):
+        for row, name in enumerate(names):
+            stat = paired[name].get(key)
+            if not stat or stat["mean"] is None:
+                continue
+            color = COLORS.get(name, "black")
+            ax.scatter(stat["values"], [row] * len(stat["values"]), color=color, alpha=0.4, s=18)
+            if stat.get("ci95"):
+                lo, hi = stat["ci95"]
+                ax.errorbar([stat["mean"]], [row], xerr=[[stat["mean"] - lo], [hi - stat["mean"]]], fmt="o",
+                            color=color, capsize=3)
+            else:
+                ax.plot([stat["mean"]], [row], "o", color=color)
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([summary["methods"][n]["label"] for n in names] if ax is axes[0][0] else [""] * len(names))
+        ax.set_xlabel(f"{label}, method minus FFT")
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle("Paired differences against full fine-tuning (per seed; mean and 95% t-interval)")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -43,6 +43,11 @@ class Protocol:
         default_factory=lambda: {"wikipedia": 150, "mmlu": 150, "socialiqa": 150}
     )
     eval_batch_size: int = 16
+    # Calibration of the importance-ranked HFT methods (peft_hft.calibrate): this many sequences, as batches of
+    # ``batch_size``: the first C4 documents of llamafactory's c4_demo.jsonl cut to ``calibration_max_length`` tokens
+    # (general text: "wanda", "fisher"), or the run's own first training batches (the new task: "gradient").
+    calibration_sequences: int = 32
+    calibration_max_length: int = 128
 
     def validate(self) -> None:
         """Reject settings that cannot give a meaningful benchmark, with the fix in the message."""
@@ -61,6 +66,8 @@ class Protocol:
             raise ValueError(f"loss must be one of {LOSS_MODES}, got {self.loss!r}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.calibration_sequences < 1 or self.calibration_max_length < 8:
+            raise ValueError("calibration_sequences must be >= 1 and calibration_max_length >= 8.")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}.")
 
@@ -102,6 +109,11 @@ def bind(protocol: Protocol, output: Path) -> None:
         stored = json.loads(path.read_text())
         # the methods are independent runs: running a subset, or adding one later, keeps the protocol
         stored["methods"] = wanted["methods"]
+        # a setting added to Protocol after the file was written, left at its default, is the protocol it ran under
+        defaults = json.loads(json.dumps(Protocol().to_dict()))
+        for key, value in wanted.items():
+            if key not in stored and value == defaults.get(key):
+                stored[key] = value
         if stored != wanted:
             diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
             raise ValueError(

@@ -12,6 +12,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 PERPLEXITY_METRIC = "word_perplexity"
+REFERENCE_METHOD = "fft"
+# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy dependency); 1.96 beyond the table.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+# Metrics compared seed by seed against the reference: (key, scale, label); accuracies in points.
+PAIRED_METRICS = (
+    ("new_task_acc", 100.0, "new-task acc (pts)"),
+    ("wikipedia_ppl_increase_pct", 1.0, "Wikipedia ppl increase (pct. points)"),
+    ("mean_mc_forgetting_pts", 1.0, "mean MC forgetting (pts)"),
+)
 # Retention multiple choice is scored cloze style; the length-normalised accuracy is the standard metric there.
 RETENTION_MC_METRIC = "acc_norm"
 
@@ -42,14 +52,58 @@ def metrics_of(scores: dict[str, dict[str, float]], base: dict[str, dict[str, fl
     return out
 
 
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (the next smaller tabulated df)."""
+    if df < 1:
+        return float("nan")
+    return _T95[max(k for k in _T95 if k <= df)] if df <= 30 else 1.96
+
+
+def _interval(values: list[float]) -> dict[str, Any]:
+    """Mean and 95% t-interval of paired differences (no interval from a single pair)."""
+    stat = _mean_std(values)
+    if stat["n"] < 2:
+        return {**stat, "ci95": None}
+    half = t95(stat["n"] - 1) * stat["std"] / stat["n"] ** 0.5
+    return {**stat, "ci95": [stat["mean"] - half, stat["mean"] + half]}
+
+
+def paired_differences(per_seed: dict[str, dict[int, dict[str, float]]], reference: str = REFERENCE_METHOD):
+    """Seed-by-seed differences of every method against ``reference`` (same seed = same batches, same order).
+
+    For each metric of ``PAIRED_METRICS``: the per-seed differences (method minus reference, in points), their mean
+    and a 95% t-interval; and, for the Wikipedia perplexity increase, the per-seed ratio method / reference (the
+    issue's target is a ratio of at most 0.6 at a new-task accuracy no lower than the reference's).
+    """
+    if reference not in per_seed:
+        return {}
+    ref = per_seed[reference]
+    out = {}
+    for name, seeds in per_seed.items():
+        if name == reference:
+            continue
+        common = sorted(set(seeds) & set(ref))
+        entry: dict[str, Any] = {"seeds": common}
+        for key, scale, _ in PAIRED_METRICS:
+            if all(key in seeds[s] and key in ref[s] for s in common):
+                entry[key] = _interval([scale * (seeds[s][key] - ref[s][key]) for s in common])
+        ppl = "wikipedia_ppl_increase_pct"
+        if common and all(ppl in seeds[s] and ref[s].get(ppl) for s in common):
+            entry["wikipedia_ppl_increase_ratio"] = _interval([seeds[s][ppl] / ref[s][ppl] for s in common])
+        out[name] = entry
+    return out
+
+
 def summarise(results: dict[str, Any], task: str, labels: dict[str, str], ratios: dict[str, Optional[float]]):
     """Per-method aggregates over seeds at the chosen learning rate, and the grid (first seed, every rate)."""
     base_scores = results["base"]["scores"]
     base_metrics = metrics_of(base_scores, base_scores, task)
     methods = {}
+    by_seed: dict[str, dict[int, dict[str, float]]] = {}
     for name, records in results["finals"].items():
         ok = [r for r in records if not r.get("diverged")]
         per_seed = [metrics_of(r["scores"], base_scores, task) for r in ok]
+        by_seed[name] = {r["seed"]: m for r, m in zip(ok, per_seed, strict=True)}
         keys = per_seed[0].keys() if per_seed else []
         methods[name] = {
             "label": labels[name],
@@ -71,7 +125,7 @@ def summarise(results: dict[str, Any], task: str, labels: dict[str, str], ratios
         for name, records in results["grid"].items()
     }
     return {"task": task, "base": base_metrics, "base_scores": base_scores, "methods": methods, "grid": grid,
-            "timing": _timing(results)}
+            "paired": paired_differences(by_seed), "timing": _timing(results)}
 
 
 def _timing(results: dict[str, Any]) -> dict[str, float]:
@@ -123,6 +177,32 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci(stat: Optional[dict[str, Any]], digits: int = 1) -> str:
+    if not stat or stat["mean"] is None:
+        return "n/a"
+    values = ", ".join(f"{v:+.{digits}f}" for v in stat["values"])
+    if stat.get("ci95") is None:
+        return f"{stat['mean']:+.{digits}f} ({values})"
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] ({values})"
+
+
+def paired_table(summary: dict[str, Any]) -> str:
+    """Per-seed differences against full fine-tuning: mean [95% t-interval] (the seeds' values)."""
+    paired = summary.get("paired") or {}
+    if not paired:
+        return ""
+    header = ["Method", "seeds"] + [label for _, _, label in PAIRED_METRICS] + ["Wikipedia ppl increase / FFT's"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in paired.items():
+        row = [summary["methods"][name]["label"], ",".join(map(str, entry["seeds"]))]
+        row += [_ci(entry.get(key)) for key, _, _ in PAIRED_METRICS]
+        ratio = entry.get("wikipedia_ppl_increase_ratio")
+        row.append(_ci(ratio, 2).replace("+", "") if ratio else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def grid_table(summary: dict[str, Any]) -> str:
     """The learning-rate grid (first seed): the validation accuracy each rate was chosen by."""
     lines = ["| Method | lr | Validation acc (%) | Chosen |", "|---|---|---|---|"]
@@ -142,7 +222,7 @@ def _count(n: int) -> str:
 def write_outputs(summary: dict[str, Any], output: Path) -> dict[str, Path]:
     """``results.json``, ``results.md`` and the PNG plots in ``output``; returns their paths."""
     from ..utils import atomic_write
-    from .plots import plot_forgetting_vs_new_task, plot_retention_per_ratio
+    from .plots import plot_forgetting_vs_new_task, plot_paired_differences, plot_retention_per_ratio
 
     paths = {
         "json": output / "results.json",
@@ -150,10 +230,17 @@ def write_outputs(summary: dict[str, Any], output: Path) -> dict[str, Path]:
         "forgetting_plot": output / "forgetting_vs_new_task.png",
         "ratio_plot": output / "retention_per_ratio.png",
     }
+    if summary.get("paired"):
+        paths["paired_plot"] = output / "paired_differences.png"
     atomic_write(paths["json"], (json.dumps(summary, indent=1) + "\n").encode())
     text = "## Results (mean ± std over seeds, chosen learning rate)\n\n" + markdown_table(summary)
+    if summary.get("paired"):
+        text += ("\n## Paired differences against full fine-tuning (method minus FFT, same seed; mean [95% "
+                 "t-interval] (per seed))\n\n" + paired_table(summary))
     text += "\n## Learning-rate grid (first seed)\n\n" + grid_table(summary)
     atomic_write(paths["markdown"], text.encode())
     plot_forgetting_vs_new_task(summary, paths["forgetting_plot"])
     plot_retention_per_ratio(summary, paths["ratio_plot"])
+    if "paired_plot" in paths:
+        plot_paired_differences(summary, paths["paired_plot"], PAIRED_METRICS)
     return paths

@@ -9,6 +9,7 @@ seeds are trained at that rate.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -23,7 +24,7 @@ from torch import nn
 from ..utils import atomic_write
 from .evaluate import evaluate
 from .methods import Method, default_methods, select_methods
-from .newtask import NewTask, load_new_task, training_batches
+from .newtask import NewTask, general_text_batches, load_new_task, training_batches
 from .protocol import Protocol, bind
 from .tasks import EvalSpec, retention_specs
 from .train import train
@@ -43,6 +44,7 @@ class Bench:
     specs: list[EvalSpec]  # validation, test, then the retention sets
     methods: list[Method]
     device: torch.device
+    general_text: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)  # calibration batches
 
     @property
     def runs_dir(self) -> Path:
@@ -50,6 +52,20 @@ class Bench:
 
     def lr_grid(self, method: Method) -> list[float]:
         return list(self.protocol.lora_lr_grid if method.adapter_grid else self.protocol.full_lr_grid)
+
+    def calibration_batches(self, method: Method, seed: int) -> Optional[list[dict[str, torch.Tensor]]]:
+        """What ``method``'s calibration pass reads: general text, or the run's own first training batches."""
+        p = self.protocol
+        if method.calibration_data == "general":
+            if not self.general_text:
+                self.general_text = general_text_batches(
+                    self.tokenizer, p.calibration_sequences, p.calibration_max_length, p.batch_size
+                )
+            return self.general_text
+        if method.calibration_data == "task":
+            steps = max(1, p.calibration_sequences // p.batch_size)
+            return training_batches(self.task, self.tokenizer, p.batch_size, steps, seed, p.loss, p.max_length)
+        return None
 
 
 def run_name(method: str, lr: float, seed: int) -> str:
@@ -138,9 +154,15 @@ def _train(bench: Bench, method: Method, lr: float, seed: int) -> tuple[dict[str
     p = bench.protocol
     name = run_name(method.name, lr, seed)
     torch.manual_seed(seed)  # LoRA's initialisation; HFT's selection uses HFTConfig.seed
-    model = method.wrap(copy.deepcopy(bench.base_model), seed)
+    start = time.perf_counter()
+    model = method.wrap(copy.deepcopy(bench.base_model), seed, bench.calibration_batches(method, seed))
     batches = training_batches(bench.task, bench.tokenizer, p.batch_size, p.steps, seed, p.loss, p.max_length)
     record: dict[str, Any] = {"run": name, "method": method.name, "lr": lr, "seed": seed}
+    config = getattr(model, "peft_config", {}).get("default")
+    if getattr(config, "calibration", None) is not None:
+        # seconds: copying the base model, the calibration pass and wrapping it, together
+        record["calibration"] = {**config.calibration, "seconds": time.perf_counter() - start,
+                                 "selected_parameters": list(config.selected_parameters)}
     try:
         record["train"] = train(model, batches, lr, warmup=p.warmup, precision=p.precision, desc=name)
     except FloatingPointError as exc:

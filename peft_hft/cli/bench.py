@@ -51,7 +51,8 @@ def _limits(text: str) -> dict[str, Optional[int]]:
 OPTIONS = {
     "--model": ("model", str, "'default' (embedded SmolLM2-135M-Instruct) or a local checkpoint directory"),
     "--task": ("task", str, "'sarcasm' or a JSON-lines file of {\"input\": [messages], \"ideal\": answer}"),
-    "--methods": ("methods", _names, "comma-separated subset of fft,hft,hft_r0.25,hft_r0.75,hft_model,lora"),
+    "--methods": ("methods", _names, "comma-separated subset of fft,hft,hft_r0.25,hft_r0.75,hft_model,hft_snr,"
+                  "hft_wanda,hft_fisher,hft_grad,lora (the hft_<score> methods: peft_hft.calibrate)"),
     "--seeds": ("seeds", _ints, "comma-separated seeds; the first one also runs the learning-rate grid"),
     "--lr-grid": ("full_lr_grid", _floats, "learning-rate grid of full fine-tuning and the HFT variants"),
     "--lora-lr-grid": ("lora_lr_grid", _floats, "learning-rate grid of LoRA"),
@@ -129,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     paths = run(protocol, output, device=args.device)
     print(f"Finished in {time.perf_counter() - start:.0f} s. Results: {paths['markdown']}")
-    for key in ("json", "forgetting_plot", "ratio_plot"):
-        print(f"  {paths[key]}")
+    for key in ("json", "forgetting_plot", "ratio_plot", "paired_plot"):
+        if key in paths:
+            print(f"  {paths[key]}")
     return 0
 
 

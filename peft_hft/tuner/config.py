@@ -50,6 +50,9 @@ class HFTConfig(PeftConfig):
         selected_parameters: The resolved selection: fully qualified parameter names, e.g.
             ``model.layers.0.self_attn.q_proj.weight``. Filled in when the adapter is created and saved with it. If
             given, it is used as is (a custom selection) and the strategy is not consulted.
+        calibration: Written by :func:`peft_hft.calibrate`, never set by hand: how ``selected_parameters`` was chosen
+            (the importance strategy, the structure it kept, and how much calibration data it saw). ``None`` for the
+            random draw. Informational: loading an adapter uses ``selected_parameters`` as saved.
         originals_device: Where the original values of the trained tensors are kept (needed for the diffs, for
             ``disable_adapter`` and for ``unmerge``): ``"cpu"`` (default) keeps them in host memory, off the
             accelerator; ``"device"`` keeps them beside the weights, which makes ``disable_adapter`` free (useful for
@@ -96,6 +99,9 @@ class HFTConfig(PeftConfig):
     )
     selected_parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Resolved selection (fully qualified parameter names)."}
+    )
+    calibration: Optional[dict] = field(
+        default=None, metadata={"help": "How selected_parameters was chosen by peft_hft.calibrate (None: random)."}
     )
     originals_device: Literal["cpu", "device"] = field(
         default="cpu", metadata={"help": "Where the original values of trained tensors are kept."}
@@ -172,6 +178,17 @@ class HFTConfig(PeftConfig):
                     "Leave it as None to let the strategy choose."
                 )
             self.selected_parameters = list(self.selected_parameters)
+        if self.calibration is not None:
+            if not isinstance(self.calibration, dict):
+                raise ValueError(
+                    "HFTConfig.calibration is written by peft_hft.calibrate and must be a dict or None, got "
+                    f"{type(self.calibration).__name__}."
+                )
+            if self.selected_parameters is None:
+                raise ValueError(
+                    "HFTConfig.calibration records how selected_parameters was chosen, but selected_parameters is "
+                    "unset. Fix: build the config with peft_hft.calibrate(model, dataloader, ...), or drop calibration."
+                )
         if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, dict):
             raise ValueError(
                 "HFTConfig.base_fingerprint is written by save_pretrained and must be a dict or None, got "

@@ -17,7 +17,7 @@ import math
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Sequence, Set
+from collections.abc import Callable, Collection, Mapping, Sequence, Set
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional, Union
@@ -267,22 +267,31 @@ def _best_subset(
     weight: Callable[[Unit], int],
     rng: random.Random,
     avoid: Set[str] = frozenset(),
+    rank: Optional[Mapping[str, float]] = None,
 ) -> list[Unit]:
     """A subset of ``units`` whose total weight is closest to ``goal``; among those, one with the least weight of the
-    units named in ``avoid``; remaining ties are broken uniformly at random."""
+    units named in ``avoid``, then (with ``rank``: unit name -> score) the highest total score; remaining ties are
+    broken uniformly at random. A group with any unranked unit is drawn as if there were no ranking."""
     weights = [weight(u) for u in units]
+    ranked = rank is not None and all(u.name in rank for u in units)
     if len(set(weights)) <= 1 and not avoid:
         w = weights[0] if weights else 1
         costs = [abs(k * w - goal) for k in range(len(units) + 1)]
         best = min(costs)
         k = rng.choice([k for k, c in enumerate(costs) if c == best])
+        if ranked:
+            return _by_rank(units, rank, rng)[:k]
         return rng.sample(units, k)
     if len(units) <= _MAX_ENUMERATED_UNITS:
         subsets = [
             combo for r in range(len(units) + 1) for combo in itertools.combinations(range(len(units)), r)
         ]
         costs = [
-            (abs(sum(weights[i] for i in combo) - goal), sum(weights[i] for i in combo if units[i].name in avoid))
+            (
+                abs(sum(weights[i] for i in combo) - goal),
+                sum(weights[i] for i in combo if units[i].name in avoid),
+                -sum(rank[units[i].name] for i in combo) if ranked else 0,
+            )
             for combo in subsets
         ]
         best = min(costs)
@@ -290,7 +299,8 @@ def _best_subset(
         return [units[i] for i in combo]
     order = list(range(len(units)))
     rng.shuffle(order)
-    order.sort(key=lambda i: units[i].name in avoid)  # stable: preferred units first, each part in random order
+    # stable: preferred units first (then, ranked, the best scores first), each part in random order
+    order.sort(key=lambda i: (units[i].name in avoid, -rank[units[i].name] if ranked else 0))
     chosen, total = [], 0
     for i in order:
         if abs(total + weights[i] - goal) < abs(total - goal):
@@ -305,6 +315,7 @@ def choose(
     weight: Callable[[Unit], int],
     rng: random.Random,
     avoid: Set[str] = frozenset(),
+    rank: Optional[Mapping[str, float]] = None,
 ) -> list[Unit]:
     """Choose about ``ratio`` of every group's weight while keeping the running total within one unit of the
     exact share: groups are visited in random order and each one absorbs the rounding error of those before it.
@@ -328,7 +339,7 @@ def choose(
         if not units:
             continue
         target = ratio_q * sum(weight(u) for u in units)
-        subset = _best_subset(units, target - error, weight, rng, avoid)
+        subset = _best_subset(units, target - error, weight, rng, avoid, rank)
         error += sum(weight(u) for u in subset) - target
         chosen.extend(subset)
     return chosen
@@ -377,6 +388,14 @@ def _choose_avoiding(
     return chosen
 
 
+def _by_rank(units: Sequence[Unit], rank: Mapping[str, float], rng: random.Random) -> list[Unit]:
+    """``units`` from the highest score to the lowest, equal scores in random order."""
+    order = list(units)
+    rng.shuffle(order)
+    order.sort(key=lambda u: -rank[u.name])
+    return order
+
+
 def _count(_: Unit) -> int:
     return 1
 
@@ -385,13 +404,28 @@ def _numel(unit: Unit) -> int:
     return unit.numel
 
 
-def select_units(layout: ModelLayout, config: HFTConfig, avoid: Collection[str] = ()) -> list[Unit]:
+def select_units(
+    layout: ModelLayout,
+    config: HFTConfig,
+    avoid: Collection[str] = (),
+    rank: Optional[Mapping[str, float]] = None,
+) -> list[Unit]:
     """Draw the units ``config`` asks for from ``layout`` (deterministic in ``config.seed`` and ``avoid``).
 
     ``avoid`` names parameters to leave out wherever the strategy's structure allows (see :func:`choose`): a unit is
     avoided when any of its parameters is named. Embeddings, ``lm_head`` and the final norm are trained regardless
     when ``train_embeddings`` is set. Without ``avoid`` the draw is exactly the plain one.
+
+    ``rank`` (unit name -> score, higher is trained first; see ``importance.py``) keeps the structure and the
+    rounding of the plain draw but, within every group, takes the best-scored units instead of random ones.
     """
+    if rank is not None and avoid:
+        raise ValueError("A ranked selection cannot also avoid tensors; pass either rank or avoid.")
+    if rank is not None and config.strategy == "layer":
+        raise ValueError(
+            "strategy='layer' trains whole blocks and has nothing to rank within them; use 'category', "
+            "'param_count' or 'model' with a ranked selection."
+        )
     rng = random.Random(config.seed)
     avoid_names = set(avoid)
     avoided = frozenset(u.name for u in layout.units if avoid_names.intersection(u.params))
@@ -414,11 +448,11 @@ def select_units(layout: ModelLayout, config: HFTConfig, avoid: Collection[str] 
             for u in block_pool:
                 if u.category == category:
                     groups[u.block].append(u)
-            chosen += choose([groups[b] for b in sorted(groups)], config.ratio, weight, rng, avoided)
-        chosen += choose([outside_other], config.ratio, weight, rng, avoided)
+            chosen += choose([groups[b] for b in sorted(groups)], config.ratio, weight, rng, avoided, rank)
+        chosen += choose([outside_other], config.ratio, weight, rng, avoided, rank)
     elif config.strategy == "model":
         pool = block_pool if layout.num_blocks else [u for u in layout.units if in_pool(u)]
-        chosen += choose([pool], config.ratio, _count, rng, avoided)
+        chosen += choose([pool], config.ratio, _count, rng, avoided, rank)
     elif config.strategy == "layer":
         by_block: dict[int, list[Unit]] = defaultdict(list)
         for u in block_pool:
@@ -436,8 +470,16 @@ def select_units(layout: ModelLayout, config: HFTConfig, avoid: Collection[str] 
     return chosen
 
 
-def resolve_selection(model: nn.Module, config: HFTConfig, avoid: Collection[str] = ()) -> list[str]:
+def resolve_selection(
+    model: nn.Module,
+    config: HFTConfig,
+    avoid: Collection[str] = (),
+    rank: Optional[Mapping[str, float]] = None,
+) -> list[str]:
     """Return the parameter names ``config`` selects in ``model``, in the model's parameter order.
+
+    ``rank``: a score per unit (its main parameter's name; higher trains first) that picks the tensors within the
+    strategy's structure instead of the random draw (see :func:`peft_hft.calibrate`).
 
     ``avoid``: parameter names to leave out where the strategy's structure allows (as few of them as possible are
     drawn; see :func:`select_units`). Continual learning uses it to train tensors the previous stage left alone.
@@ -457,7 +499,7 @@ def resolve_selection(model: nn.Module, config: HFTConfig, avoid: Collection[str
             "blocks. Fix: pass layers_pattern='<name of the ModuleList holding the layers>', use strategy='model' "
             "(a random share of all tensors), or list the tensors to train in selected_parameters."
         )
-    units = select_units(layout, config, avoid)
+    units = select_units(layout, config, avoid, rank)
     names = {p for u in units for p in u.params}
     names |= _extra_trainable(model, layout, config)
     if not names:

@@ -181,6 +181,35 @@ def test_a_results_directory_refuses_another_protocol(tmp_path):
         Protocol(loss="prompt").validate()
 
 
+def test_paired_differences_against_fft_with_a_t_interval():
+    fft = {s: {"new_task_acc": 0.6, "wikipedia_ppl_increase_pct": v} for s, v in ((0, 10.0), (1, 20.0), (2, 30.0))}
+    hft = {0: {"new_task_acc": 0.7, "wikipedia_ppl_increase_pct": 5.0},
+           1: {"new_task_acc": 0.6, "wikipedia_ppl_increase_pct": 12.0},
+           2: {"new_task_acc": 0.8, "wikipedia_ppl_increase_pct": 15.0}}
+    paired = report.paired_differences({"fft": fft, "hft": hft, "lora": {1: hft[1]}})
+    entry = paired["hft"]
+    assert entry["seeds"] == [0, 1, 2] and "mean_mc_forgetting_pts" not in entry
+    ppl = entry["wikipedia_ppl_increase_pct"]
+    assert ppl["values"] == pytest.approx([-5.0, -8.0, -15.0]) and ppl["mean"] == pytest.approx(-28 / 3)
+    half = 4.303 * ppl["std"] / 3 ** 0.5  # Student's t, 2 degrees of freedom
+    assert ppl["ci95"] == pytest.approx([ppl["mean"] - half, ppl["mean"] + half])
+    assert entry["new_task_acc"]["values"] == pytest.approx([10.0, 0.0, 20.0])  # in points
+    assert entry["wikipedia_ppl_increase_ratio"]["values"] == pytest.approx([0.5, 0.6, 0.5])
+    assert paired["lora"]["seeds"] == [1] and paired["lora"]["new_task_acc"]["ci95"] is None  # one pair: no interval
+    assert report.t95(2) == 4.303 and report.t95(12) == report.t95(10) and report.t95(100) == 1.96
+    assert "fft" not in paired and report.paired_differences({"hft": hft}) == {}
+
+
+def test_settings_added_later_at_their_default_keep_an_older_results_directory(tmp_path):
+    bind(Protocol(), tmp_path)
+    stored = json.loads((tmp_path / "protocol.json").read_text())
+    del stored["calibration_sequences"]  # written before that setting existed
+    (tmp_path / "protocol.json").write_text(json.dumps(stored))
+    bind(Protocol(), tmp_path)
+    with pytest.raises(ValueError, match="calibration_sequences"):
+        bind(Protocol(calibration_sequences=8), tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- the quick mode
 
 
@@ -212,7 +241,7 @@ def test_quick_mode_reports_every_method_and_metric(quick_results):
 def test_quick_mode_writes_valid_pngs(quick_results):
     import matplotlib.image
 
-    for name in ("forgetting_vs_new_task.png", "retention_per_ratio.png"):
+    for name in ("forgetting_vs_new_task.png", "retention_per_ratio.png", "paired_differences.png"):
         path = quick_results / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         image = matplotlib.image.imread(path)
@@ -231,6 +260,24 @@ def test_quick_mode_resumes_without_training_again(quick_results, monkeypatch):
     assert {p: p.read_text() for p in (quick_results / "runs").rglob("*.json")} == before
     with pytest.raises(ValueError, match="different protocol"):
         cli.main(["forgetting", "--quick", "--steps", "5", "--output", str(quick_results)])
+
+
+def test_quick_mode_runs_the_importance_ranked_methods(tmp_path):
+    methods = "fft,hft_snr,hft_wanda,hft_fisher,hft_grad"
+    assert cli.main(["forgetting", "--quick", "--seeds", "0", "--methods", methods, "--output", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert list(summary["methods"]) == methods.split(",") and set(summary["paired"]) == set(methods.split(",")[1:])
+    selections = {}
+    for name, strategy in (("hft_snr", "snr"), ("hft_wanda", "wanda"), ("hft_fisher", "fisher"),
+                           ("hft_grad", "gradient")):
+        lr = summary["methods"][name]["lr"]
+        record = json.loads((tmp_path / "runs" / f"{runner.run_name(name, lr, 0)}.json").read_text())
+        calibration = record["calibration"]
+        assert calibration["strategy"] == strategy and calibration["structure"] == "category"
+        assert calibration["batches"] == (0 if strategy == "snr" else 8)  # 32 sequences in batches of 4
+        selections[name] = tuple(calibration["selected_parameters"])
+    assert len(set(selections.values())) > 1  # the scores choose different tensors
+    assert "Paired differences against full fine-tuning" in (tmp_path / "results.md").read_text()
 
 
 def test_cli_rejects_bad_values_before_writing_anything(tmp_path):

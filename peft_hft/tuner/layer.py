@@ -112,12 +112,10 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         """Nothing to move: HFT adds no adapter weights, and its stored tensors follow the weights lazily."""
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """PEFT's ``convert_to_lora`` converts one tuner layer per module; the ledger is one layer for all of them."""
-        raise TypeError(
-            "peft.convert_to_lora works per tuner layer, and HFT has none per module. Fix: convert HFT adapters with "
-            "peft_hft.ops.to_lora.convert_to_lora(model, rank) / save_as_lora(path, model, rank), or the command "
-            "`peft-hft to-lora ADAPTER OUT --rank R`."
-        )
+        """False, as PEFT's query expects of a layer it cannot convert: ``peft.convert_to_lora`` converts one tuner
+        layer per module, and the ledger is one layer for all of them. HFT adapters convert with
+        :func:`peft_hft.ops.to_lora.convert_to_lora` (``peft-hft to-lora``) instead."""
+        return False
 
     def extra_repr(self) -> str:
         sizes = {name: len(a.params) for name, a in self.hft_adapters.items()}

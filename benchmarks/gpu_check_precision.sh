@@ -20,16 +20,6 @@ from peft_hft.resources.default_model import default_model_path
 print("model:", default_model_path())
 PYEOF
 
-status=0
-run() {
-  local name=$1; shift
-  local start; start=$(date +%s)
-  timeout "${RUN_TIMEOUT_S:-300}" "$PY" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "=== $name: exit $rc, $(( $(date +%s) - start )) s wall (log: $OUT/$name.log)" | tee -a "$OUT/summary.txt"
-  grep -v -e 'it/s]' -e 's/it]' "$OUT/$name.log" | tail -14
-  [ "$rc" -eq 0 ] || status=1
-}
 run cuda_tests -m pytest -q tests/tuner/test_cuda.py -p no:cacheprovider
 run bench_bf16 benchmarks/bench_training.py --device cuda --dtype bfloat16 --batch-size 8 --seq-len 512 \
   --output "$OUT"

@@ -37,16 +37,6 @@ from peft_hft.resources.data import alpaca_demo, dpo_demo
 print("data:", len(alpaca_demo()), "SFT examples,", len(dpo_demo()), "preference pairs")
 EOF
 
-status=0
-run() {
-  local name=$1; shift
-  local start; start=$(date +%s)
-  timeout "${RUN_TIMEOUT_S:-300}" "$PY" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "=== $name: exit $rc, $(( $(date +%s) - start )) s wall (log: $OUT/$name.log)" | tee -a "$OUT/summary.txt"
-  grep -v -e 'it/s]' -e 's/it]' "$OUT/$name.log" | tail -16
-  [ "$rc" -eq 0 ] || status=1
-}
 run sft examples/sft_hft.py "${MODEL_ARGS[@]}" --output-dir "$OUT/sft"
 run dpo examples/dpo_hft.py "${MODEL_ARGS[@]}" --output-dir "$OUT/dpo"
 run dpo_stage2 examples/dpo_hft.py "${MODEL_ARGS[@]}" --sft-adapter "$OUT/sft" --seed 1 --output-dir "$OUT/dpo_stage2"

@@ -8,3 +8,16 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false \
   PYTHONUNBUFFERED=1
+
+# run NAME ARGS...: one check step with its own log and time limit; "=== NAME: exit RC" goes to $OUT/summary.txt, the
+# log's tail (progress bars left out) to the terminal; a failing step sets status=1 and the script goes on.
+status=0
+run() {
+  local name=$1; shift
+  local start; start=$(date +%s)
+  timeout "${RUN_TIMEOUT_S:-300}" "$PY" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc, $(( $(date +%s) - start )) s wall (log: $OUT/$name.log)" | tee -a "$OUT/summary.txt"
+  grep -v -e 'it/s]' -e 's/it]' "$OUT/$name.log" | tail -"${RUN_TAIL_LINES:-16}"
+  [ "$rc" -eq 0 ] || status=1
+}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -99,3 +100,20 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     mask = batch["completion_mask"][:, 1:].bool()
     logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return (logps * mask).sum(dim=1)
+
+
+def reference_passes_see(monkeypatch, expected: dict[str, torch.Tensor], model) -> list[bool]:
+    """Record, for every reference pass TRL makes, whether the weights then equal ``expected``."""
+    import trl.trainer.dpo_trainer as dpo_module
+
+    seen = []
+    original = dpo_module.use_adapter
+
+    @contextlib.contextmanager
+    def checking(peft_model, adapter_name):
+        with original(peft_model, adapter_name):
+            seen.append(all(torch.equal(p.detach(), expected[n]) for n, p in model.named_parameters()))
+            yield
+
+    monkeypatch.setattr(dpo_module, "use_adapter", checking)
+    return seen

@@ -4,14 +4,12 @@ HFT stages."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import warnings
 
 import pytest
 import torch
-import trl.trainer.dpo_trainer as dpo_module
 from peft import PeftModel, get_peft_model
 from tiny_tokenizer import build_tokenizer, chat_model
 from transformers import TrainerCallback
@@ -19,6 +17,7 @@ from trl_helpers import (
     changed,
     completion_logps,
     dpo_trainer,
+    reference_passes_see,
     selection,
     sft_trainer,
     snapshot,
@@ -48,21 +47,6 @@ class _CountModels(TrainerCallback):
         self.counts.append(_live_models(self.cls))
 
 
-def _reference_passes_see(monkeypatch, expected: dict[str, torch.Tensor], model) -> list[bool]:
-    """Record, for every reference pass TRL makes, whether the weights then equal ``expected``."""
-    seen = []
-    original = dpo_module.use_adapter
-
-    @contextlib.contextmanager
-    def checking(peft_model, adapter_name):
-        with original(peft_model, adapter_name):
-            seen.append(all(torch.equal(p.detach(), expected[n]) for n, p in model.named_parameters()))
-            yield
-
-    monkeypatch.setattr(dpo_module, "use_adapter", checking)
-    return seen
-
-
 def test_dpo_reference_is_the_untouched_base_and_no_second_model_exists(tmp_path, monkeypatch):
     model = chat_model(build_tokenizer())
     base = snapshot(model)
@@ -73,7 +57,7 @@ def test_dpo_reference_is_the_untouched_base_and_no_second_model_exists(tmp_path
     del untouched
     assert trainer.ref_model is None
 
-    reference_weights = _reference_passes_see(monkeypatch, base, model)
+    reference_weights = reference_passes_see(monkeypatch, base, model)
     counter = _CountModels(type(model))
     trainer.add_callback(counter)
     trainer.train()

@@ -367,23 +367,13 @@ def test_trl_sft_trainer_with_bf16(tmp_path):
 
 
 def test_trl_dpo_trainer_with_bf16_reference_is_the_bf16_base(tmp_path, monkeypatch):
-    import trl.trainer.dpo_trainer as dpo_module
     from tiny_tokenizer import build_tokenizer, chat_model
-    from trl_helpers import dpo_trainer
+    from trl_helpers import dpo_trainer, reference_passes_see
 
     model = chat_model(build_tokenizer()).to(BF16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = dpo_trainer(model, tmp_path, HFTConfig(seed=1), bf16=True, learning_rate=LR, max_steps=3)
-    seen = []
-    original = dpo_module.use_adapter
-
-    @contextlib.contextmanager
-    def checking(peft_model, adapter_name):
-        with original(peft_model, adapter_name):
-            seen.append(all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()))
-            yield
-
-    monkeypatch.setattr(dpo_module, "use_adapter", checking)
+    seen = reference_passes_see(monkeypatch, before, model)
     trainer.train()
     assert seen and all(seen)  # every reference pass ran on the bf16 base, bit for bit
     _assert_trained_on_masters(trainer.model, before, trainer.optimizer)

@@ -7,17 +7,6 @@ an HFT adapter (see :mod:`peft_hft.integrations.trl_cli`). Under accelerate: ``a
 
 from __future__ import annotations
 
-import argparse
-
 HELP = "preference optimisation (DPO) with HFT through TRL's dpo script (TRL's arguments, YAML --config, --hft_*)"
-PASSTHROUGH = True  # TRL's parser reads the arguments (`peft-hft dpo --help` shows them)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Nothing: every argument goes to TRL's parser."""
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..integrations.trl_cli import run as run_trl_script
-
-    return run_trl_script("dpo", args.passthrough_args)
+# Like `peft-hft sft`: every argument goes to TRL's parser, and TRL's script of the command's name runs.
+from .sft import PASSTHROUGH, add_arguments, run  # noqa: E402,F401

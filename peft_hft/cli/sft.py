@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run TRL's script of the same name as the command (``sft`` here; ``peft-hft dpo`` shares this function)."""
     from ..integrations.trl_cli import run as run_trl_script
 
-    return run_trl_script("sft", args.passthrough_args)
+    return run_trl_script(args.command, args.passthrough_args)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import statistics
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -114,3 +115,34 @@ def atomic_directory(destination: PathLike, overwrite: bool = False) -> Iterator
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy dependency); 1.96 beyond the table.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (the next smaller tabulated df)."""
+    if df < 1:
+        return float("nan")
+    return _T95[max(k for k in _T95 if k <= df)] if df <= 30 else 1.96
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation, count and the values themselves (benchmark reports show all four)."""
+    values = list(values)
+    if not values:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values), "values": values}
+
+
+def mean_interval(values: Sequence[float]) -> dict[str, Any]:
+    """:func:`mean_std` plus a 95% Student-t interval of the mean (``ci95``; ``None`` from fewer than two values):
+    what the benchmarks report for per-seed paired differences, where 3 seeds make the normal quantile too narrow."""
+    stat = mean_std(values)
+    if stat["n"] < 2:
+        return {**stat, "ci95": None}
+    half = t95(stat["n"] - 1) * stat["std"] / stat["n"] ** 0.5
+    return {**stat, "ci95": [stat["mean"] - half, stat["mean"] + half]}

@@ -11,11 +11,10 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
+from ..utils import mean_interval, mean_std
+
 PERPLEXITY_METRIC = "word_perplexity"
 REFERENCE_METHOD = "fft"
-# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy dependency); 1.96 beyond the table.
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042}
 # Metrics compared seed by seed against the reference: (key, scale, label); accuracies in points.
 PAIRED_METRICS = (
     ("new_task_acc", 100.0, "new-task acc (pts)"),
@@ -24,13 +23,6 @@ PAIRED_METRICS = (
 )
 # Retention multiple choice is scored cloze style; the length-normalised accuracy is the standard metric there.
 RETENTION_MC_METRIC = "acc_norm"
-
-
-def _mean_std(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"mean": None, "std": None, "n": 0, "values": []}
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "n": len(values), "values": values}
 
 
 def metrics_of(scores: dict[str, dict[str, float]], base: dict[str, dict[str, float]], task: str) -> dict[str, float]:
@@ -52,22 +44,6 @@ def metrics_of(scores: dict[str, dict[str, float]], base: dict[str, dict[str, fl
     return out
 
 
-def t95(df: int) -> float:
-    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (the next smaller tabulated df)."""
-    if df < 1:
-        return float("nan")
-    return _T95[max(k for k in _T95 if k <= df)] if df <= 30 else 1.96
-
-
-def _interval(values: list[float]) -> dict[str, Any]:
-    """Mean and 95% t-interval of paired differences (no interval from a single pair)."""
-    stat = _mean_std(values)
-    if stat["n"] < 2:
-        return {**stat, "ci95": None}
-    half = t95(stat["n"] - 1) * stat["std"] / stat["n"] ** 0.5
-    return {**stat, "ci95": [stat["mean"] - half, stat["mean"] + half]}
-
-
 def paired_differences(per_seed: dict[str, dict[int, dict[str, float]]], reference: str = REFERENCE_METHOD):
     """Seed-by-seed differences of every method against ``reference`` (same seed = same batches, same order).
 
@@ -86,10 +62,10 @@ def paired_differences(per_seed: dict[str, dict[int, dict[str, float]]], referen
         entry: dict[str, Any] = {"seeds": common}
         for key, scale, _ in PAIRED_METRICS:
             if all(key in seeds[s] and key in ref[s] for s in common):
-                entry[key] = _interval([scale * (seeds[s][key] - ref[s][key]) for s in common])
+                entry[key] = mean_interval([scale * (seeds[s][key] - ref[s][key]) for s in common])
         ppl = "wikipedia_ppl_increase_pct"
         if common and all(ppl in seeds[s] and ref[s].get(ppl) for s in common):
-            entry["wikipedia_ppl_increase_ratio"] = _interval([seeds[s][ppl] / ref[s][ppl] for s in common])
+            entry["wikipedia_ppl_increase_ratio"] = mean_interval([seeds[s][ppl] / ref[s][ppl] for s in common])
         out[name] = entry
     return out
 
@@ -112,9 +88,9 @@ def summarise(results: dict[str, Any], task: str, labels: dict[str, str], ratios
             "seeds": [r["seed"] for r in ok],
             "diverged_seeds": [r["seed"] for r in records if r.get("diverged")],
             "trainable_parameters": ok[0]["train"]["trainable_parameters"] if ok else None,
-            "train_seconds": _mean_std([r["train"]["seconds"] for r in ok]),
-            "train_cpu_seconds": _mean_std([r["train"].get("cpu_seconds", 0.0) for r in ok]),
-            "metrics": {k: _mean_std([m[k] for m in per_seed]) for k in keys},
+            "train_seconds": mean_std([r["train"]["seconds"] for r in ok]),
+            "train_cpu_seconds": mean_std([r["train"].get("cpu_seconds", 0.0) for r in ok]),
+            "metrics": {k: mean_std([m[k] for m in per_seed]) for k in keys},
         }
     grid = {
         name: [

@@ -28,6 +28,19 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def warmup_linear_decay(optimizer: torch.optim.Optimizer, steps: int, warmup: float = 0.1):
+    """The schedule every benchmark trains with: linear warm-up over ``warmup`` of the ``steps``, then linear decay
+    to 0 (``scheduler.step()`` after each optimiser step)."""
+    warmup_steps = max(1, math.ceil(warmup * steps)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (steps - step) / max(1, steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train(
     model: nn.Module,
     batches: list[dict[str, torch.Tensor]],
@@ -51,15 +64,7 @@ def train(
         raise ValueError("No training batches: set at least one step.")
     device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps = len(batches)
-    warmup_steps = max(1, math.ceil(warmup * steps)) if warmup > 0 else 0
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (steps - step) / max(1, steps - warmup_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = warmup_linear_decay(optimizer, len(batches), warmup)
     losses: list[float] = []
     model.train()
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -1,11 +1,12 @@
 """Continual learning with HFT (the paper's third setting): a sequence of stages on one model, a new mask per stage,
 every stage's diff kept on disk, replay, and the standard continual-learning measures.
 
-* :class:`ContinualHFT` runs the stages (policies ``"random"``, ``"complementary"``, ``"fixed"``);
+* :class:`ContinualHFT` runs the stages (policies ``"random"``, ``"complementary"``, ``"fixed"``, ``"calibrated"``);
 * :class:`StageHistory` reads the on-disk history, rebuilds any stage exactly, re-weights stages, exports;
 * :class:`ReplayBuffer` mixes a share of earlier tasks' data into each stage;
 * :class:`AccuracyMatrix`, :func:`summary_table`, :func:`plot_accuracy_matrix`, :func:`plot_task_curves`: OP, BWT,
-  FWT and forgetting from a task-by-stage score matrix, as tables and PNG plots.
+  FWT and forgetting from a task-by-stage score matrix, as tables and PNG plots; :func:`seed_summary`,
+  :func:`seed_summary_table`, :func:`mean_matrix` and :func:`own_stage_scores` for runs over several seeds.
 
 See ``docs/continual.md``.
 """
@@ -13,7 +14,16 @@ See ``docs/continual.md``.
 from __future__ import annotations
 
 from .history import StageHistory, StageRecord, apply_diffs, read_diffs, weight_fingerprint
-from .metrics import AccuracyMatrix, plot_accuracy_matrix, plot_task_curves, summary_table
+from .metrics import (
+    AccuracyMatrix,
+    mean_matrix,
+    own_stage_scores,
+    plot_accuracy_matrix,
+    plot_task_curves,
+    seed_summary,
+    seed_summary_table,
+    summary_table,
+)
 from .replay import ReplayBuffer
 from .stages import POLICIES, ContinualHFT
 
@@ -25,9 +35,13 @@ __all__ = [
     "StageHistory",
     "StageRecord",
     "apply_diffs",
+    "mean_matrix",
+    "own_stage_scores",
     "plot_accuracy_matrix",
     "plot_task_curves",
     "read_diffs",
+    "seed_summary",
+    "seed_summary_table",
     "summary_table",
     "weight_fingerprint",
 ]

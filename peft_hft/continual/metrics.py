@@ -24,7 +24,9 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
+
+from ..utils import mean_interval
 
 MatrixOrMatrices = Union["AccuracyMatrix", Mapping[str, "AccuracyMatrix"]]
 
@@ -175,6 +177,79 @@ def summary_table(matrices: Mapping[str, AccuracyMatrix], digits: int = 1, scale
     for name, matrix in matrices.items():
         values = matrix.summary()
         lines.append(f"| {name} | " + " | ".join(_fmt(values[c] * scale, digits) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def own_stage_scores(matrix: AccuracyMatrix) -> dict[str, float]:
+    """Each trained task's score right after the (last) stage that trained it: whether the task was learned at all."""
+    return {task: matrix.score(last, task) for task, _, last in matrix._trained()}
+
+
+def mean_matrix(matrices: Sequence[AccuracyMatrix]) -> AccuracyMatrix:
+    """The entry-wise mean of matrices of the same tasks and stages (e.g. one per seed), for tables and plots."""
+    if not matrices:
+        raise ValueError("Give at least one AccuracyMatrix.")
+    first = matrices[0]
+    for m in matrices[1:]:
+        if (m.tasks, m.stages) != (first.tasks, first.stages) or (m.base is None) != (first.base is None):
+            raise ValueError(
+                f"Matrices of different runs cannot be averaged: tasks/stages {m.tasks}/{m.stages} vs "
+                f"{first.tasks}/{first.stages}. Average only runs of the same task sequence."
+            )
+    scores = [[_mean([m.scores[i][j] for m in matrices]) for j in range(len(first.tasks))]
+              for i in range(len(first.stages))]
+    base = None if first.base is None else [_mean([m.base[j] for m in matrices]) for j in range(len(first.tasks))]
+    return AccuracyMatrix(first.tasks, first.stages, tuple(map(tuple, scores)), None if base is None else tuple(base))
+
+
+SEED_MEASURES = ("OP", "BWT", "FWT", "forgetting")
+
+
+def seed_summary(
+    runs: Mapping[str, Sequence[AccuracyMatrix]], reference: Optional[str] = None
+) -> dict[str, dict[str, Any]]:
+    """OP, BWT, FWT and forgetting of every method over its seeds (mean, std, 95% t-interval, per-seed values), and,
+    with ``reference``, the per-seed differences against it (method minus reference on the same seed, which saw the
+    same batches; the seeds are paired by position, so give every method its runs in the same seed order).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    summaries = {name: [m.summary() for m in matrices] for name, matrices in runs.items()}
+    if reference is not None and reference not in runs:
+        raise ValueError(f"reference={reference!r} is not one of the methods {list(runs)}.")
+    for name, per_seed in summaries.items():
+        entry: dict[str, Any] = {k: mean_interval([s[k] for s in per_seed]) for k in SEED_MEASURES
+                                 if all(k in s for s in per_seed)}
+        if reference is not None and name != reference:
+            ref = summaries[reference]
+            n = min(len(ref), len(per_seed))
+            entry["paired"] = {k: mean_interval([per_seed[i][k] - ref[i][k] for i in range(n)])
+                               for k in SEED_MEASURES if all(k in s for s in per_seed[:n] + ref[:n])}
+        out[name] = entry
+    return out
+
+
+def _with_interval(stat: dict[str, Any], scale: float, digits: int, sign: bool = False) -> str:
+    if stat["mean"] is None or math.isnan(stat["mean"]):
+        return "-"
+    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
+    text = fmt.format(stat["mean"] * scale)
+    if stat["ci95"] is not None:
+        low, high = stat["ci95"]
+        text += f" [{fmt.format(low * scale)}, {fmt.format(high * scale)}]"
+    return text + " (" + ", ".join(fmt.format(v * scale) for v in stat["values"]) + ")"
+
+
+def seed_summary_table(summary: Mapping[str, Mapping[str, Any]], digits: int = 1, scale: float = 100.0,
+                       paired: bool = False) -> str:
+    """Markdown of :func:`seed_summary`: mean [95% t-interval] (per-seed values) of each measure, or, with
+    ``paired=True``, of each method's per-seed difference against the reference (methods without one are left out).
+    """
+    rows = {n: (e["paired"] if paired else e) for n, e in summary.items() if not paired or "paired" in e}
+    columns = [k for k in SEED_MEASURES if all(k in e for e in rows.values())]
+    lines = ["| method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for name, entry in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_with_interval(entry[c], scale, digits, paired) for c in columns)
+                     + " |")
     return "\n".join(lines)
 
 

@@ -29,13 +29,15 @@ from ..tuner.selection import resolve_selection
 from ..utils import atomic_directory
 from .history import MANIFEST, StageHistory, StageRecord, apply_diffs, read_diffs, stage_dirname, weight_fingerprint
 
-POLICIES = ("random", "complementary", "fixed")
+POLICIES = ("random", "complementary", "fixed", "calibrated")
 # Config fields that define the draw; a resumed run must agree with the history on them.
 _SELECTION_FIELDS = (
     "task_type", "ratio", "strategy", "seed", "train_embeddings", "target_modules", "exclude_modules", "layers_pattern",
     "selected_parameters", "diff_dtype", "modules_to_save", "trainable_token_indices",
 )
 Evaluate = Callable[[nn.Module], Mapping[str, float]]
+# ``calibrate(running_model, stage_index) -> HFTConfig`` with ``selected_parameters`` filled (``peft_hft.calibrate``)
+CalibrateStage = Callable[[nn.Module, int], HFTConfig]
 
 
 def _config_record(config: HFTConfig) -> dict[str, Any]:
@@ -60,11 +62,18 @@ class ContinualHFT:
             stage as the strategy's structure allows (for ``ratio=0.5`` with the paper's category strategy: none of
             the block tensors; embeddings, ``lm_head`` and the final norm train at every stage).
             ``"fixed"``: the first stage's mask at every stage (or ``config.selected_parameters`` if given).
+            ``"calibrated"``: each stage's mask is chosen by ``calibrate`` on the running model as it is when the
+            stage starts (an importance score, e.g. what the previous stages' knowledge needs least); the mask and
+            the calibration record are stored with the stage, so a resumed run re-uses them.
         evaluate: Optional ``evaluate(model) -> {task: score}``, called on the base model when the run starts and on
             the running model after every stage; the scores go into the manifest (see
             :meth:`StageHistory.accuracy_matrix`). Scores can also be logged with :meth:`log_metrics`.
         resume: Continue the history in ``output_dir``: the finished stages are re-applied to ``model`` (which must
             be the base the run started from) and the next stage continues the sequence.
+        calibrate: For ``policy="calibrated"`` only: ``calibrate(running_model, stage_index) -> HFTConfig`` with
+            ``selected_parameters`` filled, e.g.
+            ``lambda model, k: peft_hft.calibrate(model, general_text, strategy="wanda", seed=k)``. It must leave
+            the model unchanged (``peft_hft.calibrate`` does).
 
     Example, with a plain loop and with ``transformers.Trainer``:
         ```py
@@ -85,11 +94,20 @@ class ContinualHFT:
         policy: str = "random",
         evaluate: Optional[Evaluate] = None,
         resume: bool = False,
+        calibrate: Optional[CalibrateStage] = None,
     ) -> None:
         if not isinstance(config, HFTConfig):
             raise TypeError(f"config must be an HFTConfig, got {type(config).__name__}.")
         if policy not in POLICIES:
             raise ValueError(f"Unknown policy {policy!r}; choose one of {', '.join(map(repr, POLICIES))}.")
+        if (policy == "calibrated") != (calibrate is not None):
+            raise ValueError(
+                "policy='calibrated' needs calibrate=fn(model, stage_index) -> HFTConfig (e.g. a call of "
+                "peft_hft.calibrate), and calibrate is only used by that policy: pass both or neither."
+                if policy == "calibrated" else
+                f"calibrate= is only used by policy='calibrated', not policy={policy!r}; pass policy='calibrated' "
+                "to choose each stage's mask with it, or drop calibrate."
+            )
         if config.selected_parameters is not None and policy != "fixed":
             raise ValueError(
                 f"config.selected_parameters fixes the mask, but policy={policy!r} draws a new one per stage. Use "
@@ -102,6 +120,8 @@ class ContinualHFT:
             )
         self.config = config
         self.policy = policy
+        self.calibrate = calibrate
+        self._calibrated: Optional[HFTConfig] = None  # the next stage's calibrated config, once computed
         self.evaluate = evaluate
         self._model = model
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -177,6 +197,12 @@ class ContinualHFT:
         if index > self.num_stages:
             raise ValueError(f"Stage {index} cannot be drawn before stage {self.num_stages} has run.")
         previous = self.history.stages[index - 1] if index > 0 else None
+        if self.policy == "calibrated":
+            if index < self.num_stages:
+                recorded = self.history.stages[index]
+                return recorded.seed, list(recorded.selected_parameters)
+            calibrated = self._calibrated_config()
+            return calibrated.seed, list(calibrated.selected_parameters)
         if self.policy == "fixed":
             if previous is not None:
                 return previous.seed, list(previous.selected_parameters)
@@ -187,6 +213,19 @@ class ContinualHFT:
         stage_config = HFTConfig(**{**_config_record(self.config), "seed": seed, "selected_parameters": None})
         avoid = previous.selected_parameters if (self.policy == "complementary" and previous is not None) else ()
         return seed, resolve_selection(self._model, stage_config, avoid=avoid)
+
+    def _calibrated_config(self) -> HFTConfig:
+        """The next stage's config from ``calibrate`` (computed once per stage: calibration passes cost time)."""
+        if self._calibrated is None:
+            calibrated = self.calibrate(self._model, self.num_stages)
+            if not isinstance(calibrated, HFTConfig) or calibrated.selected_parameters is None:
+                raise TypeError(
+                    "calibrate(model, stage_index) must return an HFTConfig with selected_parameters filled (what "
+                    f"peft_hft.calibrate returns), got {type(calibrated).__name__}"
+                    + ("" if not isinstance(calibrated, HFTConfig) else " without selected_parameters") + "."
+                )
+            self._calibrated = calibrated
+        return self._calibrated
 
     # ---------------------------------------------------------------------------------------------------------------
     # Stages
@@ -206,7 +245,10 @@ class ContinualHFT:
         if not isinstance(task, str) or not task:
             raise ValueError(f"task must be a non-empty string naming the stage's task, got {task!r}.")
         seed, names = self.draw_mask()
-        stage_config = HFTConfig(**{**_config_record(self.config), "seed": seed, "selected_parameters": names})
+        fields = {**_config_record(self.config), "seed": seed, "selected_parameters": names}
+        if self.policy == "calibrated":
+            fields["calibration"] = self._calibrated_config().calibration  # saved in the stage's adapter config
+        stage_config = HFTConfig(**fields)
         self._peft_model = get_peft_model(self._model, stage_config)
         self._open_task = task
         self._open_info = dict(info)
@@ -261,6 +303,7 @@ class ContinualHFT:
             info={**self._open_info, **info},
         )
         self._open_task, self._open_info = None, {}
+        self._calibrated = None  # the next stage calibrates on the model this stage produced
         self.history.append(record)
         if self.evaluate is not None:
             self.history.log_metrics(self.evaluate(self._model), stage=index)

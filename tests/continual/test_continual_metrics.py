@@ -114,3 +114,39 @@ def test_replay_with_datasets():
     mixed = buffer.mix(datasets.Dataset.from_dict({"text": [f"c{i}" for i in range(4)]}))
     assert isinstance(mixed, datasets.Dataset)
     assert len(mixed) == 8 and sum(t.startswith("a") for t in mixed["text"]) == 4
+
+
+def _shifted(matrix, delta):
+    return AccuracyMatrix(matrix.tasks, matrix.stages, tuple(tuple(x + delta for x in row) for row in matrix.scores),
+                          matrix.base)
+
+
+def test_seed_summary_pairs_seeds_against_the_reference(matrix):
+    from peft_hft.continual import mean_matrix, own_stage_scores, seed_summary, seed_summary_table
+
+    fft = [matrix, _shifted(matrix, -0.1), _shifted(matrix, 0.1)]
+    # a method whose last row is 0.05 higher on every seed: OP +0.05, BWT +0.05, forgetting -0.05, FWT unchanged
+    hft = []
+    for m in fft:
+        scores = m.scores[:-1] + (tuple(x + 0.05 for x in m.scores[-1]),)
+        hft.append(AccuracyMatrix(m.tasks, m.stages, scores, m.base))
+    summary = seed_summary({"fft": fft, "hft": hft}, reference="fft")
+    assert summary["fft"]["OP"]["values"] == pytest.approx([0.683333, 0.583333, 0.783333], abs=1e-5)
+    assert summary["fft"]["OP"]["ci95"] == pytest.approx([0.683333 - 4.303 * 0.1 / 3 ** 0.5,
+                                                          0.683333 + 4.303 * 0.1 / 3 ** 0.5], abs=1e-5)
+    paired = summary["hft"]["paired"]
+    assert paired["OP"]["values"] == pytest.approx([0.05] * 3) and paired["BWT"]["mean"] == pytest.approx(0.05)
+    assert paired["forgetting"]["mean"] == pytest.approx(-0.05) and paired["FWT"]["mean"] == pytest.approx(0.0)
+    assert "paired" not in summary["fft"]
+    table = seed_summary_table(summary, paired=True)
+    assert table.splitlines()[2].startswith("| hft | +5.0 [+5.0, +5.0] (+5.0, +5.0, +5.0) |")
+    assert len(table.splitlines()) == 3  # the reference has no paired row
+    assert own_stage_scores(matrix) == {"a": 0.80, "b": 0.90, "c": 0.85}
+    mean = mean_matrix(fft)
+    assert [list(r) for r in mean.scores] == [pytest.approx(list(r)) for r in matrix.scores]
+    assert mean.base == pytest.approx(matrix.base)
+    with pytest.raises(ValueError, match="reference='lora' is not one of"):
+        seed_summary({"fft": fft}, reference="lora")
+    other = AccuracyMatrix(("a", "b"), ("a",), ((0.5, 0.5),))
+    with pytest.raises(ValueError, match="cannot be averaged"):
+        mean_matrix([matrix, other])

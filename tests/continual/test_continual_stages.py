@@ -346,3 +346,58 @@ def test_a_failed_save_keeps_the_stage_open(tmp_path, monkeypatch):
     assert continual.history.tasks == ["alpha"]
     for name, value in trained.items():  # folded as start + (trained - start): equal up to float32 rounding
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+def _wanda_per_stage(calls):
+    """A calibrate callback (peft_hft.calibrate, Wanda on fixed batches) that records the model state it was given."""
+    import peft_hft
+
+    batches = [batch(s) for s in (1, 2)]
+
+    def calibrate(model, k):
+        calls.append((k, clone_state(model)))
+        return peft_hft.calibrate(model, batches, strategy="wanda", ratio=0.5, seed=k, progress=False)
+
+    return calibrate
+
+
+def test_calibrated_policy_scores_the_running_model_at_each_stage_and_records_it(tmp_path):
+    import peft_hft
+
+    calls = []
+    model = tiny_model("llama", layers=2)
+    continual = ContinualHFT(model, HFTConfig(seed=0), tmp_path / "h", policy="calibrated",
+                             calibrate=_wanda_per_stage(calls))
+    for k, task in enumerate(TASKS[:2]):
+        with continual.stage(task) as peft_model:
+            train_steps(peft_model, steps=2, seed=k)
+        stage = continual.history.stages[-1]
+        # the mask is exactly what calibrate() picks on the model as the stage started (once per stage)
+        expected = peft_hft.calibrate(fresh_base(calls[k][1]), [batch(1), batch(2)], strategy="wanda", ratio=0.5,
+                                      seed=k, progress=False)
+        assert stage.selected_parameters == list(expected.selected_parameters) and stage.seed == k
+        saved = json.loads((continual.history.path / stage.adapter / "adapter_config.json").read_text())
+        assert saved["calibration"]["strategy"] == "wanda" and saved["selected_parameters"] == stage.selected_parameters
+    assert [k for k, _ in calls] == [0, 1]
+    # stage 1 calibrated on the model stage 0 produced, not on the base
+    assert any(not torch.equal(calls[0][1][n], calls[1][1][n]) for n in calls[0][1])
+    # a resumed run re-uses the recorded masks and calibrates only the stage it has not run yet
+    resumed_calls = []
+    resumed = ContinualHFT(tiny_model("llama", layers=2), HFTConfig(seed=0), tmp_path / "h", policy="calibrated",
+                           calibrate=_wanda_per_stage(resumed_calls), resume=True)
+    assert resumed.draw_mask(1) == (1, continual.history.stages[1].selected_parameters) and resumed_calls == []
+    with resumed.stage(TASKS[2]) as peft_model:
+        train_steps(peft_model, steps=1)
+    assert [k for k, _ in resumed_calls] == [2]
+
+
+def test_calibrated_policy_needs_a_calibrate_callback_and_a_resolved_config(tmp_path):
+    with pytest.raises(ValueError, match="policy='calibrated' needs calibrate="):
+        ContinualHFT(tiny_model("llama"), HFTConfig(), tmp_path / "a", policy="calibrated")
+    with pytest.raises(ValueError, match="only used by policy='calibrated'"):
+        ContinualHFT(tiny_model("llama"), HFTConfig(), tmp_path / "b", policy="random", calibrate=lambda m, k: None)
+    continual = ContinualHFT(tiny_model("llama"), HFTConfig(), tmp_path / "c", policy="calibrated",
+                             calibrate=lambda model, k: HFTConfig(ratio=0.5))
+    with pytest.raises(TypeError, match="without selected_parameters"):
+        continual.start_stage("alpha")
+    assert continual.num_stages == 0 and not any(p.name.startswith("stage_") for p in (tmp_path / "c").iterdir())

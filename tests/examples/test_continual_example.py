@@ -1,0 +1,65 @@
+"""The continual-learning example's pieces that do not need the real model: the batches every method shares, the
+task items it builds, and the settings a resumed run must agree on."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def example():
+    path = Path(__file__).resolve().parents[2] / "examples" / "continual_hft.py"
+    spec = importlib.util.spec_from_file_location("continual_hft", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _skewed_items():
+    # 90 items answering token 7, 10 answering token 9 (like the diabetes file's 77/23 split, more extreme)
+    return [([i], 7) for i in range(90)] + [([100 + i], 9) for i in range(10)]
+
+
+def test_balanced_batches_hold_every_answer_equally_often(example):
+    batches = example.make_batches(_skewed_items(), steps=10, batch_size=8, seed="t:0", balanced=True)
+    counts = collections.Counter(answer for batch in batches for _, answer in batch)
+    assert counts == {7: 40, 9: 40} and all(len(b) == 8 for b in batches)
+    minority = [prompt[0] for batch in batches for prompt, answer in batch if answer == 9]
+    assert collections.Counter(minority) == {100 + i: 4 for i in range(10)}  # epoch by epoch over the 10 items
+    again = example.make_batches(_skewed_items(), steps=10, batch_size=8, seed="t:0", balanced=True)
+    assert again == batches  # the same for every method of a seed
+    assert example.make_batches(_skewed_items(), steps=10, batch_size=8, seed="t:1", balanced=True) != batches
+    plain = example.make_batches(_skewed_items(), steps=10, batch_size=8, seed="t:0")
+    assert collections.Counter(a for b in plain for _, a in b)[9] < 20  # unbalanced: about the data's 10%
+
+
+def test_formal_logic_items_show_the_bare_expression(example):
+    row = {"input": [{"role": "user", "content": "Determine whether ... The expression is: (true and not false) "
+                                                 "which evaluates to:"}], "ideal": "true"}
+    assert example.TASKS["formal_logic"].item(row) == "(true and not false)"
+    with pytest.raises(ValueError, match="without an expression"):
+        example.TASKS["formal_logic"].item({"input": [{"role": "user", "content": "true or false?"}]})
+    food = {"input": [{"role": "user", "content": "Is the following string a food item or related to food? 15 bean "
+                                                  "soup"}], "ideal": "Yes"}
+    assert example.TASKS["food"].item(food) == "15 bean soup"
+
+
+def test_a_resumed_run_must_use_the_same_training_settings(example, tmp_path):
+    args = example.parse_args(["--work-dir", str(tmp_path), "--warmup", "0.1", "--balanced", "--seeds", "0,1"])
+    assert args.seeds == [0, 1] and args.balanced and args.warmup == 0.1
+    example.check_resumable(args)
+    example.check_resumable(example.parse_args(["--work-dir", str(tmp_path), "--warmup", "0.1", "--balanced",
+                                                "--seeds", "0,1,2"]))  # more seeds: the same run, extended
+    with pytest.raises(SystemExit, match="balanced"):
+        example.check_resumable(example.parse_args(["--work-dir", str(tmp_path), "--warmup", "0.1"]))
+    with pytest.raises(SystemExit):
+        example.parse_args(["--methods", "hft-bogus"])
+    assert isinstance(args, argparse.Namespace)

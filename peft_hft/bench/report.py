@@ -104,6 +104,63 @@ def summarise(results: dict[str, Any], task: str, labels: dict[str, str], ratios
             "paired": paired_differences(by_seed), "timing": _timing(results)}
 
 
+def _per_seed(method: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """A summarised method's per-seed metric values, by seed (the inverse of the aggregation in summarise)."""
+    return {seed: {k: stat["values"][i] for k, stat in method["metrics"].items()}
+            for i, seed in enumerate(method["seeds"])}
+
+
+# Protocol fields that may differ between summaries that are combined (which methods ran, in which order).
+_COMBINABLE = ("methods",)
+
+
+def combine_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary from the ``results.json`` of several runs of the same protocol with different methods (e.g.
+    methods added later in a fresh directory): the methods and grids side by side, and the paired differences
+    recomputed over all of them against full fine-tuning's per-seed values.
+
+    Refused unless the runs agree on everything that defines a result: the protocol apart from ``methods``, and the
+    base model's scores (a run that re-evaluated the base must have got the same numbers, up to 1e-9 relative).
+    A method present in several summaries must be identical in each.
+    """
+    if not summaries:
+        raise ValueError("Give at least one results.json to combine.")
+    first = summaries[0]
+    for other in summaries[1:]:
+        mine = {k: v for k, v in first.get("protocol", {}).items() if k not in _COMBINABLE}
+        theirs = {k: v for k, v in other.get("protocol", {}).items() if k not in _COMBINABLE}
+        if mine != theirs:
+            different = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(
+                f"These results come from different protocols (they differ in {different}); only runs of the same "
+                "protocol (apart from --methods) can be combined. Rerun the missing methods with the same settings."
+            )
+        for key, value in first["base"].items():
+            if abs(other["base"][key] - value) > 1e-9 * max(1.0, abs(value)):
+                raise ValueError(
+                    f"The base model scored differently in these runs ({key}: {value} vs {other['base'][key]}), so "
+                    "their forgetting is not measured from the same point; combine only runs of the same base model "
+                    "and evaluation."
+                )
+    methods: dict[str, Any] = {}
+    grid: dict[str, Any] = {}
+    for summary in summaries:
+        for name, method in summary["methods"].items():
+            if name in methods and methods[name] != method:
+                raise ValueError(f"Method {name!r} appears in two of these results with different values; keep it in "
+                                 "one of them only.")
+            methods[name] = method
+            grid[name] = summary["grid"][name]
+    timing: dict[str, float] = {}
+    for summary in summaries:
+        for key, value in summary.get("timing", {}).items():
+            timing[key] = timing.get(key, 0.0) + value
+    protocol = {**first.get("protocol", {}), "methods": list(methods)}
+    return {"task": first["task"], "base": first["base"], "base_scores": first["base_scores"], "methods": methods,
+            "grid": grid, "paired": paired_differences({n: _per_seed(m) for n, m in methods.items()}),
+            "timing": timing, "protocol": protocol}
+
+
 def _timing(results: dict[str, Any]) -> dict[str, float]:
     """Wall and CPU seconds spent training and evaluating, over every run (each training counted once)."""
     trained = [r for records in results["grid"].values() for r in records]

@@ -90,6 +90,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     forgetting.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     for flag, (_, parse, help_text) in OPTIONS.items():
         forgetting.add_argument(flag, type=parse, default=None, help=help_text)
+    combine = commands.add_parser(
+        "combine",
+        help="one table from several forgetting-benchmark results directories of the same protocol",
+        description="Combine the results.json of forgetting-benchmark runs that used the same protocol with different "
+        "--methods (e.g. methods added later in a fresh directory) into one results directory: every method's "
+        "table row, its grid, and the paired differences against full fine-tuning recomputed over all of them.",
+    )
+    combine.add_argument("results", nargs="+", type=Path, help="results directories (or their results.json)")
+    combine.add_argument("--output", type=Path, required=True, help="directory for the combined results (new files)")
 
 
 def build_parser(prog: str = "peft-hft bench") -> argparse.ArgumentParser:
@@ -114,7 +123,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
+def _combine(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bench.report import combine_summaries, write_outputs
+
+    summaries = []
+    for path in args.results:
+        file = path / "results.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} does not exist; pass a forgetting-benchmark results directory.")
+        summaries.append(json.loads(file.read_text()))
+    combined = combine_summaries(summaries)  # checks everything before a file is written
+    args.output.mkdir(parents=True, exist_ok=True)
+    paths = write_outputs(combined, args.output)
+    print(f"Combined {len(summaries)} results ({', '.join(combined['methods'])}): {paths['markdown']}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.benchmark == "combine":
+        return _combine(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from peft_hft.bench import newtask, report, runner, tasks
 from peft_hft.bench.protocol import Protocol, bind
 from peft_hft.bench.quick import tiny_model_and_tokenizer
 from peft_hft.cli import bench as cli
+
+REPO = Path(__file__).resolve().parents[2]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METHODS = ["fft", "hft", "hft_r0.25", "hft_r0.75", "hft_model", "lora"]
@@ -290,3 +294,56 @@ def test_cli_rejects_bad_values_before_writing_anything(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         cli.main(["forgetting", "--model", str(tmp_path / "no-model"), "--output", str(output)])
     assert not output.exists()
+
+
+def _split_summary(summary, names):
+    """The part of a results.json that a run of only ``names`` would have written."""
+    part = copy.deepcopy(summary)
+    part["methods"] = {n: m for n, m in part["methods"].items() if n in names}
+    part["grid"] = {n: g for n, g in part["grid"].items() if n in names}
+    part["protocol"]["methods"] = list(names)
+    return part
+
+
+def test_combining_runs_of_one_protocol_recomputes_the_paired_differences(tmp_path):
+    recorded = json.loads((REPO / "docs" / "forgetting" / "completion" / "results.json").read_text())
+    first, later = _split_summary(recorded, ["fft", "hft"]), _split_summary(recorded, ["hft_wanda", "hft_grad"])
+    assert list(report.combine_summaries([first])["paired"]) == ["hft"]
+    combined = report.combine_summaries([first, later])
+    assert list(combined["methods"]) == ["fft", "hft", "hft_wanda", "hft_grad"]
+    for name in ("hft", "hft_wanda", "hft_grad"):  # the same numbers as the run that had every method at once
+        for key, stat in recorded["paired"][name].items():
+            if key == "seeds":
+                assert combined["paired"][name]["seeds"] == stat
+            else:
+                assert combined["paired"][name][key]["values"] == pytest.approx(stat["values"])
+                assert combined["paired"][name][key]["ci95"] == pytest.approx(stat["ci95"])
+    # the command writes the usual outputs
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(first))
+    (tmp_path / "b" / "results.json").write_text(json.dumps(later))
+    assert cli.main(["combine", str(tmp_path / "a"), str(tmp_path / "b" / "results.json"), "--output",
+                     str(tmp_path / "c")]) == 0
+    text = (tmp_path / "c" / "results.md").read_text()
+    assert "HFT, least Wanda importance on C4 | 0,1,2 | -2.3 [-8.6, +3.9]" in text
+    assert (tmp_path / "c" / "paired_differences.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_combining_refuses_other_protocols_other_base_scores_and_conflicting_methods(tmp_path):
+    recorded = json.loads((REPO / "docs" / "forgetting" / "completion" / "results.json").read_text())
+    first, later = _split_summary(recorded, ["fft", "hft"]), _split_summary(recorded, ["hft_wanda"])
+    other = copy.deepcopy(later)
+    other["protocol"]["steps"] = 200
+    with pytest.raises(ValueError, match=r"different protocols \(they differ in \['steps'\]\)"):
+        report.combine_summaries([first, other])
+    other = copy.deepcopy(later)
+    other["base"]["wikipedia_ppl"] *= 1.01
+    with pytest.raises(ValueError, match="base model scored differently"):
+        report.combine_summaries([first, other])
+    other = _split_summary(recorded, ["hft"])
+    other["methods"]["hft"]["lr"] = 1.0
+    with pytest.raises(ValueError, match="'hft' appears in two"):
+        report.combine_summaries([first, other])
+    with pytest.raises(FileNotFoundError, match="results directory"):
+        cli.main(["combine", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -404,7 +404,7 @@ class Experiment:
         records = json.loads(record_path.read_text()) if record_path.exists() else []
         model, _ = load_default_model()
         lora_config = lambda: LoraConfig(  # noqa: E731  (a fresh config per stage: get_peft_model fills it in)
-            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+            r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         )
         for k, task in enumerate(self.tasks):
@@ -522,7 +522,8 @@ def write_report(experiments: list[Experiment], results: Results, command: str, 
         f"{' (each answer equally often)' if args.balanced else ''}; loss on the answer token only; "
         f"{f'warm-up over {args.warmup:.0%} of the steps then linear decay' if args.warmup else 'constant lr'}; "
         "FFT/HFT lr "
-        f"{args.lr}, LoRA lr {args.lora_lr} (r={args.lora_r}); {args.precision} "
+        f"{args.lr}, LoRA lr {args.lora_lr} (r={args.lora_r}, alpha {args.lora_alpha or 2 * args.lora_r}); "
+        f"{args.precision} "
         f"{'autocast (fp32 weights)' if args.precision != 'fp32' else ''}; {args.eval_size} held-out items per task "
         f"with the same number per answer option (split seed {args.split_seed}, the same for every seed), so "
         f"answering at random or always the same option scores chance ({chance}); seeds {seeds} (a seed draws the "
@@ -606,6 +607,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of FFT and HFT")
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=None,
+                        help="LoRA alpha (default 2 x r; the forgetting benchmark uses PEFT's default, 8)")
     parser.add_argument("--replay", type=float, default=0.2, help="replay share for the +replay method")
     parser.add_argument("--eval-size", type=int, default=96, help="held-out items per task (balanced)")
     parser.add_argument("--eval-batch-size", type=int, default=32)
@@ -645,8 +648,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # Arguments that change what a stage trains or how it is scored: a resumed run must use the same ones.
-_RUN_DEFINING = ("tasks", "steps", "batch_size", "lr", "lora_lr", "lora_r", "replay", "eval_size", "train_pool",
-                 "split_seed", "precision", "warmup", "balanced")
+_RUN_DEFINING = ("tasks", "steps", "batch_size", "lr", "lora_lr", "lora_r", "lora_alpha", "replay", "eval_size",
+                 "train_pool", "split_seed", "precision", "warmup", "balanced")
 
 
 def check_resumable(args: argparse.Namespace) -> None:

@@ -59,7 +59,11 @@ def test_a_resumed_run_must_use_the_same_training_settings(example, tmp_path):
     example.check_resumable(example.parse_args(["--work-dir", str(tmp_path), "--warmup", "0.1", "--balanced",
                                                 "--seeds", "0,1,2"]))  # more seeds: the same run, extended
     with pytest.raises(SystemExit, match="balanced"):
-        example.check_resumable(example.parse_args(["--work-dir", str(tmp_path), "--warmup", "0.1"]))
+        example.check_resumable(example.parse_args(["--work-dir", str(tmp_path), "--warmup", "0.1", "--no-balanced"]))
+    defaults = example.parse_args([])  # the defaults are the documented four-task run
+    assert (defaults.tasks, defaults.steps, defaults.lr, defaults.lora_lr, defaults.lora_alpha, defaults.seeds) == (
+        ["sarcasm", "heart_disease", "language", "food"], 30, 3e-4, 1e-3, 8, [0, 1, 2])
+    assert defaults.methods == ["fft", "hft-random", "hft-wanda", "lora"] and defaults.precision == "bf16"
     with pytest.raises(SystemExit):
         example.parse_args(["--methods", "hft-bogus"])
     assert isinstance(args, argparse.Namespace)

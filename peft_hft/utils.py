@@ -7,6 +7,7 @@ and shortens long lists in error messages alike.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import statistics
@@ -146,3 +147,17 @@ def mean_interval(values: Sequence[float]) -> dict[str, Any]:
         return {**stat, "ci95": None}
     half = t95(stat["n"] - 1) * stat["std"] / stat["n"] ** 0.5
     return {**stat, "ci95": [stat["mean"] - half, stat["mean"] + half]}
+
+
+def format_interval(stat: Optional[dict[str, Any]], digits: int = 1, scale: float = 1.0, signed: bool = True,
+                    missing: str = "n/a") -> str:
+    """``mean [low, high] (value, value, ...)`` of a :func:`mean_interval` result, times ``scale`` (the interval is
+    left out when there is none; ``missing`` when there is no finite mean): the cell every benchmark table shows."""
+    if not stat or stat["mean"] is None or math.isnan(stat["mean"]):
+        return missing
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    text = fmt.format(stat["mean"] * scale)
+    if stat.get("ci95") is not None:
+        low, high = stat["ci95"]
+        text += f" [{fmt.format(low * scale)}, {fmt.format(high * scale)}]"
+    return text + " (" + ", ".join(fmt.format(v * scale) for v in stat["values"]) + ")"

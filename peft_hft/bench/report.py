@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from ..utils import mean_interval, mean_std
+from ..utils import format_interval, mean_interval, mean_std
 
 PERPLEXITY_METRIC = "word_perplexity"
 REFERENCE_METHOD = "fft"
@@ -210,16 +210,6 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ci(stat: Optional[dict[str, Any]], digits: int = 1) -> str:
-    if not stat or stat["mean"] is None:
-        return "n/a"
-    values = ", ".join(f"{v:+.{digits}f}" for v in stat["values"])
-    if stat.get("ci95") is None:
-        return f"{stat['mean']:+.{digits}f} ({values})"
-    lo, hi = stat["ci95"]
-    return f"{stat['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] ({values})"
-
-
 def paired_table(summary: dict[str, Any]) -> str:
     """Per-seed differences against full fine-tuning: mean [95% t-interval] (the seeds' values)."""
     paired = summary.get("paired") or {}
@@ -229,9 +219,9 @@ def paired_table(summary: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in paired.items():
         row = [summary["methods"][name]["label"], ",".join(map(str, entry["seeds"]))]
-        row += [_ci(entry.get(key)) for key, _, _ in PAIRED_METRICS]
+        row += [format_interval(entry.get(key)) for key, _, _ in PAIRED_METRICS]
         ratio = entry.get("wikipedia_ppl_increase_ratio")
-        row.append(_ci(ratio, 2).replace("+", "") if ratio else "n/a")
+        row.append(format_interval(ratio, 2).replace("+", "") if ratio else "n/a")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from ..utils import mean_interval
+from ..utils import format_interval, mean_interval
 
 MatrixOrMatrices = Union["AccuracyMatrix", Mapping[str, "AccuracyMatrix"]]
 
@@ -228,17 +228,6 @@ def seed_summary(
     return out
 
 
-def _with_interval(stat: dict[str, Any], scale: float, digits: int, sign: bool = False) -> str:
-    if stat["mean"] is None or math.isnan(stat["mean"]):
-        return "-"
-    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
-    text = fmt.format(stat["mean"] * scale)
-    if stat["ci95"] is not None:
-        low, high = stat["ci95"]
-        text += f" [{fmt.format(low * scale)}, {fmt.format(high * scale)}]"
-    return text + " (" + ", ".join(fmt.format(v * scale) for v in stat["values"]) + ")"
-
-
 def seed_summary_table(summary: Mapping[str, Mapping[str, Any]], digits: int = 1, scale: float = 100.0,
                        paired: bool = False) -> str:
     """Markdown of :func:`seed_summary`: mean [95% t-interval] (per-seed values) of each measure, or, with
@@ -248,8 +237,8 @@ def seed_summary_table(summary: Mapping[str, Mapping[str, Any]], digits: int = 1
     columns = [k for k in SEED_MEASURES if all(k in e for e in rows.values())]
     lines = ["| method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for name, entry in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_with_interval(entry[c], scale, digits, paired) for c in columns)
-                     + " |")
+        cells = [format_interval(entry[c], digits, scale, signed=paired, missing="-") for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

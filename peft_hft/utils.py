@@ -13,7 +13,7 @@ import shutil
 import statistics
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -91,13 +91,37 @@ def remove_stale_temporaries(destination: Path) -> None:
                 shutil.rmtree(candidate, ignore_errors=True)
 
 
+def refuse_output_overlap(output: PathLike, inputs: Mapping[str, Optional[PathLike]]) -> None:
+    """Refuse an output that is an input, lies inside one, or contains one: writing it, with or without
+    ``--overwrite``, would replace, alter or delete that input. The one output guard every writing command shares.
+
+    ``inputs`` maps a label for messages ("BASE", "ADAPTER", ...) to a file or directory; ``None`` entries (an input
+    that is not on disk, such as a Hub id) are skipped.
+    """
+    out = Path(output).expanduser().resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        path = Path(path).expanduser().resolve()
+        if out == path or path in out.parents or out in path.parents:
+            relation = "is" if out == path else "lies inside" if path in out.parents else "contains"
+            raise ValueError(
+                f"The output {output} {relation} the {what} {path}; writing it (with or without --overwrite) would "
+                "replace or alter an input. Fix: choose an output path outside every input."
+            )
+
+
 @contextlib.contextmanager
-def atomic_directory(destination: PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(destination: PathLike, overwrite: bool = False,
+                     inputs: Optional[Mapping[str, Optional[PathLike]]] = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``destination``; on success it is renamed to ``destination``.
 
     On any error (including ``KeyboardInterrupt``) the temporary directory is deleted and ``destination`` is left as
-    it was, so no half-written output ever appears under the destination's name.
+    it was, so no half-written output ever appears under the destination's name. ``inputs`` (label -> path) are
+    checked with :func:`refuse_output_overlap` before anything is created.
     """
+    if inputs:
+        refuse_output_overlap(destination, inputs)
     destination = Path(destination).expanduser().absolute()
     if destination.exists() and not overwrite:
         raise FileExistsError(f"{destination} already exists. Fix: choose another output path, or pass --overwrite.")

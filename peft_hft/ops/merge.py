@@ -43,7 +43,7 @@ from ..format.fingerprint import (
 )
 from ..format.keys import INDEX_NAME
 from ..format.reader import AdapterFile, check_finite, read_adapter
-from ..utils import FLOAT_DTYPES, atomic_directory, float_dtype, listing
+from ..utils import FLOAT_DTYPES, atomic_directory, float_dtype, listing, refuse_output_overlap
 
 # Files of a model directory that are weights (rewritten or dropped), not configuration to copy.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -150,19 +150,6 @@ def merge_checkpoint(
         return _merge(adapter_file, base, output, out_dtype, dtype, verify, overwrite, progress, base_revision)
 
 
-def _refuse_overlap(output: PathLike, inputs: dict[str, Path]) -> None:
-    """Refuse an output that is an input, lies inside one, or contains one (``--overwrite`` would delete it)."""
-    out = Path(output).expanduser().resolve()
-    for what, directory in inputs.items():
-        directory = directory.resolve()
-        if out == directory or directory in out.parents or out in directory.parents:
-            relation = "is" if out == directory else "lies inside" if directory in out.parents else "contains"
-            raise ValueError(
-                f"The output {output} {relation} the {what} directory {directory}; writing it (with or without "
-                "--overwrite) would replace or alter an input. Fix: choose an output directory outside both inputs."
-            )
-
-
 def _merge(adapter_file: AdapterFile, base: PathLike, output: PathLike, out_dtype: Optional[torch.dtype],
            dtype: Optional[str], verify: bool, overwrite: bool, progress: bool,
            base_revision: Optional[str]) -> MergeResult:
@@ -175,7 +162,7 @@ def _merge(adapter_file: AdapterFile, base: PathLike, output: PathLike, out_dtyp
         )
     diffs = {name: adapter_file.entries[key] for name, key in adapter_file.diffs.items()}
     checkpoint = Checkpoint.open(base, base_revision)
-    _refuse_overlap(output, {"BASE": checkpoint.source.directory, "ADAPTER": adapter_file.directory})
+    refuse_output_overlap(output, {"BASE directory": checkpoint.source.directory, "ADAPTER directory": adapter_file.directory})
     fingerprint = adapter_file.config.get("base_fingerprint") if verify and not base_check_skipped() else None
     targets = _targets(checkpoint, diffs, parameter_aliases(meta_model(checkpoint.source.directory)))
     _check_shapes(checkpoint, diffs, targets, fingerprint)

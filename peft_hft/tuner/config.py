@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
@@ -16,6 +17,89 @@ ORIGINALS_DEVICES = ("cpu", "device")
 DIFF_DTYPES = FLOAT_DTYPES
 # Task types for which PEFT wraps the task head in a ModulesToSaveWrapper (PeftModelForSequenceClassification etc.).
 _WRAPPED_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+# Fields given as collections: sets and tuples are accepted and stored as lists (adapter_config.json is JSON).
+_SEQUENCE_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "selected_parameters")
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """What one ``HFTConfig`` field accepts: ``accepts(value)`` and the words for the error message."""
+
+    accepts: Callable[[Any], bool]
+    expected: str
+
+    def message(self, name: str, value: Any) -> str:
+        return f"HFTConfig.{name} must be {self.expected}, got {value!r} ({type(value).__name__})."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and not (isinstance(value, float) and math.isnan(value))
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_indices(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(item) for item in value)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, str) and value in choices
+
+
+def _choices(choices: tuple[str, ...]) -> str:
+    return ", ".join(map(repr, choices))
+
+
+# The one table of what each HFTConfig field accepts (checked in this order when a config is created, also when one
+# is read from adapter_config.json). A new field is one line here; tests/tuner/test_config.py fails for a field
+# without one.
+FIELD_RULES: dict[str, FieldRule] = {
+    "ratio": FieldRule(_is_number, "a number in (0, 1] (the share of tensors to train; 0.5 is the paper's)"),
+    "strategy": FieldRule(_one_of(STRATEGIES), f"one of {_choices(STRATEGIES)} ('category' is the paper's method)"),
+    "seed": FieldRule(_is_int, "an int"),
+    "train_embeddings": FieldRule(lambda v: isinstance(v, bool), "True or False"),
+    "target_modules": FieldRule(
+        _optional(lambda v: isinstance(v, str) or _is_names(v)),
+        "None, a list of module names or suffixes, or one regex string",
+    ),
+    "exclude_modules": FieldRule(
+        _optional(lambda v: isinstance(v, str) or _is_names(v)),
+        "None, a list of module names or suffixes, or one regex string",
+    ),
+    "layers_pattern": FieldRule(_optional(lambda v: isinstance(v, str)), "None or the name of one nn.ModuleList"),
+    "selected_parameters": FieldRule(
+        _optional(_is_names),
+        "a list of parameter names such as 'model.layers.0.self_attn.q_proj.weight' (or None: the strategy chooses)"
+    ),
+    "calibration": FieldRule(
+        _optional(lambda v: isinstance(v, dict)), "None or a dict (it is written by peft_hft.calibrate)"
+    ),
+    "originals_device": FieldRule(_one_of(ORIGINALS_DEVICES), "'cpu' or 'device'"),
+    "diff_dtype": FieldRule(_optional(_one_of(DIFF_DTYPES)), f"None (the default) or one of {_choices(DIFF_DTYPES)}"),
+    "fp32_master_weights": FieldRule(lambda v: isinstance(v, bool), "True or False"),
+    "init_weights": FieldRule(lambda v: isinstance(v, bool), "True or False"),
+    "modules_to_save": FieldRule(_optional(_is_names), "None or a list of module names"),
+    "trainable_token_indices": FieldRule(
+        _optional(lambda v: _is_indices(v) or (
+            isinstance(v, dict) and all(isinstance(k, str) and _is_indices(i) for k, i in v.items())
+        )),
+        "None, a list of token ids, or a dict of module name -> list of token ids",
+    ),
+    "base_fingerprint": FieldRule(
+        _optional(lambda v: isinstance(v, dict)), "None or a dict (it is written by save_pretrained)"
+    ),
+}
 
 
 @dataclass
@@ -128,34 +212,23 @@ class HFTConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
-        """Reject bad values up front, before any model is touched."""
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or math.isnan(self.ratio):
-            raise ValueError(f"HFTConfig.ratio must be a number in (0, 1], got {self.ratio!r}.")
+        """Reject bad values up front, before any model is touched: the type of every field (:data:`FIELD_RULES`),
+        then the rules that tie values together."""
+        for name in _SEQUENCE_FIELDS:  # sets and tuples are stored as lists, so the config stays JSON
+            value = getattr(self, name)
+            if isinstance(value, (set, frozenset)):
+                setattr(self, name, sorted(value))
+            elif isinstance(value, tuple):
+                setattr(self, name, list(value))
+        for name, rule in FIELD_RULES.items():
+            value = getattr(self, name)
+            if not rule.accepts(value):
+                raise ValueError(rule.message(name, value))
         if not 0 < self.ratio <= 1:
             raise ValueError(
                 f"HFTConfig.ratio must be in (0, 1], got {self.ratio}. Use ratio=0.5 for the paper's setting, or "
                 "ratio=1.0 to train every tensor."
             )
-        if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"Unknown HFTConfig.strategy {self.strategy!r}. Choose one of {', '.join(map(repr, STRATEGIES))}; "
-                "'category' is the paper's method."
-            )
-        if self.originals_device not in ORIGINALS_DEVICES:
-            raise ValueError(
-                f"HFTConfig.originals_device must be 'cpu' or 'device', got {self.originals_device!r}."
-            )
-        if self.diff_dtype is not None and self.diff_dtype not in DIFF_DTYPES:
-            raise ValueError(
-                f"HFTConfig.diff_dtype must be None (the default) or one of {DIFF_DTYPES}, "
-                f"got {self.diff_dtype!r}."
-            )
-        if not isinstance(self.fp32_master_weights, bool):
-            raise ValueError(
-                f"HFTConfig.fp32_master_weights must be True or False, got {self.fp32_master_weights!r}."
-            )
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"HFTConfig.seed must be an int, got {self.seed!r}.")
         if str(getattr(self.task_type, "value", self.task_type)) in _WRAPPED_HEAD_TASKS:
             raise ValueError(
                 f"HFTConfig(task_type={self.task_type!r}) would make PEFT wrap the task head ('score', 'classifier' "
@@ -165,13 +238,6 @@ class HFTConfig(PeftConfig):
                 "modules_to_save=['score'] (or the head's name)."
             )
         if self.selected_parameters is not None:
-            if isinstance(self.selected_parameters, str) or not all(
-                isinstance(name, str) for name in self.selected_parameters
-            ):
-                raise ValueError(
-                    "HFTConfig.selected_parameters must be a list of parameter names such as "
-                    "'model.layers.0.self_attn.q_proj.weight'."
-                )
             if not self.selected_parameters:
                 raise ValueError(
                     "HFTConfig.selected_parameters is empty: an HFT adapter must train at least one tensor. "
@@ -179,22 +245,8 @@ class HFTConfig(PeftConfig):
                 )
             self.selected_parameters = list(self.selected_parameters)
         if self.calibration is not None:
-            if not isinstance(self.calibration, dict):
-                raise ValueError(
-                    "HFTConfig.calibration is written by peft_hft.calibrate and must be a dict or None, got "
-                    f"{type(self.calibration).__name__}."
-                )
             if self.selected_parameters is None:
                 raise ValueError(
                     "HFTConfig.calibration records how selected_parameters was chosen, but selected_parameters is "
                     "unset. Fix: build the config with peft_hft.calibrate(model, dataloader, ...), or drop calibration."
                 )
-        if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, dict):
-            raise ValueError(
-                "HFTConfig.base_fingerprint is written by save_pretrained and must be a dict or None, got "
-                f"{type(self.base_fingerprint).__name__}."
-            )
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, set):
-                setattr(self, name, sorted(value))

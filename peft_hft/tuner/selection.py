@@ -499,6 +499,7 @@ def resolve_selection(
             "blocks. Fix: pass layers_pattern='<name of the ModuleList holding the layers>', use strategy='model' "
             "(a random share of all tensors), or list the tensors to train in selected_parameters."
         )
+    check_target_modules(model, layout, config)
     units = select_units(layout, config, avoid, rank)
     names = {p for u in units for p in u.params}
     names |= _extra_trainable(model, layout, config)
@@ -510,6 +511,25 @@ def resolve_selection(
         )
     order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     return sorted(names, key=order.__getitem__)
+
+
+def check_target_modules(model: nn.Module, layout: ModelLayout, config: HFTConfig) -> None:
+    """Refuse ``target_modules`` that match no tensor of the model (a typo, a regex that matches nothing, ``[]``), as
+    PEFT refuses them for LoRA (``NoMatchingPeftModuleError``): HFT would otherwise train only the embeddings,
+    ``lm_head`` and the final norm, and no block tensor at all, without a word."""
+    if config.target_modules is None or any(_matches(config.target_modules, u.target_name) for u in layout.units):
+        return
+    from peft import NoMatchingPeftModuleError
+
+    pool = layout.block_units() or list(layout.units)
+    shorts = list(dict.fromkeys(u.target_name.rsplit(".", 1)[-1] for u in pool))
+    example = pool[0].target_name if pool else None
+    raise NoMatchingPeftModuleError(
+        f"Target modules {config.target_modules!r} not found in the base model {type(model).__name__}: HFT's "
+        "target_modules match module names or suffixes (a list), or one regex against the full module name (a "
+        f"string). Modules that exist: {listing(shorts, 12)}" + (f" (full names such as {example!r})" if example
+        else "") + ". Fix: correct the names, or leave target_modules unset to draw from every block tensor."
+    )
 
 
 def _extra_trainable(model: nn.Module, layout: ModelLayout, config: HFTConfig) -> set[str]:

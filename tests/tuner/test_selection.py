@@ -261,3 +261,22 @@ def test_layers_pattern_names_the_block_list():
     assert len(resolve_selection(model, HFTConfig(layers_pattern="layers"))) > 0
     with pytest.raises(ValueError, match="No ModuleList named 'blocks'"):
         resolve_selection(model, HFTConfig(layers_pattern="blocks"))
+
+
+@pytest.mark.parametrize("patterns", [["q_prj", "v_prj"], "model\\.layers\\.\\d+\\.attn\\.nothing", []])
+def test_target_modules_that_match_nothing_are_refused_like_lora(patterns):
+    """Issue 19, row 4: a typo, a regex that matches nothing or [] used to train only the embeddings, lm_head and the
+    final norm; PEFT refuses such a LoRA config with NoMatchingPeftModuleError, and so does HFT."""
+    from peft import NoMatchingPeftModuleError, get_peft_model
+
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NoMatchingPeftModuleError, match=r"not found in the base model.*q_proj.*v_proj") as info:
+        get_peft_model(model, HFTConfig(target_modules=patterns))
+    assert repr(patterns) in str(info.value)
+    assert not hasattr(model, "hft") and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(NoMatchingPeftModuleError):  # LoRA's own behaviour, which HFT matches
+        from peft import LoraConfig
+
+        get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_prj", "v_prj"]))

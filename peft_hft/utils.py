@@ -91,24 +91,44 @@ def remove_stale_temporaries(destination: Path) -> None:
                 shutil.rmtree(candidate, ignore_errors=True)
 
 
-def refuse_output_overlap(output: PathLike, inputs: Mapping[str, Optional[PathLike]]) -> None:
+def refuse_output_overlap(output: PathLike, inputs: Mapping[str, Optional[PathLike]],
+                          outputs: Optional[Mapping[str, PathLike]] = None) -> None:
     """Refuse an output that is an input, lies inside one, or contains one: writing it, with or without
     ``--overwrite``, would replace, alter or delete that input. The one output guard every writing command shares.
 
-    ``inputs`` maps a label for messages ("BASE", "ADAPTER", ...) to a file or directory; ``None`` entries (an input
-    that is not on disk, such as a Hub id) are skipped.
+    ``inputs`` maps a label for messages ("BASE", "ADAPTER", ...) to a file or directory; ``None`` entries and paths
+    that do not exist on disk (an input given as a Hub id) are skipped. ``outputs``: the command's other outputs
+    (e.g. ``half-reset``'s OUT beside ``--merged``), compared whether they exist yet or not.
     """
     out = Path(output).expanduser().resolve()
-    for what, path in inputs.items():
-        if path is None:
+    others = [(what, path, False) for what, path in inputs.items()]
+    others += [(what, path, True) for what, path in (outputs or {}).items()]
+    for what, path, planned in others:
+        if path is None or not (planned or Path(path).expanduser().exists()):
             continue
         path = Path(path).expanduser().resolve()
         if out == path or path in out.parents or out in path.parents:
             relation = "is" if out == path else "lies inside" if path in out.parents else "contains"
+            harm = "the two would be written over each other" if planned else "writing it (with or without " \
+                "--overwrite) would replace or alter an input"
             raise ValueError(
-                f"The output {output} {relation} the {what} {path}; writing it (with or without --overwrite) would "
-                "replace or alter an input. Fix: choose an output path outside every input."
+                f"The output {output} {relation} the {what} {path}; {harm}. Fix: choose an output path outside "
+                f"every input{' and apart from the other outputs' if planned else ''}."
             )
+
+
+def check_output(destination: PathLike, overwrite: bool = False,
+                 inputs: Optional[Mapping[str, Optional[PathLike]]] = None,
+                 outputs: Optional[Mapping[str, PathLike]] = None) -> Path:
+    """The checks of an output path that every writing command runs before it starts work: the output is none of
+    its ``inputs``, lies in none and contains none (:func:`refuse_output_overlap`), and it does not exist yet unless
+    ``overwrite``. Returns the absolute path. :func:`atomic_directory` runs it again when it creates the output."""
+    if inputs or outputs:
+        refuse_output_overlap(destination, inputs or {}, outputs)
+    destination = Path(destination).expanduser().absolute()
+    if destination.exists() and not overwrite:
+        raise FileExistsError(f"{destination} already exists. Fix: choose another output path, or pass --overwrite.")
+    return destination
 
 
 @contextlib.contextmanager
@@ -120,11 +140,7 @@ def atomic_directory(destination: PathLike, overwrite: bool = False,
     it was, so no half-written output ever appears under the destination's name. ``inputs`` (label -> path) are
     checked with :func:`refuse_output_overlap` before anything is created.
     """
-    if inputs:
-        refuse_output_overlap(destination, inputs)
-    destination = Path(destination).expanduser().absolute()
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} already exists. Fix: choose another output path, or pass --overwrite.")
+    destination = check_output(destination, overwrite, inputs)
     destination.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(destination)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}{TMP_MARK}{os.getpid()}-", dir=destination.parent))

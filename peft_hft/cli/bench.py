@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..bench.protocol import Protocol, quick_protocol
+from ..utils import refuse_output_overlap
 
 
 def _floats(text: str) -> list[float]:
@@ -134,6 +135,8 @@ def _combine(args: argparse.Namespace) -> int:
         if not file.is_file():
             raise FileNotFoundError(f"{file} does not exist; pass a forgetting-benchmark results directory.")
         summaries.append(json.loads(file.read_text()))
+    # a results directory given as input is never written into (its results.json would be replaced)
+    refuse_output_overlap(args.output, {f"results directory {path}": path for path in args.results})
     combined = combine_summaries(summaries)  # checks everything before a file is written
     args.output.mkdir(parents=True, exist_ok=True)
     paths = write_outputs(combined, args.output)
@@ -144,6 +147,11 @@ def _combine(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.benchmark == "combine":
         return _combine(args)
+    protocol = protocol_from_args(args)
+    output = args.output or Path("forgetting-results-quick" if args.quick else "forgetting-results")
+    # the results directory is resumed (finished runs are kept), but never laid over or around the model or task
+    refuse_output_overlap(output, {"--model": None if protocol.model == "default" else protocol.model,
+                                   "--task": protocol.task})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -154,8 +162,6 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     from ..bench.forgetting import run
 
-    protocol = protocol_from_args(args)
-    output = args.output or Path("forgetting-results-quick" if args.quick else "forgetting-results")
     start = time.perf_counter()
     paths = run(protocol, output, device=args.device)
     print(f"Finished in {time.perf_counter() - start:.0f} s. Results: {paths['markdown']}")

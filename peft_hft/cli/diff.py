@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..ops.extract import CHANGED, extract_adapter, read_selection_file
     from ..tuner.config import HFTConfig
+    from ..utils import check_output
 
+    check_output(args.output, args.overwrite, {"TUNED": args.tuned, "BASE": args.base,
+                                               "--parameters-file": args.parameters_file})
     if args.parameters:
         selection = list(args.parameters)
     elif args.parameters_file:

@@ -33,14 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..ops.extract import extract_adapter
     from ..ops.merge import merge_checkpoint
     from ..tuner.config import HFTConfig
+    from ..utils import check_output
 
-    if args.merged and Path(args.merged).exists() and not args.overwrite:  # refuse before the slow part
-        raise FileExistsError(f"{args.merged} already exists. Fix: choose another path for --merged, or --overwrite.")
+    # every argument is checked before anything is read or written
+    inputs = {"TUNED": args.tuned, "BASE": args.base}
+    check_output(args.output, args.overwrite, inputs)
+    if args.merged:
+        check_output(args.merged, args.overwrite, inputs, outputs={"OUT": args.output})
     config = HFTConfig(
         ratio=args.ratio, strategy=args.strategy, seed=args.seed, train_embeddings=not args.reset_embeddings,
         layers_pattern=args.layers_pattern,

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="embedding diffs: as LoRA (default), or dropped (LoRA on tied embeddings breaks tie_weights())",
     )
     parser.add_argument("--dtype", choices=FLOAT_DTYPES, help="dtype of the LoRA factors (default: as the tensor)")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="do not check the base against the adapter's base fingerprint"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     report = adapter_to_lora(
         args.adapter, args.output, args.rank, base=args.base, others=args.others,
         dtype=float_dtype(args.dtype, "--dtype"), overwrite=args.overwrite, progressbar=not args.quiet,
-        embeddings=args.embeddings,
+        embeddings=args.embeddings, verify=not args.no_verify,
     )
     print(f"Wrote LoRA adapter {args.output}: {report.summary()}.")
     if report.dropped:

@@ -38,7 +38,7 @@ from ..format.reader import read_adapter
 from ..ops.merge import apply_diff
 from ..tuner.layer import find_ledger
 from ..tuner.selection import canonical_parameter_names
-from ..utils import atomic_directory, atomic_write
+from ..utils import atomic_directory, atomic_write, check_output
 from .metrics import AccuracyMatrix
 
 MANIFEST = "manifest.json"
@@ -357,13 +357,14 @@ class StageHistory:
         """Write ``base + sum_i w_i * diff_i`` (see :meth:`load`) as a plain checkpoint (``save_pretrained``).
 
         The checkpoint is written to a temporary directory next to ``output_dir`` and moved into place when
-        complete; an existing ``output_dir`` is refused unless ``overwrite=True``.
+        complete; an existing ``output_dir`` is refused unless ``overwrite=True``, and so is one that is, lies inside
+        or contains the history itself (overwriting it would delete the stages), with or without ``overwrite``.
         """
         output_dir = Path(output_dir)
-        if output_dir.exists() and not overwrite:  # refuse before the work
-            raise FileExistsError(f"{output_dir} already exists. Fix: choose another output path, or overwrite=True.")
+        inputs = {"stage history": self.path}
+        check_output(output_dir, overwrite, inputs)  # refuse before the work
         self.load(model, upto=upto, weights=weights, check_base=check_base)
-        with atomic_directory(output_dir, overwrite=overwrite) as staging:
+        with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as staging:
             model.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)

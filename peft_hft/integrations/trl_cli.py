@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ..tuner.config import HFTConfig
+from ..utils import refuse_output_overlap
 
 PREFIX = "hft_"
 SCRIPTS = {"sft": "SFTConfig", "dpo": "DPOConfig"}
@@ -117,6 +118,11 @@ def run(script: str, argv: Sequence[str]) -> int:
     """Parse ``argv`` like ``trl <script>`` (plus ``--hft_*``) and run TRL's script with an HFT adapter."""
     parser = make_parser(script)
     script_args, training_args, model_args, dataset_args, hft_args = parser.parse_args_and_config(list(argv))
+    # the trainer writes its checkpoints, adapter and card into output_dir (and deletes old checkpoint-* there)
+    if training_args.output_dir:
+        refuse_output_overlap(training_args.output_dir, {
+            "--model_name_or_path": model_args.model_name_or_path, "--dataset_name": script_args.dataset_name,
+        })
     config = hft_config(hft_args, model_args)
     module = importlib.import_module(f"trl.scripts.{script}")
     with _peft_config_for_trl(config):

@@ -37,7 +37,7 @@ from ..format.keys import ADAPTER_WEIGHTS, diff_key
 from ..integrations.hub import update_model_card
 from ..tuner.config import HFTConfig
 from ..tuner.selection import canonical_parameter_names, resolve_selection, validate_selection
-from ..utils import atomic_directory, float_dtype
+from ..utils import atomic_directory, check_output, float_dtype
 
 CHANGED = "changed"
 _TASK_TYPES = (
@@ -134,9 +134,12 @@ def extract_adapter(
             strategy picks the tensors (e.g. ``HFTConfig(ratio=0.5, seed=0)``: the half HFT would have trained).
         diff_dtype: Dtype of the stored diffs (default: each base tensor's dtype); see ``HFTConfig.diff_dtype``.
     """
+    inputs = {"TUNED": tuned, "BASE": base}
+    check_output(output, overwrite, inputs)  # before anything is read
     dtype = float_dtype(diff_dtype, "diff_dtype")
     base_ckpt = Checkpoint.open(base, base_revision, what="BASE")
     tuned_ckpt = Checkpoint.open(tuned, tuned_revision, what="TUNED")
+    inputs = {"TUNED directory": tuned_ckpt.source.directory, "BASE directory": base_ckpt.source.directory}
     model = meta_model(base_ckpt.source.directory)
     keys, non_parameters = _parameter_keys(base_ckpt, model)
     extra = sorted(set(tuned_ckpt.entries) - set(base_ckpt.entries))
@@ -167,7 +170,7 @@ def extract_adapter(
     total_change = kept_change = 0.0
     bar = tqdm(total=sum(base_ckpt.entries[keys[n]].nbytes for n in candidates), unit="B", unit_scale=True,
                desc="Comparing", disable=not progress)
-    with atomic_directory(output, overwrite=overwrite) as staging, bar:
+    with atomic_directory(output, overwrite=overwrite, inputs=inputs) as staging, bar:
         spool_path = staging / ".diffs.spool"
         with open(spool_path, "wb") as spool:
             for name in candidates:

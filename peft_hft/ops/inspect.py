@@ -16,7 +16,7 @@ from typing import Any, Optional
 from ..format.checkpoint import Checkpoint, PathLike, meta_model, parameter_aliases
 from ..format.fingerprint import BaseMismatchError, check_fingerprint, combined_digest
 from ..format.reader import read_adapter
-from ..utils import dtype_name
+from ..utils import check_output, dtype_name
 
 
 @dataclass
@@ -91,6 +91,8 @@ def inspect_adapter(
     base_name = str(base) if base is not None else (
         files.config.get("base_model_name_or_path") or (fingerprint or {}).get("base_model")
     )
+    if plot is not None:  # the map is the one file inspect writes: never over or around an input
+        check_output(plot, overwrite=True, inputs={"ADAPTER": files.directory, "base": base_name})
     info = AdapterInfo(
         files.source.name,
         files.config,

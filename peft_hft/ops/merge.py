@@ -43,7 +43,7 @@ from ..format.fingerprint import (
 )
 from ..format.keys import INDEX_NAME
 from ..format.reader import AdapterFile, check_finite, read_adapter
-from ..utils import FLOAT_DTYPES, atomic_directory, float_dtype, listing, refuse_output_overlap
+from ..utils import FLOAT_DTYPES, atomic_directory, check_output, float_dtype, listing, refuse_output_overlap
 
 # Files of a model directory that are weights (rewritten or dropped), not configuration to copy.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -144,6 +144,7 @@ def merge_checkpoint(
         BaseMismatchError: the base is not the one the adapter was made for (nothing is written).
         ValueError / FileNotFoundError / FileExistsError: bad inputs, with the fix in the message.
     """
+    check_output(output, overwrite, {"BASE": base, "ADAPTER": adapter})  # before anything is read
     out_dtype = float_dtype(dtype, "dtype (None keeps the stored dtypes)")
     # Values are checked while merging (each diff is read once; a NaN/Inf stops the merge before anything appears).
     with read_adapter(adapter, revision=adapter_revision, load=False, check_values=False) as adapter_file:
@@ -162,7 +163,8 @@ def _merge(adapter_file: AdapterFile, base: PathLike, output: PathLike, out_dtyp
         )
     diffs = {name: adapter_file.entries[key] for name, key in adapter_file.diffs.items()}
     checkpoint = Checkpoint.open(base, base_revision)
-    refuse_output_overlap(output, {"BASE directory": checkpoint.source.directory, "ADAPTER directory": adapter_file.directory})
+    inputs = {"BASE directory": checkpoint.source.directory, "ADAPTER directory": adapter_file.directory}
+    refuse_output_overlap(output, inputs)
     fingerprint = adapter_file.config.get("base_fingerprint") if verify and not base_check_skipped() else None
     targets = _targets(checkpoint, diffs, parameter_aliases(meta_model(checkpoint.source.directory)))
     _check_shapes(checkpoint, diffs, targets, fingerprint)
@@ -172,7 +174,7 @@ def _merge(adapter_file: AdapterFile, base: PathLike, output: PathLike, out_dtyp
     verified: set[str] = set()
     written = 0
     bar = tqdm(total=checkpoint.total_bytes, unit="B", unit_scale=True, desc="Merging", disable=not progress)
-    with atomic_directory(output, overwrite=overwrite) as staging, bar:
+    with atomic_directory(output, overwrite=overwrite, inputs=inputs) as staging, bar:
         for shard in checkpoint.shards:
             bar.set_postfix_str(shard.name)
             entries = {e.key: e for e in checkpoint.shard_entries(shard)}

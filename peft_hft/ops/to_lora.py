@@ -23,6 +23,7 @@ each diff (from the discarded singular values, exact) and the diffs that were dr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,10 +38,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..format.keys import PEFT_KEY_PREFIX
+from ..format.checkpoint import is_repo_id
+from ..format.keys import ADAPTER_CONFIG, PEFT_KEY_PREFIX
+from ..format.reader import peek_peft_type
 from ..tuner.layer import find_ledger
 from ..tuner.selection import embedding_parameter_names
-from ..utils import atomic_directory
+from ..utils import atomic_directory, check_output
 
 REPORT_NAME = "lora_conversion.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -286,23 +289,60 @@ def adapter_to_lora(
     overwrite: bool = False,
     progressbar: bool = True,
     embeddings: Embeddings = "lora",
+    verify: bool = True,
 ) -> LoraConversionReport:
     """Load ``base`` (default: the adapter's ``base_model_name_or_path``) with the HFT adapter, convert, save.
 
     This is ``peft-hft to-lora``. The base model is loaded on the CPU in its stored dtype; its values are needed for
     the modules saved in full (``modules_to_save``), and its module types decide Linear vs Embedding vs other.
+    Every argument (the output path, the adapter's type, the base) is checked before the model is loaded; ``verify``
+    checks the base against the adapter's base fingerprint (``--no-verify`` turns it off).
     """
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+
+    from ..format.fingerprint import skip_base_check
+    from ..format.reader import read_adapter
 
     adapter = str(adapter)
-    config = PeftConfig.from_pretrained(adapter)
-    base = base or config.base_model_name_or_path
+    check_output(output, overwrite, {"ADAPTER": adapter, "--base": base})
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+    peft_type = peek_peft_type(adapter)
+    if peft_type is not None and peft_type != "HFT":
+        raise ValueError(
+            f"{adapter} is a {peft_type} adapter, not an HFT adapter; to-lora converts HFT adapters"
+            + (" (this one is LoRA already)." if peft_type == "LORA" else ".")
+        )
+    with read_adapter(adapter, load=False, check_values=False) as adapter_file:  # refuses a damaged adapter now
+        config = adapter_file.config
+    base = base or config.get("base_model_name_or_path")
     if not base:
         raise ValueError(
             f"{adapter}/adapter_config.json names no base model (base_model_name_or_path). Fix: pass --base."
         )
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    peft_model = PeftModel.from_pretrained(model, adapter)
+    model = _load_base(str(base))
+    with skip_base_check() if not verify else contextlib.nullcontext():
+        peft_model = PeftModel.from_pretrained(model, adapter)
     return save_as_lora(output, peft_model, rank, others=others, dtype=dtype, overwrite=overwrite,
                         progressbar=progressbar, embeddings=embeddings)
+
+
+def _load_base(base: str) -> nn.Module:
+    """The base model for :func:`adapter_to_lora`, with an error in one line for a path that is not a model."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(base).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        what = "an adapter directory (it holds adapter_config.json)" if (path / ADAPTER_CONFIG).is_file() else (
+            "not a model directory (it holds no config.json)"
+        )
+        raise ValueError(f"The base {base} is {what}. Fix: pass the base model's directory or Hub id as --base.")
+    if not path.exists() and not is_repo_id(base):
+        raise FileNotFoundError(
+            f"The base {base} does not exist. Fix: pass the base model's directory or Hub id as --base."
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"Cannot load the base model {base}: {first} Fix: pass --base DIR (a local model).") from exc

@@ -235,3 +235,63 @@ def test_sft_refuses_lora_options_and_lists_hft_options(trl_inputs, tmp_path):
     assert all(flag in helped.stdout for flag in ("--hft_ratio", "--hft_seed", "--hft_strategy", "--learning_rate",
                                                   "--model_name_or_path"))
     assert "--hft_selected_parameters" not in helped.stdout and "--hft_base_fingerprint" not in helped.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every command checks its arguments before it starts work and fails in one line (issue 19)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def one_line_error(result: Result, *needles: str) -> None:
+    assert result.returncode == 1, (result.stdout, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].count("error:") == 1, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("bad_base, message", [("adapter", "is an adapter directory"), ("nowhere", "does not exist"),
+                                               ("empty", "not a model directory")])
+def test_to_lora_refuses_a_bad_base_in_one_line(checkpoints, tmp_path, bad_base, message):
+    (tmp_path / "empty").mkdir()
+    base = checkpoints / "adapter" if bad_base == "adapter" else tmp_path / bad_base
+    result = peft_hft_cli("to-lora", str(checkpoints / "adapter"), str(tmp_path / "out"), "--rank", "4",
+                          "--base", str(base), "--quiet")
+    one_line_error(result, message, "--base")
+    assert not (tmp_path / "out").exists()
+
+
+def test_to_lora_on_another_base_is_refused_and_no_verify_converts(checkpoints, tmp_path):
+    tiny_model("llama", layers=2, seed=9).save_pretrained(tmp_path / "other")
+    args = ["to-lora", str(checkpoints / "adapter"), str(tmp_path / "out"), "--rank", "4", "--base",
+            str(tmp_path / "other"), "--quiet"]
+    refused = peft_hft_cli(*args)
+    assert refused.returncode == 1 and "--no-verify" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "out").exists()
+    done = peft_hft_cli(*args, "--no-verify")  # the fix the error names is an option of to-lora
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_to_lora_says_a_lora_input_is_lora_already(checkpoints, tmp_path):
+    from peft import LoraConfig
+
+    lora = get_peft_model(tiny_model("llama", layers=2), LoraConfig(target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "lora")
+    result = peft_hft_cli("to-lora", str(tmp_path / "lora"), str(tmp_path / "out"), "--rank", "4",
+                          "--base", str(checkpoints / "base"))
+    one_line_error(result, "is a LORA adapter, not an HFT adapter", "LoRA already")
+
+
+def test_to_lora_refuses_an_existing_out_before_loading_or_converting(checkpoints, tmp_path, monkeypatch):
+    import peft_hft.ops.to_lora as to_lora
+
+    def never(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(to_lora, "_load_base", never)
+    monkeypatch.setattr(to_lora, "_factorise", never)
+    (tmp_path / "out").mkdir()
+    result = peft_hft_cli("to-lora", str(checkpoints / "adapter"), str(tmp_path / "out"), "--rank", "4",
+                          "--base", str(checkpoints / "base"))
+    one_line_error(result, "already exists")

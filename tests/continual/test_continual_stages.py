@@ -4,6 +4,7 @@ stage history that rebuilds every stage bit for bit, re-weights stages and expor
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +131,18 @@ def test_dropping_and_reweighting_stages_is_task_arithmetic(run, tmp_path):
     assert all(torch.equal(exported[n], reference[n]) for n in reference)
     with pytest.raises(FileExistsError, match="already exists"):
         history.export(fresh_base(base), out)
+
+
+def test_export_never_writes_over_into_or_around_the_history(run):
+    """Issue 19, row 1: export(..., overwrite=True) into the history (or around it) would delete its stages."""
+    _, base, _, path = run
+    history = StageHistory(path)
+    files = {p: p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+    for where, output in (("is", Path(path)), ("lies inside", Path(path) / "merged"), ("contains", Path(path).parent)):
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=f"{where} the stage history"):
+                history.export(fresh_base(base), output, overwrite=overwrite)
+    assert {p: p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()} == files
 
 
 def test_bad_loads_are_refused(run):

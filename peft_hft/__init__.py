@@ -13,6 +13,7 @@ adapters::
 from __future__ import annotations
 
 from .format.fingerprint import BaseMismatchError, skip_base_check
+from .format.reader import allow_non_finite
 from .integrations.registration import register
 from .tuner.config import HFTConfig
 from .tuner.importance import calibrate, importance_scores
@@ -27,6 +28,7 @@ __all__ = [
     "HFTConfig",
     "HFTLayer",
     "HFTModel",
+    "allow_non_finite",
     "calibrate",
     "importance_scores",
     "memory_report",

@@ -35,7 +35,13 @@ from ..format.keys import ADAPTER_CONFIG
 from ..format.reader import AdapterFile, load_config_json, peek_peft_type, read_adapter
 from ..format.writer import atomic_save
 from ..tuner.layer import find_ledger
-from ..tuner.model import config_from_dict, record_fingerprint, unchanged_on_failure, validate_adapter_name
+from ..tuner.model import (
+    config_from_dict,
+    record_fingerprint,
+    reloading,
+    unchanged_on_failure,
+    validate_adapter_name,
+)
 
 _PATCH_MARKER = "_peft_hft_patched"
 _HUB_KWARGS = ("revision", "subfolder", "token", "cache_dir", "local_files_only", "force_download", "proxies")
@@ -116,7 +122,12 @@ def _patch_load_adapter(peft_model_cls: type) -> None:
             return original(self, model_id, adapter_name, *args, **kwargs)
         validate_adapter_name(adapter_name)
         adapter = read_for_peft(model_id, kwargs)
-        with preloaded(model_id, adapter), unchanged_on_failure(self.get_base_model(), adapter_name):
+        base = self.get_base_model()
+        into_existing = (  # Trainer's resume: the selection and the base are checked against the checkpoint's
+            reloading(base, adapter_name, config_of(adapter), model_id) if adapter_name in self.peft_config
+            else contextlib.nullcontext()
+        )
+        with preloaded(model_id, adapter), unchanged_on_failure(base, adapter_name), into_existing:
             return original(self, model_id, adapter_name, *args, **kwargs)
 
     setattr(load_adapter, _PATCH_MARKER, True)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -317,6 +318,12 @@ def importance_scores(
     """
     _check_model(model)
     _check_strategy(strategy, dataloader)
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(
+            f"max_batches must be a positive int (the number of calibration batches to use) or None for the whole "
+            f"dataloader, got {max_batches!r}."
+        )
     layout = analyze_model(model, layers_pattern)
     units = scored_units(layout)
     params = dict(model.named_parameters())
@@ -360,6 +367,13 @@ def importance_scores(
             batches += 1
     if batches == 0:
         raise ValueError("The calibration dataloader yielded no batch; give it at least one.")
+    if tokens == 0:
+        warnings.warn(
+            f"The calibration saw 0 tokens in {batches} batch(es): every attention_mask entry is 0 (only padding), so "
+            f"the {strategy!r} scores carry no information and the selection is the seeded random draw. Fix: check "
+            "the dataloader's attention_mask (padding side, empty texts).",
+            stacklevel=3,
+        )
     if strategy == "wanda":
         numel = sum(record.numel() for record in meter.stats.values())
         return Calibration(strategy, meter.scores(), batches, tokens, statistics_numel=numel)

@@ -14,9 +14,9 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..format.keys import PEFT_KEY_PREFIX, diff_key
+from ..format.keys import PEFT_KEY_PREFIX, diff_key, parameter_name_of
 from ..format.reader import check_finite, check_tensors, register_config_check
-from ..utils import float_dtype
+from ..utils import float_dtype, listing
 from .base_check import record_base, verify_base
 from .combine import CombinationType, add_weighted_adapter
 from .config import HFTConfig
@@ -237,6 +237,7 @@ class HFTModel(BaseTuner):
                     break
         dtype = float_dtype(config.diff_dtype, "HFTConfig.diff_dtype")
         out = {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
+        refuse_non_finite(out, adapter_name)
         for name in saved_in_full(ledger, adapter_name, config):
             # TRL sets trainable_token_indices when it extended the vocabulary (a chat template with new tokens). The
             # base values of the new rows were drawn at random in this process, so diffs alone cannot rebuild them:
@@ -263,8 +264,9 @@ class HFTModel(BaseTuner):
         """Apply the diffs in ``state_dict`` to ``adapter_name``; PEFT is left nothing to load itself.
 
         A mismatch between the adapter and the model (names, shapes, or a base other than the one recorded in
-        ``config.base_fingerprint``) raises ``ValueError`` after the adapter was removed again, so a failed load leaves
-        the model as it was.
+        ``config.base_fingerprint``) raises ``ValueError`` before any weight is changed. Removing an adapter that the
+        failed load itself added is the job of the loading entry points (:func:`unchanged_on_failure`); an adapter
+        that existed before (a resume into ``default``) is never removed here.
         """
         ledger = find_ledger(model)
         if ledger is None or adapter_name not in ledger.hft_adapters:
@@ -273,21 +275,17 @@ class HFTModel(BaseTuner):
         # dicts handed to set_peft_model_state_dict directly; nothing but diffs (and the documented full tensors) is
         # ever passed on to PEFT's load_state_dict, which would write it into the model.
         layout = {key: (value.dtype, tuple(value.shape)) for key, value in state_dict.items()}
-        try:
-            diff_keys, full_keys = check_tensors(
-                layout,
-                {
-                    "selected_parameters": list(ledger.hft_adapters[adapter_name].params),
-                    "trainable_token_indices": config.trainable_token_indices,
-                    "base_fingerprint": config.base_fingerprint,
-                },
-                f"The checkpoint of HFT adapter {adapter_name!r}",
-            )
-            for key, value in state_dict.items():
-                check_finite(key, value, f"The checkpoint of HFT adapter {adapter_name!r}")
-        except ValueError:
-            rollback_adapter(model, adapter_name)
-            raise
+        diff_keys, full_keys = check_tensors(
+            layout,
+            {
+                "selected_parameters": list(ledger.hft_adapters[adapter_name].params),
+                "trainable_token_indices": config.trainable_token_indices,
+                "base_fingerprint": config.base_fingerprint,
+            },
+            f"The checkpoint of HFT adapter {adapter_name!r}",
+        )
+        for key, value in state_dict.items():
+            check_finite(key, value, f"The checkpoint of HFT adapter {adapter_name!r}")
         diffs = {name: state_dict[key] for name, key in diff_keys.items()}
         full = {name: state_dict[key] for name, key in full_keys.items()}
         canonical = canonical_parameter_names(ledger.root, list(diffs))
@@ -297,13 +295,9 @@ class HFTModel(BaseTuner):
             base = ledger.original(name)
             # a tensor of the wrong shape is passed through unchanged, for check_diffs to report
             diffs[name] = value if value.shape != base.shape else value.to(base.device).float() - base.float()
-        try:
-            ledger.check_diffs(adapter_name, diffs)
-            verify_base(ledger, config, adapter_name)
-            ledger.set_diffs(adapter_name, diffs)
-        except ValueError:
-            rollback_adapter(model, adapter_name)
-            raise
+        ledger.check_diffs(adapter_name, diffs)
+        verify_base(ledger, config, adapter_name)
+        ledger.set_diffs(adapter_name, diffs)
         return {}
 
 
@@ -331,6 +325,63 @@ def rollback_adapter(model: nn.Module, adapter_name: str) -> None:
             configs.pop(adapter_name, None)
 
 
+@contextlib.contextmanager
+def reloading(model: nn.Module, adapter_name: str, saved: HFTConfig, source: Any) -> Iterator[None]:
+    """Load a checkpoint into the existing HFT adapter ``adapter_name`` of ``model`` (the base model holding the
+    ledger), as ``Trainer(resume_from_checkpoint=...)`` does with ``load_adapter(ckpt, "default")``.
+
+    Checked first, so that a refusal changes nothing: the checkpoint's selection (``saved``, its
+    ``adapter_config.json``) must be the adapter's own (a model rebuilt with another seed draws another half). While
+    the diffs are applied, the base is checked against the checkpoint's fingerprint (the adapter in memory records
+    none until it is saved, which gave a false "records no base fingerprint" warning and no check); on success the
+    adapter keeps that fingerprint, on failure its own comes back.
+    """
+    ledger = find_ledger(model)
+    configs = getattr(model, "peft_config", {})
+    config = configs.get(adapter_name) if isinstance(configs, dict) else None
+    if ledger is None or adapter_name not in ledger.hft_adapters or config is None:
+        raise ValueError(f"No HFT adapter named {adapter_name!r} in this model to load {source} into.")
+    ours = list(ledger.hft_adapters[adapter_name].params)
+    theirs = canonical_parameter_names(ledger.root, list(saved.selected_parameters or []))
+    only_theirs = [n for n in theirs if n not in set(ours)]
+    only_ours = [n for n in ours if n not in set(theirs)]
+    if only_theirs or only_ours:
+        def settings(c: Any) -> str:
+            return f"ratio={c.ratio}, strategy={c.strategy!r}, seed={c.seed}"
+
+        raise ValueError(
+            f"The checkpoint {source} trains another selection than the HFT adapter {adapter_name!r} of this model "
+            f"({settings(saved)} in the checkpoint, {settings(config)} here): {len(only_theirs)} tensor(s) only in "
+            f"the checkpoint ({listing(only_theirs)}), {len(only_ours)} only in the model ({listing(only_ours)}). "
+            "Nothing was changed. Fix: build the model with the checkpoint's HFTConfig before resuming (e.g. "
+            f"HFTConfig({settings(saved)}), or PeftModel.from_pretrained(base, {str(source)!r}, is_trainable=True)), "
+            "or load it under a new adapter name."
+        )
+    own = config.base_fingerprint
+    config.base_fingerprint = saved.base_fingerprint if saved.base_fingerprint is not None else own
+    try:
+        yield
+    except BaseException:
+        config.base_fingerprint = own
+        raise
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Refuse to save NaN/Inf diffs (weights that diverged in training): the adapter's own loader would refuse the
+    file, so the save would only look like it worked. ``peft_hft.allow_non_finite()`` saves them anyway."""
+    for key, value in tensors.items():
+        try:
+            check_finite(key, value, f"HFT adapter {adapter_name!r}")
+        except ValueError:
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"HFT adapter {adapter_name!r} holds {bad} NaN/Inf value(s) in {parameter_name_of(key) or key} "
+                "(training diverged: try a lower learning rate, or go back to an earlier checkpoint), and loading "
+                "refuses such an adapter; nothing was saved. To save it anyway (e.g. to debug it), save inside "
+                "`with peft_hft.allow_non_finite():` and load it the same way."
+            ) from None
+
+
 def saved_in_full(ledger: HFTLayer, adapter_name: str, config: HFTConfig) -> set[str]:
     """Tensors saved as tuned values in full besides their diffs: the embeddings, when the vocabulary was extended
     (``trainable_token_indices`` set, as TRL does), since their new rows' base values exist in no other process."""
@@ -353,11 +404,19 @@ def record_fingerprint(ledger: HFTLayer, adapter_name: str, config: HFTConfig) -
 
 
 def config_from_dict(config: dict[str, Any]) -> HFTConfig:
-    """The ``HFTConfig`` of a saved ``adapter_config.json`` (unknown fields, e.g. of a newer peft-hft, are dropped).
+    """The ``HFTConfig`` of a saved ``adapter_config.json`` (unknown fields, e.g. of a newer peft-hft, are dropped
+    with a warning).
 
     Registered as a check of the adapter reader, so ``HFTConfig``'s own validation runs on every config read.
     """
     known = HFTConfig.__dataclass_fields__
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:  # as PEFT warns for LoRA (PeftConfig.from_peft_type), naming the fields
+        warnings.warn(
+            f"Unexpected fields {unknown} in an HFT adapter_config.json are ignored. The adapter was probably saved by "
+            "a newer peft-hft; upgrade it (pip install -U peft-hft) before relying on this adapter.",
+            stacklevel=2,
+        )
     return HFTConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
 
 

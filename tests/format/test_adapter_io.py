@@ -306,3 +306,31 @@ def test_low_cpu_mem_usage_loading(trained):
     loaded.load_adapter(path, adapter_name="other", low_cpu_mem_usage=True)
     loaded.set_adapter("other")
     assert (logits(loaded) - expected).abs().max() <= 1e-5
+
+
+def test_an_adapter_that_diverged_to_nan_is_refused_at_save_not_after(tmp_path):
+    """Issue 19: saving NaN weights used to succeed silently, and then the package's own loader refused the file."""
+    import peft_hft
+
+    peft_model = get_peft_model(tiny_model("llama", layers=2), HFTConfig())
+    name = peft_model.peft_config["default"].selected_parameters[2]
+    with torch.no_grad():
+        peft_model.get_base_model().get_parameter(name)[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"NaN/Inf value\(s\) in {name}.*nothing was saved.*allow_non_finite"):
+        peft_model.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    with peft_hft.allow_non_finite():  # the opt-out the message names works both ways
+        peft_model.save_pretrained(tmp_path / "a")
+        loaded = PeftModel.from_pretrained(tiny_model("llama", layers=2), tmp_path / "a")
+    assert torch.isnan(loaded.get_base_model().get_parameter(name)[0]).all()
+
+
+def test_unknown_fields_in_adapter_config_warn_like_lora(trained, tmp_path):
+    _, _, path = trained
+    config = json.loads((path / "adapter_config.json").read_text())
+    case = tmp_path / "newer"
+    case.mkdir()
+    (case / "adapter_config.json").write_text(json.dumps({**config, "from_the_future": "x", "zeta": 1}))
+    (case / "adapter_model.safetensors").write_bytes((path / "adapter_model.safetensors").read_bytes())
+    with pytest.warns(UserWarning, match=r"Unexpected fields \['from_the_future', 'zeta'\].*newer peft-hft"):
+        PeftModel.from_pretrained(tiny_model("llama", layers=2), case)

@@ -226,3 +226,17 @@ def test_bad_input_is_refused_with_a_fix():
     with pytest.raises(TypeError, match="base model"):
         calibrate(get_peft_model(tiny_model("llama"), HFTConfig()), loader(), strategy="wanda")
     assert peft_hft.calibrate is calibrate
+
+
+@pytest.mark.parametrize("max_batches", [0, -1, 1.5, True])
+def test_a_bad_max_batches_is_named_not_the_dataloader(max_batches):
+    with pytest.raises(ValueError, match=r"max_batches must be a positive int.*got") as info:
+        calibrate(tiny_model("llama"), loader(), strategy="wanda", max_batches=max_batches)
+    assert "dataloader yielded no batch" not in str(info.value)
+
+
+def test_a_calibration_that_saw_no_token_warns():
+    batches = [{**b, "attention_mask": torch.zeros_like(b["attention_mask"])} for b in loader(batches=2)]
+    with pytest.warns(UserWarning, match="saw 0 tokens in 2 batch"):
+        config = calibrate(tiny_model("llama"), batches, strategy="wanda")
+    assert config.calibration["tokens"] == 0

@@ -12,7 +12,7 @@ This is a top-level module on purpose: anything inside the ``peft_hft`` package 
 which imports torch and peft, at every interpreter start.
 
 Set ``PEFT_HFT_NO_AUTOLOAD=1`` to turn the hook off. A failing ``import peft_hft`` never breaks ``import peft``: it
-becomes a warning.
+becomes a warning (a line on stderr where warnings are errors, ``python -W error``).
 """
 
 from __future__ import annotations
@@ -47,11 +47,14 @@ def _register() -> None:
     except Exception as exc:  # never break `import peft` for a plugin
         import warnings
 
-        warnings.warn(
+        message = (
             f"peft-hft could not register the HFT method with PEFT ({type(exc).__name__}: {exc}); HFT adapters will "
-            f"not load. Fix the installation (pip install peft-hft), or set {ENV_VARIABLE}=1 to turn this hook off.",
-            stacklevel=2,
+            f"not load. Fix the installation (pip install peft-hft), or set {ENV_VARIABLE}=1 to turn this hook off."
         )
+        try:
+            warnings.warn(message, stacklevel=2)
+        except Exception:  # warnings are errors here (python -W error): say it without breaking `import peft`
+            sys.stderr.write(f"UserWarning: {message}\n")
 
 
 class _PeftFinder:

@@ -196,6 +196,8 @@ class HFTModel(BaseTuner):
         if merge:
             ledger.merge(safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar)
             ledger.apply_merged_only(progressbar=progressbar)
+        elif ledger.merged_adapters:  # as LoRA: unload() keeps what merge_adapter() merged into the base weights
+            ledger.apply_merged_only(progressbar=progressbar)
         else:
             merged, ledger.merged_adapters = ledger.merged_adapters, []
             try:

@@ -83,3 +83,22 @@ def test_get_base_model_state_dict_returns_the_base_values_of_a_trained_model(dt
         assert torch.equal(extracted[key], value), key
     assert torch.equal(logits(peft_model), logits(peft_model))  # the model itself is unchanged by the call
     assert not torch.equal(peft_model.get_base_model().state_dict()[changed[0]], base[changed[0]])
+
+
+@DTYPES
+@pytest.mark.parametrize("method", ["lora", "hft"])
+def test_unload_after_merge_adapter_keeps_the_merged_weights(method, dtype):
+    """Issue 19: LoRA's unload() after merge_adapter() returns the merged model; HFT returned the base."""
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    base_model = tiny_model("llama", dtype=dtype)
+    base = logits(base_model)
+    model = get_peft_model(base_model, config(method))
+    tuned = logits(model)
+    model.merge_adapter()
+    unloaded = model.unload()
+    assert torch.allclose(logits(unloaded), tuned, atol=tol) and not torch.allclose(logits(unloaded), base, atol=tol)
+    assert not hasattr(unloaded, "hft") and not hasattr(unloaded, "peft_config")
+    if method == "hft":
+        assert torch.equal(logits(unloaded), tuned)
+    fresh = get_peft_model(tiny_model("llama", dtype=dtype), config(method))  # without merge_adapter: the base
+    assert torch.allclose(logits(fresh.unload()), base, atol=tol)

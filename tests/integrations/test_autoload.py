@@ -268,3 +268,29 @@ def test_a_broken_installation_warns_instead_of_breaking_import_peft(monkeypatch
     for value, enabled in (("", True), ("0", True), ("false", True), ("1", False), ("yes", False)):
         monkeypatch.setenv(hook.ENV_VARIABLE, value)
         assert hook.enabled() is enabled
+
+
+def test_a_broken_installation_never_breaks_import_peft_under_w_error(tmp_path):
+    """Issue 19: under ``python -W error`` the hook's warning became the exception of ``import peft``."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+
+        class Broken:
+            @staticmethod
+            def find_spec(name, path=None, target=None):
+                if name == "peft_hft":
+                    raise ImportError("simulated broken install")
+                return None
+
+        sys.meta_path.insert(0, Broken)
+        import _peft_hft_autoload
+        _peft_hft_autoload.install()
+        import peft
+        print("imported", peft.__name__, "peft_hft" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PEFT_HFT_NO_AUTOLOAD"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "imported peft False"
+    assert "could not register the HFT method" in done.stderr and "simulated broken install" in done.stderr

@@ -415,7 +415,25 @@ def scenario_precision(base_dir: str, out: Path) -> None:
 
 SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "zero": scenario_zero, "precision": scenario_precision}
 
+def shut_down_process_group() -> None:
+    """Destroy the process group while the interpreter is still whole, after every rank has finished.
+
+    Without it, each rank exits with the default (gloo) process group alive: its C++ worker threads still hold work
+    objects (DDP's last gradient all-reduce, a barrier) whose tensors keep Python references, and they are
+    destroyed during interpreter finalisation. Depending on which rank gets there first, that aborts the process
+    with "terminate called without an active exception" (SIGABRT) after the scenario itself succeeded, and the
+    launcher reports the run as failed: the flaky failure of tests/integrations/test_distributed.py. Only called
+    after success: destroying the group while another rank is still in a collective can hang.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     scenario, base_dir, out_dir = sys.argv[1:4]
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     SCENARIOS[scenario](base_dir, Path(out_dir))
+    shut_down_process_group()

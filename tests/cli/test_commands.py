@@ -295,3 +295,14 @@ def test_to_lora_refuses_an_existing_out_before_loading_or_converting(checkpoint
     result = peft_hft_cli("to-lora", str(checkpoints / "adapter"), str(tmp_path / "out"), "--rank", "4",
                           "--base", str(checkpoints / "base"))
     one_line_error(result, "already exists")
+
+
+def test_sft_refuses_target_modules_that_match_nothing(trl_inputs, tmp_path, monkeypatch):
+    """Issue 19, row 4, on the command line: a typo in --hft_target_modules is refused in one line, nothing saved."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    result = peft_hft_cli("sft", *tiny_run(trl_inputs, "sft", tmp_path / "out"), "--hft_target_modules", "q_prj",
+                          "v_prj")
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "Target modules ['q_prj', 'v_prj'] not found" in error[0] and "q_proj" in error[0]
+    assert not (tmp_path / "out" / "adapter_config.json").exists()

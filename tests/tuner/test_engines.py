@@ -91,11 +91,11 @@ def test_a_sharded_model_refuses_to_move_tensors_and_is_left_unchanged(tmp_path)
             pass
     with pytest.raises(RuntimeError, match="sharded by DeepSpeed ZeRO-3"):
         peft_model.base_model.disable_adapter_layers()
-    peft_model.merge_adapter()  # the weights already hold the adapter: a flag changes, no tensor moves
-    assert ledger.merged_adapters == ["default"]
     with pytest.raises(RuntimeError, match="sharded by DeepSpeed ZeRO-3"):
         peft_model.base_model.unload()  # would put the originals back
-    assert ledger.merged_adapters == ["default"] and find_ledger(model) is ledger
+    assert find_ledger(model) is ledger
+    peft_model.merge_adapter()  # the weights already hold the adapter: a flag changes, no tensor moves
+    assert ledger.merged_adapters == ["default"]  # (unload() now would keep them, as LoRA's does: nothing moves)
     peft_model.unmerge_adapter()
     assert not ledger._disable_adapters and ledger.merged_adapters == [] and ledger._active_adapter == ["default"]
     assert ledger.hft_adapters["default"].requires_grad

@@ -29,7 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 # Errors that are the user's input, not a bug: printed as one message, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:

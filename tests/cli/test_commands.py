@@ -306,3 +306,11 @@ def test_sft_refuses_target_modules_that_match_nothing(trl_inputs, tmp_path, mon
     error = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and "Target modules ['q_prj', 'v_prj'] not found" in error[0] and "q_proj" in error[0]
     assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_diff_with_a_directory_as_parameters_file_fails_in_one_line(checkpoints, tmp_path):
+    (tmp_path / "names").mkdir()
+    result = peft_hft_cli("diff", str(checkpoints / "tuned"), str(checkpoints / "base"), str(tmp_path / "d"),
+                          "--parameters-file", str(tmp_path / "names"))
+    one_line_error(result, "Is a directory")
+    assert not (tmp_path / "d").exists()

@@ -9,6 +9,9 @@ when ``peft_hft`` is imported) changes that for HFT adapters only; every other m
   (:func:`peft_hft.format.reader.read_adapter`) *before* PEFT touches the model, hand PEFT the tensors already read
   (through ``load_peft_weights``, so the file is read once and is the one that was validated), and undo every change
   if anything fails later (:func:`peft_hft.tuner.model.unchanged_on_failure`): a retry with a good adapter works;
+  ``load_adapter`` into an existing HFT adapter (``Trainer(resume_from_checkpoint=...)``) first checks that the
+  checkpoint has the adapter's selection, and checks the base against the checkpoint's fingerprint
+  (:func:`peft_hft.tuner.model.reloading`);
 * ``PeftConfig`` reading names the file when ``adapter_config.json`` is not valid JSON or lacks ``peft_type`` (PEFT
   raises a bare ``JSONDecodeError`` / ``KeyError``), for every method;
 * ``PeftModel.save_pretrained`` of a model with HFT adapters validates the adapter names, writes safetensors only

@@ -320,6 +320,7 @@ def adapter_to_lora(
         raise ValueError(
             f"{adapter}/adapter_config.json names no base model (base_model_name_or_path). Fix: pass --base."
         )
+    check_output(output, overwrite, {"base": base})  # the adapter's own base_model_name_or_path, when local
     model = _load_base(str(base))
     with skip_base_check() if not verify else contextlib.nullcontext():
         peft_model = PeftModel.from_pretrained(model, adapter)

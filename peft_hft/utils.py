@@ -111,7 +111,7 @@ def resolve_precision(requested: str = "auto", device: Union[str, torch.device, 
     honoured with a warning that says what it costs.
     """
     if requested not in PRECISIONS:
-        raise ValueError(f"Unknown precision {requested!r}; choose one of {PRECISIONS} ('auto' picks from the hardware).")
+        raise ValueError(f"Unknown precision {requested!r}; choose one of {PRECISIONS} ('auto': from the hardware).")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kind = torch.device(device).type

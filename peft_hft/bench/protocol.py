@@ -53,8 +53,8 @@ class Protocol:
 
     def validate(self) -> None:
         """Reject settings that cannot give a meaningful benchmark, with the fix in the message."""
-        from .newtask import LOSS_MODES, PROMPT_STYLES
         from ..utils import PRECISIONS
+        from .newtask import LOSS_MODES, PROMPT_STYLES
 
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}.")

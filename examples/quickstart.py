@@ -66,16 +66,19 @@ def parse_args() -> argparse.Namespace:
 
 
 class Phases:
-    """Wall seconds of each phase of the run (``with phases("train"): ...``), printed as they end."""
+    """Wall seconds of each phase of the run (``with phases("train"): ...``), printed as they end, and the process's
+    CPU seconds (all threads; on a machine shared with other jobs wall time grows, CPU time much less)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_start
         print(f"[{name}: {self.seconds[name]:.0f} s]", flush=True)
 
 
@@ -195,6 +198,7 @@ def main(callbacks=()) -> None:
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "scores": results, "samples": samples, "always_0_acc": 100 * _share_of(task, "0"),
         "train_seconds": timings, "phase_seconds": phases.seconds, "total_seconds": sum(phases.seconds.values()),
+        "phase_cpu_seconds": phases.cpu_seconds,
         "reload_max_abs_logit_difference": reload_gap, "calibration": config.calibration,
     }
     atomic_write(out / "results.json", (json.dumps(record, indent=1) + "\n").encode())

@@ -137,7 +137,7 @@ def test_lm_eval_scores_match_a_direct_computation_and_never_load_a_dataset(monk
     spec_ppl = tasks.EvalSpec("ppl", [{"text": text}], "perplexity")
     choices = ["mat", "park", "sat"]
     spec_mc = tasks.EvalSpec("mc", [{"query": "the cat sat on the", "choices": choices, "gold": 0}], "multiple_choice")
-    scores = evaluate(model, tokenizer, [spec_ppl, spec_mc], batch_size=4)
+    scores = evaluate(model, tokenizer, [spec_ppl, spec_mc], batch_size=4, precision="fp32")
 
     ids = [tokenizer.bos_token_id] + tokenizer(text).input_ids  # lm-eval's rolling windows start with the prefix
     with torch.no_grad():

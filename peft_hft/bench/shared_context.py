@@ -5,7 +5,8 @@ context (for MMLU most of the tokens) is computed once per answer. Here each ite
 ``context, answer 1, answer 2, ...``, whose answers restart their positions where the context ends and attend to the
 context and to their own earlier tokens only (a 4-D attention mask). Every answer token then sees exactly what it
 sees in lm-eval's request, so the log-likelihoods, ``acc`` and ``acc_norm`` are lm-eval's (tokenisation included:
-context and continuation are split as ``HFLM`` splits them), at the cost of one pass per item. A two-answer item with
+context and continuation are split as ``HFLM`` splits them), at the cost of one pass per item, and only the positions that predict an answer token go through the LM head (rows
+are left-padded so that those are the last few of every row). A two-answer item with
 single-token answers after a shared space (the sarcasm headlines: " 0" / " 1") costs one pass instead of two.
 """
 
@@ -43,9 +44,11 @@ def _packed(context: list[int], answers: list[list[int]]) -> tuple[list[int], li
     return ids, positions, segments
 
 
-def _mask(segments: list[int], width: int) -> torch.Tensor:
-    """Boolean (width x width) mask of one packed item: causal, and an answer sees the context and itself only."""
-    seg = torch.tensor(segments + [-1] * (width - len(segments)))
+def _mask(segments: list[int]) -> torch.Tensor:
+    """Boolean attention mask of one (left-padded, segment -1) packed item: causal, and an answer sees the context
+    and itself only."""
+    seg = torch.tensor(segments)
+    width = len(segments)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same = (seg[:, None] == seg[None, :]) | (seg[None, :] == 0)
     valid = (seg[:, None] >= 0) & (seg[None, :] >= 0)
@@ -76,19 +79,24 @@ def choice_loglikelihoods(
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(packed[i][0]) for i in chunk)
-        input_ids = torch.tensor([packed[i][0] + [pad] * (width - len(packed[i][0])) for i in chunk], device=device)
-        positions = torch.tensor([packed[i][1] + [0] * (width - len(packed[i][1])) for i in chunk], device=device)
-        mask = torch.stack([_mask(packed[i][2], width) for i in chunk])[:, None].to(device)
+        # left padding: every item ends at the last position, so the positions whose logits are read (the context's
+        # last token and the answers) are the last few of every row, and only those go through the LM head
+        offsets = [width - len(packed[i][0]) for i in chunk]
+        input_ids = torch.tensor([[pad] * o + packed[i][0] for o, i in zip(offsets, chunk, strict=True)], device=device)
+        positions = torch.tensor([[0] * o + packed[i][1] for o, i in zip(offsets, chunk, strict=True)], device=device)
+        mask = torch.stack([_mask([-1] * o + packed[i][2]) for o, i in zip(offsets, chunk, strict=True)])
+        first = min(o + len(items[i][0]) - 1 for o, i in zip(offsets, chunk, strict=True))
         with autocast(precision, device):
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+            logits = model(input_ids=input_ids, attention_mask=mask[:, None].to(device), position_ids=positions,
+                           logits_to_keep=width - first).logits
         logprobs = logits.float().log_softmax(-1)
-        for row_logprobs, i in zip(logprobs, chunk, strict=True):
+        for row_logprobs, offset, i in zip(logprobs, offsets, chunk, strict=True):
             context, answers = items[i]
             segments = packed[i][2]
             for k, answer in enumerate(answers, 1):
                 # the answer's first token is predicted at the context's last position, the rest inside segment k
                 where = [len(context) - 1] + [p for p, s in enumerate(segments) if s == k]
-                scores[i].append(float(row_logprobs[where, answer].sum()))
+                scores[i].append(float(row_logprobs[[offset + p - first for p in where], answer].sum()))
     return scores
 
 

@@ -5,9 +5,10 @@ context (for MMLU most of the tokens) is computed once per answer. Here each ite
 ``context, answer 1, answer 2, ...``, whose answers restart their positions where the context ends and attend to the
 context and to their own earlier tokens only (a 4-D attention mask). Every answer token then sees exactly what it
 sees in lm-eval's request, so the log-likelihoods, ``acc`` and ``acc_norm`` are lm-eval's (tokenisation included:
-context and continuation are split as ``HFLM`` splits them), at the cost of one pass per item, and only the positions that predict an answer token go through the LM head (rows
-are left-padded so that those are the last few of every row). A two-answer item with
-single-token answers after a shared space (the sarcasm headlines: " 0" / " 1") costs one pass instead of two.
+context and continuation are split as ``HFLM`` splits them), at the cost of one pass per item. Only the positions
+that predict an answer token go through the LM head (rows are left-padded, so those are the last few of every row).
+A two-answer item with single-token answers after a shared space (the sarcasm headlines: " 0" / " 1") costs one pass
+instead of two.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Does HFT learn on a bf16 model? Loss curves of HFT-bf16 (default, fp32 master values) vs HFT-fp32 vs HFT-bf16
-without master values, on SmolLM2-135M-Instruct at a full-rank fine-tuning learning rate.
+without master values, on SmolLM2-135M-Instruct at a full-rank fine-tuning learning rate. With ``--speed``: what bf16
+autocast costs or saves on this machine, fp32 vs bf16 autocast side by side.
 
 Every run trains the same HFT selection (``HFTConfig(seed=0)``) with AdamW on the same batches of real text
 (llamafactory's Alpaca demo, packed), and evaluates the loss on the same held-out sequences (the last tenth of the
@@ -7,12 +8,18 @@ text) every ``--eval-every`` steps. It also compares what each bf16 run learned 
 trained elements whose saved diff is non-zero and the norm of the diffs, relative to fp32 (the float32 diffs, read
 from the ledger).
 
+``--speed`` times, interleaved in one process, an HFT training step (ratio 0.5, AdamW; 8 x 96 tokens) and a forward
+pass (16 x 128 tokens) of the fp32 model without autocast and under bf16 autocast (fp32 weights, as the package's
+``--precision bf16`` runs), and prints the bf16 / fp32 ratios next to what ``--precision auto`` picks here. On a CPU
+without native bf16 the ratios are 28x (step) and 7x (forward); with native bf16 they are below 1.
+
 Usage::
 
     python benchmarks/bench_precision.py                          # CPU: 40 steps, batch 2 x 128, lr 1e-5
     python benchmarks/bench_precision.py --device cuda --steps 300 --batch-size 8 --seq-len 512
+    python benchmarks/bench_precision.py --speed                  # fp32 vs bf16 autocast step and forward times
 
-Writes ``precision-quality-<device>.json`` and ``.png`` into ``--output``.
+Writes ``precision-quality-<device>.json`` and ``.png`` (``--speed``: ``precision-speed-<device>``) into ``--output``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-sequences", type=int, default=8)
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--speed", action="store_true", help="time fp32 vs bf16 autocast (step and forward) instead")
+    p.add_argument("--repeats", type=int, default=3, help="--speed: timed rounds per precision (after one warm-up)")
     return p.parse_args(argv)
 
 
@@ -141,11 +152,114 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+SPEED_SHAPES = {"train step": (8, 96), "forward": (16, 128)}  # (sequences, tokens): the shapes of docs/benchmarks.md
+
+
+def _timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def speed(args) -> dict:
+    """Median seconds of an HFT training step and of a forward pass in fp32 and under bf16 autocast, interleaved
+    round by round (fp32, bf16, fp32, ...) so that a busy machine slows both alike."""
+    from peft import get_peft_model
+
+    from peft_hft import HFTConfig
+    from peft_hft.resources.default_model import load_default_model
+    from peft_hft.utils import autocast, resolve_precision
+
+    choice = resolve_precision("auto", args.device)
+    model, tokenizer = load_default_model(dtype=torch.float32, device=args.device)
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, HFTConfig(ratio=0.5, seed=0))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+    rows, _ = packed_text(tokenizer, max(length for _, length in SPEED_SHAPES.values()))
+    inputs = {what: rows[:n, :length].to(args.device) for what, (n, length) in SPEED_SHAPES.items()}
+
+    def step(precision: str) -> None:
+        peft_model.train()
+        ids = inputs["train step"]
+        with autocast(precision, args.device):
+            loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def forward(precision: str) -> None:
+        peft_model.eval()
+        with torch.no_grad(), autocast(precision, args.device):
+            peft_model(input_ids=inputs["forward"])
+
+    seconds: dict[str, dict[str, list[float]]] = {w: {"fp32": [], "bf16": []} for w in SPEED_SHAPES}
+    for round_ in tqdm(range(args.repeats + 1), desc="fp32 vs bf16 autocast"):
+        for precision in ("fp32", "bf16"):
+            for what, fn in (("train step", step), ("forward", forward)):
+                elapsed = _timed(lambda fn=fn, precision=precision: fn(precision), args.device)
+                if round_:  # round 0 warms up (allocator, oneDNN kernels, optimizer state)
+                    seconds[what][precision].append(elapsed)
+    table = {}
+    for what, times in seconds.items():
+        fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+        table[what] = {"shape": list(SPEED_SHAPES[what]), "fp32_s": fp32, "bf16_s": bf16, "bf16_over_fp32": bf16 / fp32,
+                       "seconds": times}
+    return {"auto": {"precision": choice.precision, "reason": choice.reason}, "timings": table}
+
+
+def plot_speed(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["timings"])
+    fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=120)
+    width = 0.38
+    for k, precision in enumerate(("fp32", "bf16")):
+        values = [result["timings"][n][f"{precision}_s"] for n in names]
+        bars = ax.bar([i + (k - 0.5) * width for i in range(len(names))], values, width,
+                      label="fp32" if precision == "fp32" else "bf16 autocast (fp32 weights)")
+        ax.bar_label(bars, fmt="%.2f s", fontsize=8)
+    labels = [f"{n} ({'x'.join(map(str, result['timings'][n]['shape']))})\nbf16/fp32 = "
+              f"{result['timings'][n]['bf16_over_fp32']:.2f}x" for n in names]
+    ax.set_xticks(range(len(names)), labels, fontsize=8)
+    ax.set_ylabel("median seconds")
+    ax.legend(fontsize=8)
+    ax.set_title(f"SmolLM2-135M-Instruct, HFT ratio 0.5, {result['machine']['device']}\n--precision auto here: "
+                 f"{result['auto']['precision']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
+    machine = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+               or platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__}
+    out = Path(args.output)
+    tag = "cuda" if args.device.startswith("cuda") else "cpu"
+    if args.speed:
+        result = {"machine": machine, "args": vars(args), **speed(args)}
+        print(f"\n--precision auto on this machine: precision {result['auto']['precision']}: "
+              f"{result['auto']['reason']}")
+        print(f"{'':24}{'fp32':>10}{'bf16 autocast':>15}{'bf16 / fp32':>13}")
+        for what, t in result["timings"].items():
+            shape = "x".join(map(str, t["shape"]))
+            print(f"{what + ' ' + shape:24}{t['fp32_s']:>9.3f}s{t['bf16_s']:>14.3f}s{t['bf16_over_fp32']:>12.2f}x")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"precision-speed-{tag}.json").write_text(json.dumps(result, indent=2))
+        plot_speed(result, out / f"precision-speed-{tag}.png")
+        print(f"wrote {out / f'precision-speed-{tag}.json'} and .png")
+        return
     from peft_hft.resources.default_model import load_default_model
 
     _, tokenizer = load_default_model()
@@ -156,8 +270,7 @@ def main(argv=None) -> None:
     for r in runs.values():
         r["learned"] = compare(r.pop("diffs"), reference)
     result = {
-        "machine": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
-                    or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine,
         "args": vars(args),
         "runs": runs,
     }
@@ -166,9 +279,7 @@ def main(argv=None) -> None:
         losses = list(r["held_out_loss"].values())
         print(f"{name:<40}{losses[0]:>17.4f} -> {losses[-1]:.4f}{r['learned']['changed_share_vs_fp32']:>17.3f}"
               f"{r['learned']['diff_norm_vs_fp32']:>14.3f}")
-    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if args.device.startswith("cuda") else "cpu"
     (out / f"precision-quality-{tag}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"precision-quality-{tag}.png")
     print(f"wrote {out / f'precision-quality-{tag}.json'} and .png")

@@ -14,6 +14,9 @@ interrupted run picks up at the first unfinished stage when started again with t
 
     python examples/continual_hft.py            # the defaults (about 1.5 hours on 2 CPU cores)
     python examples/continual_hft.py --quick    # a few minutes: 2 tasks, a few steps, small evaluation sets, 1 seed
+
+Precision follows the CPU (``--precision auto``): bf16 autocast where it computes bf16 natively, fp32 elsewhere (bf16
+autocast is emulated there, 7-28x slower). The resolved precision is one of the settings a resumed run must share.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from tqdm.auto import tqdm
 
 import peft_hft
 from peft_hft import HFTConfig
-from peft_hft.bench.train import PRECISIONS, autocast, warmup_linear_decay
+from peft_hft.bench.train import warmup_linear_decay
 from peft_hft.continual import (
     AccuracyMatrix,
     ContinualHFT,
@@ -54,6 +57,7 @@ from peft_hft.continual import (
 )
 from peft_hft.resources.data import load_jsonl
 from peft_hft.resources.default_model import load_default_model
+from peft_hft.utils import PRECISIONS, autocast, resolve_precision
 
 REPO = Path(__file__).resolve().parent.parent
 P_GOLD = ":p_gold"  # metric-name suffix of the gold-option probability
@@ -586,6 +590,7 @@ def write_report(experiments: list[Experiment], results: Results, command: str, 
     work = Path(args.work_dir)
     (work / "summary.md").write_text(block + "\n")
     raw = {
+        "precision": args.precision,
         "seeds": [e.seed for e in experiments],
         "accuracy": {label: [dataclasses.asdict(m) for m in ms] for label, ms in accuracy.items()},
         "p_gold": {label: [dataclasses.asdict(m) for m in ms] for label, ms in p_gold.items()},
@@ -621,8 +626,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="every batch holds each answer equally often (skewed tasks otherwise teach the majority)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated; every method runs every seed (paired)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (the same for all seeds)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                        help="bf16: forward passes under bf16 autocast (weights stay fp32), faster on CPUs with bf16")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: bf16 autocast (weights stay fp32) where the CPU has native bf16, else fp32")
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch threads (default: torch's choice); use 1 on a machine shared with other jobs, where extra "
@@ -640,6 +645,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.docs == parser.get_default("docs"):
             args.docs = str(Path(args.work_dir) / "continual.md")
             args.plots_dir = str(Path(args.work_dir) / "plots")
+    args.precision_requested = args.precision
+    choice = resolve_precision(args.precision, "cpu")  # the example trains on the CPU
+    args.precision, args.precision_reason = choice.precision, choice.reason  # resolved: what run.json records
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()]
@@ -662,8 +670,11 @@ def check_resumable(args: argparse.Namespace) -> None:
         found = json.loads(path.read_text())
         different = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
         if different:
+            hint = (f" Its precision was {found['precision']} and this machine resolves {args.precision_requested!r} "
+                    f"to {args.precision}: pass --precision {found['precision']} to resume it."
+                    if "precision" in different else "")
             raise SystemExit(
-                f"{args.work_dir} holds a run with other settings ({different}, as (there, here)). Use the same "
+                f"{args.work_dir} holds a run with other settings ({different}, as (there, here)).{hint} Use the same "
                 "arguments to resume it, or pass another --work-dir."
             )
     else:
@@ -673,6 +684,7 @@ def check_resumable(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    print(f"precision {args.precision}: {args.precision_reason}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()

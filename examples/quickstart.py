@@ -5,10 +5,16 @@ real ones (HuffPost): it answers "1" to everything. This script scores it on tha
 probe (Wikipedia perplexity and MMLU questions it already answers above chance), fine-tunes the half of its tensors
 that HFT selects on the headlines (loss on the answer only, as in SFT), scores it again, saves the adapter (the diffs
 of the trained tensors), reloads it into a fresh base model and checks that it reproduces the tuned model. With
-`--compare-fft`, full fine-tuning runs on the same batches side by side. Everything is written to a plot and a JSON.
+`--compare-fft`, full fine-tuning runs on the same batches side by side. Everything is written to a plot and a JSON,
+with the time of each phase.
 
-    python examples/quickstart.py                    # HFT: ~3-4 minutes on 2 CPU cores
-    python examples/quickstart.py --compare-fft      # + full fine-tuning on the same batches: ~6 minutes
+Precision follows the hardware (`--precision auto`): bf16 autocast where the CPU or GPU computes bf16 natively, fp32
+elsewhere (emulated bf16 is 7-28x slower). Multiple-choice items are scored with one forward pass each (the context
+once, every answer after it: lm-eval's acc and acc_norm, see peft_hft.bench.shared_context); Wikipedia perplexity
+with lm-eval.
+
+    python examples/quickstart.py                    # HFT: about 3 minutes on 2 CPU cores (README, "Quickstart")
+    python examples/quickstart.py --compare-fft      # + full fine-tuning on the same batches
     python examples/quickstart.py --strategy wanda   # HFT's structure, tensors chosen by peft_hft.calibrate
 """
 
@@ -18,6 +24,9 @@ import argparse
 import copy
 import json
 import os
+import platform
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,6 +42,7 @@ from peft_hft.bench.tasks import retention_specs  # noqa: E402
 from peft_hft.bench.train import train  # noqa: E402
 from peft_hft.resources.default_model import load_default_model  # noqa: E402
 from peft_hft.tuner.importance import STRATEGIES  # noqa: E402
+from peft_hft.utils import PRECISIONS, atomic_write, resolve_precision  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,14 +59,33 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=200, help="new-task test headlines")
     p.add_argument("--wikipedia", type=int, default=40, help="Wikipedia paragraphs of the retention probe")
     p.add_argument("--mmlu", type=int, default=100, help="MMLU questions of the retention probe")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast for training and scoring")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast for training and scoring; auto: bf16 where the hardware has native bf16, else fp32")
     p.add_argument("--output-dir", default="outputs/quickstart")
     return p.parse_args()
 
 
+class Phases:
+    """Wall seconds of each phase of the run (``with phases("train"): ...``), printed as they end, and the process's
+    CPU seconds (all threads; on a machine shared with other jobs wall time grows, CPU time much less)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_start
+        print(f"[{name}: {self.seconds[name]:.0f} s]", flush=True)
+
+
 def scores_of(model, tokenizer, specs, precision: str) -> dict[str, float]:
-    """New-task accuracy (%), Wikipedia word perplexity and MMLU acc_norm (%), scored with lm-eval."""
-    raw = evaluate(model, tokenizer, specs, batch_size=16, precision=precision)
+    """New-task accuracy (%), Wikipedia word perplexity and MMLU acc_norm (%): lm-eval's metrics, the
+    multiple-choice ones computed with one forward pass per item."""
+    raw = evaluate(model, tokenizer, specs, batch_size=16, precision=precision, shared_context=True)
     return {
         "new_task_acc": 100 * raw[specs[0].name]["acc"],
         "wikipedia_ppl": raw["wikipedia"]["word_perplexity"],
@@ -104,50 +133,76 @@ def plot(results: dict, majority: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def fine_tune(model, batches, args, precision: str, desc: str, callbacks=()) -> dict:
+    """The training phase: the benchmark's loop (AdamW, warm-up then linear decay) on the fixed batches.
+    ``callbacks`` are ``transformers.TrainerCallback`` objects (e.g. one that tracks retention while training)."""
+    return train(model, batches, args.lr, warmup=0.1, precision=precision, desc=desc, callbacks=callbacks)
+
+
+def main(callbacks=()) -> None:
+    started = time.perf_counter()
     args = parse_args()
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print("Loading SmolLM2-135M-Instruct (converted once from the embedded GGUF) and the data ...")
-    base, tokenizer = load_default_model()
-    task = load_new_task("sarcasm", tokenizer, validation_size=1, test_size=args.test_size, prompt="compact")
-    specs = [task.eval_spec("test"), *retention_specs(("wikipedia", "mmlu"),
-                                                      {"wikipedia": args.wikipedia, "mmlu": args.mmlu})]
-    batches = training_batches(task, tokenizer, args.batch_size, args.steps, args.seed, "completion", 96)
+    choice = resolve_precision(args.precision)
+    print(choice)
+    precision, phases = choice.precision, Phases()
+    with phases("load"):
+        print("Loading SmolLM2-135M-Instruct (converted once from the embedded GGUF) and the data ...")
+        base, tokenizer = load_default_model()
+        task = load_new_task("sarcasm", tokenizer, validation_size=1, test_size=args.test_size, prompt="compact")
+        specs = [task.eval_spec("test"), *retention_specs(("wikipedia", "mmlu"),
+                                                          {"wikipedia": args.wikipedia, "mmlu": args.mmlu})]
+        batches = training_batches(task, tokenizer, args.batch_size, args.steps, args.seed, "completion", 96)
 
-    print("Scoring the base model ...")
-    results = {"base model": scores_of(base, tokenizer, specs, args.precision)}
+    with phases("score before"):
+        print("Scoring the base model ...")
+        results = {"base model": scores_of(base, tokenizer, specs, precision)}
     fft_base = copy.deepcopy(base) if args.compare_fft else None
 
-    config = hft_config(args, base, tokenizer, batches)
-    model = get_peft_model(base, config)
-    model.print_trainable_parameters()
-    peft_hft.plot_selection(model, out / "selection.png")
-    run = train(model, batches, args.lr, warmup=0.1, precision=args.precision, desc="HFT fine-tuning")
-    results["HFT"] = scores_of(model, tokenizer, specs, args.precision)
+    with phases("train"):
+        config = hft_config(args, base, tokenizer, batches)
+        model = get_peft_model(base, config)
+        model.print_trainable_parameters()
+        run = fine_tune(model, batches, args, precision, "HFT fine-tuning", callbacks)
     timings = {"HFT": run["seconds"]}
+    peft_hft.plot_selection(model, out / "selection.png")
+    with phases("score after"):
+        results["HFT"] = scores_of(model, tokenizer, specs, precision)
 
-    adapter_dir = out / "adapter"
-    model.save_pretrained(adapter_dir)
-    fresh, _ = load_default_model()
-    reloaded = PeftModel.from_pretrained(fresh, adapter_dir)
-    probe = {k: v for k, v in batches[0].items() if k != "labels"}
-    with torch.no_grad():
-        reload_gap = (reloaded(**probe).logits - model(**probe).logits).abs().max().item()
-    adapter_mib = sum(f.stat().st_size for f in adapter_dir.glob("*.safetensors")) / 2**20
-    del fresh, reloaded
+    with phases("save and reload"):
+        adapter_dir = out / "adapter"
+        model.save_pretrained(adapter_dir)
+        fresh, _ = load_default_model()
+        reloaded = PeftModel.from_pretrained(fresh, adapter_dir)
+        probe = {k: v for k, v in batches[0].items() if k != "labels"}
+        with torch.no_grad():
+            reload_gap = (reloaded(**probe).logits - model(**probe).logits).abs().max().item()
+        adapter_mib = sum(f.stat().st_size for f in adapter_dir.glob("*.safetensors")) / 2**20
+        del fresh, reloaded
 
     if fft_base is not None:
-        for param in fft_base.parameters():
-            param.requires_grad_(True)
-        run = train(fft_base, batches, args.lr, warmup=0.1, precision=args.precision, desc="full fine-tuning")
-        results["full fine-tuning"] = scores_of(fft_base, tokenizer, specs, args.precision)
+        with phases("full fine-tuning (train and score)"):
+            for param in fft_base.parameters():
+                param.requires_grad_(True)
+            run = fine_tune(fft_base, batches, args, precision, "full fine-tuning")
+            results["full fine-tuning"] = scores_of(fft_base, tokenizer, specs, precision)
         timings["full fine-tuning"] = run["seconds"]
 
     plot(results, 100 * _share_of(task, "0"), out / "quickstart.png")
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "scores": results, "train_seconds": timings,
-                                                  "calibration": config.calibration}, indent=1) + "\n")
+    samples = {"new_task": len(specs[0].rows), "wikipedia": len(specs[1].rows), "mmlu": len(specs[2].rows)}
+    record = {
+        "args": {**vars(args), "precision": precision},  # the resolved precision, never "auto"
+        "precision": precision, "precision_requested": args.precision, "precision_reason": choice.reason,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "scores": results, "samples": samples, "always_0_acc": 100 * _share_of(task, "0"),
+        "train_seconds": timings, "phase_seconds": phases.seconds, "total_seconds": sum(phases.seconds.values()),
+        "phase_cpu_seconds": phases.cpu_seconds, "wall_seconds": time.perf_counter() - started,
+        "reload_max_abs_logit_difference": reload_gap, "calibration": config.calibration,
+    }
+    atomic_write(out / "results.json", (json.dumps(record, indent=1) + "\n").encode())
     before = results["base model"]
     print("\n================ what HFT did ================")
     print(f"{'':18}{'sarcasm acc':>12}{'Wikipedia ppl':>15}{'MMLU acc_norm':>15}{'train s':>9}")
@@ -158,8 +213,8 @@ def main() -> None:
     print(f"\nnew skill  : sarcasm accuracy {before['new_task_acc']:.1f}% -> {hft['new_task_acc']:.1f}% "
           f"({args.test_size} held-out headlines; always answering '0' scores {100 * _share_of(task, '0'):.1f}%)")
     print(f"old knowledge: Wikipedia perplexity {before['wikipedia_ppl']:.1f} -> {hft['wikipedia_ppl']:.1f} "
-          f"({100 * (hft['wikipedia_ppl'] / before['wikipedia_ppl'] - 1):+.1f}%), MMLU acc_norm "
-          f"{before['mmlu_acc_norm']:.1f}% -> {hft['mmlu_acc_norm']:.1f}%")
+          f"({100 * (hft['wikipedia_ppl'] / before['wikipedia_ppl'] - 1):+.1f}%, {samples['wikipedia']} paragraphs), "
+          f"MMLU acc_norm {before['mmlu_acc_norm']:.1f}% -> {hft['mmlu_acc_norm']:.1f}% ({samples['mmlu']} questions)")
     if "full fine-tuning" in results:
         fft = results["full fine-tuning"]
         print(f"full FT    : sarcasm {fft['new_task_acc']:.1f}%, Wikipedia perplexity "
@@ -167,6 +222,8 @@ def main() -> None:
     print(f"adapter    : {adapter_dir} ({adapter_mib:.1f} MiB of diffs); reloaded into a fresh base model, max "
           f"|logit difference| = {reload_gap:.1e}")
     print(f"plot       : {out / 'quickstart.png'}  (selection map: {out / 'selection.png'})")
+    spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.seconds.items())
+    print(f"time       : {record['wall_seconds'] / 60:.1f} min in {precision} ({spent}); {out / 'results.json'}")
 
 
 def _share_of(task, label: str) -> float:

@@ -11,7 +11,8 @@ pairs, fetched once from PyPI; likely Alpaca-derived, CC BY-NC 4.0: non-commerci
     python examples/sft_hft.py --max-steps 200 --ratio 0.5 --seed 1 --output-dir outputs/sft
     accelerate launch examples/sft_hft.py --max-steps 20
 
-On a CUDA machine it trains on the GPU with bf16 autocast. Prints the held-out loss before and after training.
+Precision follows the hardware: bf16 autocast where the GPU or CPU computes bf16 natively, fp32 elsewhere.
+Prints the held-out loss before and after training.
 """
 
 from __future__ import annotations

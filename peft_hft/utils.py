@@ -1,7 +1,8 @@
-"""Small helpers shared across the package: atomic file output, dtype names, and name listings for messages.
+"""Small helpers shared across the package: atomic file output, dtype names, name listings for messages, and the
+precision policy (fp32 or bf16 autocast) chosen from the hardware.
 
 Each exists once so that every caller writes files the same crash-safe way, parses dtype names with the same error,
-and shortens long lists in error messages alike.
+shortens long lists in error messages alike, and picks the same autocast on the same machine.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import shutil
 import statistics
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -47,6 +51,105 @@ def torch_dtype(name: str, where: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"Unknown dtype {name!r} in {where}.")
     return dtype
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Precision policy: which autocast training and scoring run under
+# --------------------------------------------------------------------------------------------------------------------
+
+# What a user may ask for; "auto" resolves to one of RESOLVED_PRECISIONS, and only a resolved value is ever recorded.
+PRECISIONS = ("auto", "fp32", "bf16")
+RESOLVED_PRECISIONS = ("fp32", "bf16")
+# bf16 autocast on a CPU without bf16 instructions is emulated. Measured side by side in one process on a 2-core AVX2
+# CPU (SmolLM2-135M, HFT ratio 0.5): a training step 28x slower than fp32, a forward pass 7x (docs/benchmarks.md).
+EMULATED_BF16_SLOWDOWN = "7-28x"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (x86: AVX512-BF16 or AMX; elsewhere: what oneDNN reports).
+
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` alone is too generous on x86: it is true on every AVX-512 CPU,
+    also those (Skylake, Cascade Lake) that only emulate bf16. On x86 the CPU's own feature flags decide; on other
+    architectures (aarch64: the BF16 extension) oneDNN's check is the one torch offers.
+    """
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i386", "i686", "x86"):
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        if all(probe is not None for probe in probes):
+            return any(_safe_probe(probe) for probe in probes)
+    return _safe_probe(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None))
+
+
+def _safe_probe(probe: Any) -> bool:
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # a torch build without the probe's backend: no evidence of fast bf16
+        return False
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a run uses and why: ``precision`` is ``"fp32"`` or ``"bf16"`` (bf16 autocast over fp32
+    weights), never ``"auto"``; ``str(choice)`` is the one line a run prints."""
+
+    precision: str
+    requested: str
+    device: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"precision {self.precision}: {self.reason}"
+
+
+def resolve_precision(requested: str = "auto", device: Union[str, torch.device, None] = None) -> PrecisionChoice:
+    """Resolve a requested precision (``"auto"``, ``"fp32"`` or ``"bf16"``) on ``device`` (default: CUDA if
+    available, else the CPU): the one precision policy of the package, its benchmark and its examples.
+
+    ``"auto"`` is bf16 autocast where the hardware computes bf16 natively (a CUDA GPU with
+    ``torch.cuda.is_bf16_supported()``; a CPU for which :func:`cpu_has_native_bf16` is true) and fp32 everywhere
+    else, because emulated bf16 is 7-28x slower than fp32 on a CPU. An explicit ``"bf16"`` on such hardware is
+    honoured with a warning that says what it costs.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"Unknown precision {requested!r}; choose one of {PRECISIONS} ('auto': from the hardware).")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        native, where = torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "this GPU"
+    elif kind == "cpu":
+        native, where = cpu_has_native_bf16(), "this CPU"
+    else:  # mps, xpu, ...: no policy of ours; bf16 only when asked for
+        native, where = False, f"a {kind} device"
+    if requested == "auto":
+        if native:
+            reason = f"{where} has native bf16 (autocast, fp32 weights); --precision fp32 forces fp32"
+            return PrecisionChoice("bf16", requested, kind, reason)
+        return PrecisionChoice("fp32", requested, kind, f"{where} has no native bf16; --precision bf16 forces it")
+    if requested == "fp32" or native:
+        return PrecisionChoice(requested, requested, kind, "as requested (--precision auto picks from the hardware)")
+    if kind == "cpu":
+        cost = (f"expected to run {EMULATED_BF16_SLOWDOWN} slower than fp32 (a training step about 28x, a forward pass "
+                "about 7x, measured on a 2-core AVX2 CPU)")
+    else:
+        cost = "expected to run slower than fp32"
+    reason = (f"as requested, but {where} has no native bf16: bf16 autocast is emulated, {cost}; --precision auto "
+              "picks fp32 here")
+    warnings.warn(f"precision bf16: {reason}.", UserWarning, stacklevel=2)
+    return PrecisionChoice("bf16", requested, kind, reason)
+
+
+def autocast(precision: str, device: Union[str, torch.device]):
+    """The autocast context of a resolved ``precision`` on ``device``: bf16 autocast for ``"bf16"``, none for
+    ``"fp32"``. Resolve ``"auto"`` first (:func:`resolve_precision`), so that what runs is what gets recorded."""
+    if precision not in RESOLVED_PRECISIONS:
+        raise ValueError(
+            f"Unknown precision {precision!r}; choose one of {RESOLVED_PRECISIONS} (resolve 'auto' with "
+            "peft_hft.utils.resolve_precision first)."
+        )
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def listing(items: Sequence[str], limit: int = 5) -> str:

@@ -1,10 +1,11 @@
-"""The shared statistics helpers behind every benchmark report (forgetting benchmark, continual learning)."""
+"""The shared helpers: statistics behind every benchmark report, and the precision policy every run uses."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from peft_hft.utils import mean_interval, mean_std, t95
 
@@ -26,3 +27,81 @@ def test_mean_interval_is_the_t_interval_of_the_mean():
 def test_a_single_value_has_no_interval_and_no_values_no_mean():
     assert mean_interval([2.5]) == {"mean": 2.5, "std": 0.0, "n": 1, "values": [2.5], "ci95": None}
     assert mean_std([]) == {"mean": None, "std": None, "n": 0, "values": []}
+
+
+# ------------------------------------------------------------------------------------------- precision policy
+
+
+def _machine(monkeypatch, *, cuda: bool = False, cuda_bf16: bool = False, cpu_native: bool = False) -> None:
+    import peft_hft.utils as utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: cpu_native)
+
+
+@pytest.mark.parametrize(
+    "machine, device, expected, says",
+    [
+        (dict(cuda=True, cuda_bf16=True), None, "bf16", "this GPU has native bf16"),
+        (dict(cuda=True, cuda_bf16=False), None, "fp32", "this GPU has no native bf16"),
+        (dict(cuda=True, cuda_bf16=True, cpu_native=False), "cpu", "fp32", "this CPU has no native bf16"),
+        (dict(cpu_native=True), None, "bf16", "this CPU has native bf16"),
+        (dict(cpu_native=False), None, "fp32", "this CPU has no native bf16; --precision bf16 forces it"),
+    ],
+)
+def test_auto_takes_bf16_only_where_the_hardware_has_it(monkeypatch, machine, device, expected, says):
+    from peft_hft.utils import resolve_precision
+
+    _machine(monkeypatch, **machine)
+    choice = resolve_precision("auto", device)
+    assert choice.precision == expected and choice.requested == "auto"
+    assert str(choice).startswith(f"precision {expected}: ") and says in str(choice)
+
+
+def test_an_explicit_precision_is_honoured_and_slow_bf16_warns_with_its_cost(monkeypatch):
+    import warnings
+
+    from peft_hft.utils import resolve_precision
+
+    _machine(monkeypatch, cpu_native=False)
+    with pytest.warns(UserWarning, match=r"no native bf16.*7-28x slower than fp32"):
+        choice = resolve_precision("bf16")
+    assert choice.precision == "bf16" and "--precision auto picks fp32" in choice.reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("fp32").precision == "fp32"
+        _machine(monkeypatch, cpu_native=True)
+        assert resolve_precision("bf16").precision == "bf16"  # native: no warning
+    with pytest.raises(ValueError, match="Unknown precision 'fp16'"):
+        resolve_precision("fp16")
+
+
+@pytest.mark.parametrize("arch, flags, oneDNN, expected", [
+    ("x86_64", {"avx512_bf16": True, "amx": False}, True, True),
+    ("x86_64", {"avx512_bf16": False, "amx": True}, True, True),
+    ("x86_64", {"avx512_bf16": False, "amx": False}, True, False),  # AVX-512 without BF16: oneDNN says yes, emulated
+    ("aarch64", {"avx512_bf16": False, "amx": False}, True, True),
+    ("aarch64", {"avx512_bf16": False, "amx": False}, False, False),
+])
+def test_cpu_native_bf16_probe(monkeypatch, arch, flags, oneDNN, expected):
+    import platform
+
+    from peft_hft.utils import cpu_has_native_bf16
+
+    monkeypatch.setattr(platform, "machine", lambda: arch)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags["avx512_bf16"], raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flags["amx"], raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: oneDNN, raising=False)
+    assert cpu_has_native_bf16() is expected
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_autocast_runs_the_resolved_precision(precision, dtype):
+    from peft_hft.utils import autocast
+
+    layer = torch.nn.Linear(4, 4)
+    with autocast(precision, "cpu"):
+        assert layer(torch.randn(2, 4)).dtype == dtype
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        autocast("auto", "cpu")

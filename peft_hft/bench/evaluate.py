@@ -1,4 +1,6 @@
-"""Score an in-memory model on evaluation sets with lm-eval (``HFLM`` around the live model, local tasks only)."""
+"""Score an in-memory model on evaluation sets with lm-eval (``HFLM`` around the live model, local tasks only), or,
+for multiple-choice sets with ``shared_context=True``, with the same metrics at one forward pass per item
+(:mod:`.shared_context`)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils import resolve_precision
+from .shared_context import multiple_choice_scores
 from .tasks import EvalSpec, lm_eval_task
 
 
@@ -29,15 +33,39 @@ def _quiet_lm_eval() -> Iterator[None]:
 
 
 def evaluate(
-    model: nn.Module, tokenizer: Any, specs: list[EvalSpec], batch_size: int = 16, precision: str = "fp32"
+    model: nn.Module,
+    tokenizer: Any,
+    specs: list[EvalSpec],
+    batch_size: int = 16,
+    precision: str = "auto",
+    shared_context: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Evaluate ``model`` (a transformers model or a PeftModel) on ``specs`` with ``lm_eval.simple_evaluate``.
+    """Evaluate ``model`` (a transformers model or a PeftModel) on ``specs`` with lm-eval.
+
+    Args:
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (from the hardware, see
+            :func:`peft_hft.utils.resolve_precision`).
+        shared_context: Score the multiple-choice sets with one forward pass per item (the context once, every
+            answer after it) instead of lm-eval's one request per answer: the same ``acc``/``acc_norm``, 2-4x
+            fewer tokens computed. Perplexity sets always go through lm-eval.
 
     Returns:
         ``{spec name: {metric: value}}``, e.g. ``{"mmlu": {"acc": 0.31, "acc_norm": 0.33}}``.
     """
     if not specs:
         return {}
+    precision = resolve_precision(precision, next(model.parameters()).device).precision
+    if shared_context:
+        results: dict[str, dict[str, float]] = {}
+        was_training = model.training
+        model.eval()
+        for spec in specs:
+            if spec.kind == "multiple_choice":
+                results[spec.name] = multiple_choice_scores(model, tokenizer, spec, batch_size, precision)
+        model.train(was_training)
+        rest = [spec for spec in specs if spec.kind != "multiple_choice"]
+        results.update(evaluate(model, tokenizer, rest, batch_size, precision) if rest else {})
+        return {spec.name: results[spec.name] for spec in specs}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tasks are local; make any stray Hub access fail loudly
     try:
         from lm_eval.evaluator import evaluate as lm_eval_evaluate
@@ -49,10 +77,6 @@ def evaluate(
             "with `pip install 'peft-hft[examples]'` (or `pip install 'lm-eval>=0.4.9'`)."
         ) from exc
 
-    from .train import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; choose one of {PRECISIONS}.")
     was_training = model.training
     model.eval()
     with _quiet_lm_eval():

@@ -35,7 +35,9 @@ class Protocol:
     max_length: int = 96
     loss: str = "full"
     warmup: float = 0.1
-    precision: str = "bf16"
+    # "auto" (bf16 autocast where the hardware has native bf16, else fp32) is resolved before the protocol is bound:
+    # protocol.json records the precision that ran, and a machine that resolves differently cannot resume it.
+    precision: str = "auto"
     val_size: int = 150
     test_size: int = 300
     retention: list[str] = field(default_factory=lambda: list(RETENTION_TASKS))
@@ -51,8 +53,8 @@ class Protocol:
 
     def validate(self) -> None:
         """Reject settings that cannot give a meaningful benchmark, with the fix in the message."""
+        from ..utils import PRECISIONS
         from .newtask import LOSS_MODES, PROMPT_STYLES
-        from .train import PRECISIONS
 
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}.")
@@ -101,21 +103,37 @@ def quick_protocol(**overrides: Any) -> Protocol:
 
 
 def bind(protocol: Protocol, output: Path) -> None:
-    """Tie ``output`` to ``protocol``: write ``protocol.json`` or check that the stored one is the same."""
+    """Tie ``output`` to ``protocol``: write ``protocol.json`` or check that the stored one is the same.
+
+    The precision recorded and compared is the resolved one (``"fp32"`` or ``"bf16"``; ``"auto"`` is resolved here
+    for this machine's default device if the caller has not, see :func:`peft_hft.utils.resolve_precision`): results
+    computed in one precision are never mixed with results of the other.
+    """
+    from ..utils import resolve_precision
+
     output.mkdir(parents=True, exist_ok=True)
     path = output / "protocol.json"
     wanted = json.loads(json.dumps(protocol.to_dict()))
+    if wanted["precision"] == "auto":
+        wanted["precision"] = resolve_precision("auto").precision
     if path.exists():
         stored = json.loads(path.read_text())
         # the methods are independent runs: running a subset, or adding one later, keeps the protocol
         stored["methods"] = wanted["methods"]
         # a setting added to Protocol after the file was written, left at its default, is the protocol it ran under
-        defaults = json.loads(json.dumps(Protocol().to_dict()))
+        defaults = {**json.loads(json.dumps(Protocol().to_dict())), "precision": wanted["precision"]}
         for key, value in wanted.items():
             if key not in stored and value == defaults.get(key):
                 stored[key] = value
         if stored != wanted:
             diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+            if "precision" in diff:
+                raise ValueError(
+                    f"{output} holds results computed in {stored.get('precision')}, and this run resolves its "
+                    f"precision to {wanted['precision']} (differs in: {', '.join(diff)}). Mixing them would compare "
+                    f"runs under different arithmetic. Pass --precision {stored.get('precision')} to resume those "
+                    "results on this machine, or use another --output directory for this precision."
+                )
             raise ValueError(
                 f"{output} holds results of a different protocol (differs in: {', '.join(diff)}). Use another "
                 "--output directory, or pass the same settings to resume."

@@ -242,6 +242,15 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
+def precision_note(summary: dict[str, Any]) -> str:
+    """The sentence that says in which precision a table's runs trained and were scored (empty when unknown)."""
+    precision = summary.get("protocol", {}).get("precision")
+    if precision is None:
+        return ""
+    what = "bf16 autocast with fp32 weights" if precision == "bf16" else "fp32"
+    return f"Precision: {what} (`--precision {precision}`), for training and scoring.\n\n"
+
+
 def write_outputs(summary: dict[str, Any], output: Path) -> dict[str, Path]:
     """``results.json``, ``results.md`` and the PNG plots in ``output``; returns their paths."""
     from ..utils import atomic_write
@@ -256,7 +265,8 @@ def write_outputs(summary: dict[str, Any], output: Path) -> dict[str, Path]:
     if summary.get("paired"):
         paths["paired_plot"] = output / "paired_differences.png"
     atomic_write(paths["json"], (json.dumps(summary, indent=1) + "\n").encode())
-    text = "## Results (mean ± std over seeds, chosen learning rate)\n\n" + markdown_table(summary)
+    text = "## Results (mean ± std over seeds, chosen learning rate)\n\n" + precision_note(summary) + markdown_table(
+        summary)
     if summary.get("paired"):
         text += ("\n## Paired differences against full fine-tuning (method minus FFT, same seed; mean [95% "
                  "t-interval] (per seed))\n\n" + paired_table(summary))

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..utils import atomic_write
+from ..utils import atomic_write, resolve_precision
 from .evaluate import evaluate
 from .methods import Method, default_methods, select_methods
 from .newtask import NewTask, general_text_batches, load_new_task, training_batches
@@ -114,6 +114,9 @@ def prepare(protocol: Protocol, output: Path, device: Optional[str] = None) -> B
 
     model, tokenizer = load_model(protocol.model, texts)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    choice = resolve_precision(protocol.precision, target)
+    logger.info("%s", choice)
+    protocol.precision = choice.precision  # what runs is what protocol.json records, never "auto"
     model.to(target).eval()
     task = load_new_task(protocol.task, tokenizer, protocol.val_size, protocol.test_size, prompt=protocol.prompt)
     specs = [task.eval_spec("validation"), task.eval_spec("test"), *retention]

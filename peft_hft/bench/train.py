@@ -1,31 +1,27 @@
 """One fine-tuning run: AdamW, linear warm-up then linear decay, gradient clipping, a fixed list of batches.
 
 A plain loop rather than ``transformers.Trainer``: every method must see the very same batches in the same order
-under the same schedule, and the loop has nothing else to decide. Mixed precision (bf16 autocast) keeps fp32 master
-weights, as on a GPU; on CPUs with bf16 units it is about 1.4x faster than fp32.
+under the same schedule, and the loop has nothing else to decide. ``transformers.TrainerCallback`` objects still plug
+in (``callbacks=``): the loop drives their step and log events as ``Trainer`` does. Mixed precision (bf16 autocast)
+keeps fp32 master weights, as on a GPU; ``precision="auto"`` (the default) takes it where the hardware computes bf16
+natively (on CPUs with bf16 units it is about 1.4x faster than fp32; on CPUs without, it is emulated and 7-28x
+slower), see :func:`peft_hft.utils.resolve_precision`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-PRECISIONS = ("fp32", "bf16")
+from ..utils import PRECISIONS, autocast, resolve_precision
 
-
-def autocast(precision: str, device: torch.device):
-    """The autocast context for ``precision`` (``"fp32"``: none)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; choose one of {PRECISIONS}.")
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+__all__ = ["PRECISIONS", "autocast", "train", "warmup_linear_decay"]
 
 
 def warmup_linear_decay(optimizer: torch.optim.Optimizer, steps: int, warmup: float = 0.1):
@@ -48,14 +44,23 @@ def train(
     warmup: float = 0.1,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
-    precision: str = "fp32",
+    precision: str = "auto",
     desc: Optional[str] = None,
+    callbacks: Sequence[Any] = (),
+    training_args: Any = None,
 ) -> dict[str, Any]:
     """Train ``model``'s trainable parameters on ``batches`` (one optimiser step each) and report the loss curve.
 
+    Args:
+        precision: ``"fp32"``, ``"bf16"`` (autocast, fp32 weights) or ``"auto"`` (from the hardware).
+        callbacks: ``transformers.TrainerCallback`` objects; they get ``on_train_begin``, ``on_step_begin``,
+            ``on_step_end`` (with ``model``, ``optimizer``, ``lr_scheduler``), ``on_log`` (loss, learning rate) and
+            ``on_train_end``, and can stop the run with ``control.should_training_stop``.
+        training_args: The ``TrainingArguments`` the callbacks see (default: one describing this run).
+
     Returns:
         ``{"loss": [per-step loss], "seconds": wall time, "cpu_seconds": process CPU time,
-        "trainable_parameters": count}``.
+        "trainable_parameters": count, "precision": the resolved precision}``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -63,31 +68,83 @@ def train(
     if not batches:
         raise ValueError("No training batches: set at least one step.")
     device = params[0].device
+    precision = resolve_precision(precision, device).precision
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = warmup_linear_decay(optimizer, len(batches), warmup)
+    events = _Callbacks(callbacks, training_args, len(batches), lr, model, optimizer, scheduler)
     losses: list[float] = []
     model.train()
     start, cpu_start = time.perf_counter(), time.process_time()
+    events("on_train_begin")
     with tqdm(batches, desc=desc or "training", leave=False) as bar:
         for batch in bar:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(precision, device):
-                loss = model(**batch).loss
-            loss.backward()
+            events("on_step_begin")
+            loss = training_step(model, batch, precision)
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss)
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(
                     f"Training loss became {losses[-1]} at step {len(losses)} with lr={lr}; lower the learning rate."
                 )
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if events.step_end(loss):
+                break
+    events("on_train_end")
     model.eval()
     return {
         "loss": losses,
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,  # all threads; comparable across machine loads
         "trainable_parameters": sum(p.numel() for p in params),
+        "precision": precision,
     }
+
+
+def training_step(model: nn.Module, batch: dict[str, torch.Tensor], precision: str) -> float:
+    """Forward (under the autocast of the resolved ``precision``) and backward of one batch; returns the loss."""
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with autocast(precision, device):
+        loss = model(**batch).loss
+    loss.backward()
+    return loss.item()
+
+
+class _Callbacks:
+    """Drives ``transformers.TrainerCallback`` events from the plain loop, with the state ``Trainer`` would keep."""
+
+    def __init__(self, callbacks: Sequence[Any], args: Any, steps: int, lr: float, model, optimizer, scheduler):
+        self.callbacks = list(callbacks)
+        if not self.callbacks:
+            return
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+
+        self.args = args if args is not None else TrainingArguments(
+            output_dir="peft-hft-train", max_steps=steps, learning_rate=lr, report_to=[], save_strategy="no"
+        )
+        self.state = TrainerState(max_steps=steps, num_train_epochs=1, is_local_process_zero=True,
+                                  is_world_process_zero=True)
+        self.control = TrainerControl()
+        self.objects = {"model": model, "optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def __call__(self, event: str, **kwargs: Any) -> None:
+        for callback in self.callbacks:
+            result = getattr(callback, event)(self.args, self.state, self.control, **self.objects, **kwargs)
+            if result is not None:
+                self.control = result
+
+    def step_end(self, loss: float) -> bool:
+        """Advance the state by one step, send ``on_step_end`` and ``on_log``; True when a callback stops the run."""
+        if not self.callbacks:
+            return False
+        self.state.global_step += 1
+        self.state.epoch = self.state.global_step / self.state.max_steps
+        self("on_step_end")
+        logs = {"loss": loss, "learning_rate": self.objects["lr_scheduler"].get_last_lr()[0], "step":
+                self.state.global_step}
+        self.state.log_history.append(logs)
+        self("on_log", logs=logs)
+        return self.control.should_training_stop

@@ -63,7 +63,8 @@ OPTIONS = {
     "--max-length": ("max_length", int, "longest training sequence in tokens (prompts are cut from the left)"),
     "--loss": ("loss", str, "'full' (every token) or 'completion' (answer tokens only)"),
     "--warmup": ("warmup", float, "share of steps with linear warm-up (then linear decay to 0)"),
-    "--precision": ("precision", str, "'bf16' (autocast, fp32 master weights) or 'fp32'"),
+    "--precision": ("precision", str, "'auto' (default: bf16 autocast with fp32 weights where the hardware has native "
+                    "bf16, else fp32), 'bf16' or 'fp32'; the resolved one is part of the protocol"),
     "--val-size": ("val_size", int, "new-task validation examples (learning-rate choice)"),
     "--test-size": ("test_size", int, "new-task test examples (reported score)"),
     "--retention": ("retention", _names, "comma-separated subset of wikipedia,mmlu,quartz,socialiqa"),

@@ -137,7 +137,7 @@ def test_lm_eval_scores_match_a_direct_computation_and_never_load_a_dataset(monk
     spec_ppl = tasks.EvalSpec("ppl", [{"text": text}], "perplexity")
     choices = ["mat", "park", "sat"]
     spec_mc = tasks.EvalSpec("mc", [{"query": "the cat sat on the", "choices": choices, "gold": 0}], "multiple_choice")
-    scores = evaluate(model, tokenizer, [spec_ppl, spec_mc], batch_size=4)
+    scores = evaluate(model, tokenizer, [spec_ppl, spec_mc], batch_size=4, precision="fp32")
 
     ids = [tokenizer.bos_token_id] + tokenizer(text).input_ids  # lm-eval's rolling windows start with the prefix
     with torch.no_grad():
@@ -347,3 +347,47 @@ def test_combining_refuses_other_protocols_other_base_scores_and_conflicting_met
     with pytest.raises(FileNotFoundError, match="results directory"):
         cli.main(["combine", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ precision
+
+
+def _cpu_bf16(monkeypatch, native: bool) -> None:
+    import peft_hft.utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(peft_hft.utils, "cpu_has_native_bf16", lambda: native)
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_the_protocol_records_the_resolved_precision_never_auto(tmp_path, monkeypatch, native, expected):
+    from peft_hft.bench.protocol import quick_protocol
+
+    _cpu_bf16(monkeypatch, native)
+    bench = runner.prepare(quick_protocol(precision="auto", test_size=4, val_size=4), tmp_path)
+    assert bench.protocol.precision == expected
+    assert json.loads((tmp_path / "protocol.json").read_text())["precision"] == expected
+    assert Protocol().precision == "auto"
+
+
+def test_a_machine_that_resolves_another_precision_refuses_to_resume(tmp_path, monkeypatch):
+    _cpu_bf16(monkeypatch, True)
+    bind(Protocol(), tmp_path)  # recorded on a CPU with native bf16
+    assert json.loads((tmp_path / "protocol.json").read_text())["precision"] == "bf16"
+    _cpu_bf16(monkeypatch, False)  # resumed on one without: "auto" is fp32 there
+    with pytest.raises(ValueError, match=r"computed in bf16.*resolves its precision to fp32.*--precision bf16"):
+        bind(Protocol(), tmp_path)
+    with pytest.warns(UserWarning, match="7-28x slower"):
+        from peft_hft.utils import resolve_precision
+
+        forced = resolve_precision("bf16", "cpu").precision
+    bind(Protocol(precision=forced), tmp_path)  # the fix the message names: the same precision, explicitly
+
+
+def test_recorded_tables_state_their_precision():
+    for directory in ("forgetting", "forgetting/completion"):
+        precision = json.loads((REPO / "docs" / directory / "protocol.json").read_text())["precision"]
+        summary = json.loads((REPO / "docs" / directory / "results.json").read_text())
+        assert summary["protocol"]["precision"] == precision == "bf16"
+        assert report.precision_note(summary) in (REPO / "docs" / directory / "results.md").read_text()
+    assert report.precision_note({"protocol": {"precision": "fp32"}}).startswith("Precision: fp32")

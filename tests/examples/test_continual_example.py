@@ -67,3 +67,41 @@ def test_a_resumed_run_must_use_the_same_training_settings(example, tmp_path):
     with pytest.raises(SystemExit):
         example.parse_args(["--methods", "hft-bogus"])
     assert isinstance(args, argparse.Namespace)
+
+
+def _cpu(monkeypatch, native: bool) -> None:
+    import peft_hft.utils
+
+    monkeypatch.setattr(peft_hft.utils, "cpu_has_native_bf16", lambda: native)
+
+
+@pytest.mark.parametrize("native, expected", [(False, "fp32"), (True, "bf16")])
+def test_quick_mode_runs_fp32_on_a_cpu_without_native_bf16(example, tmp_path, monkeypatch, native, expected):
+    import torch
+    from tiny_models import tiny_model
+
+    _cpu(monkeypatch, native)
+    args = example.parse_args(["--quick", "--work-dir", str(tmp_path)])
+    assert args.precision == expected and args.precision_requested == "auto" and args.steps == 6
+    # the quick mode's training and scoring run under exactly that precision
+    model = tiny_model("llama", layers=2)
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    items = [([5, 6, 7 + i % 3], 10 + i % 2) for i in range(16)]
+    batches = example.make_batches(items, steps=2, batch_size=4, seed="t:0")
+    info = example.train(model, batches, pad_id=0, lr=1e-3, desc="t", precision=args.precision)
+    data = example.Encoded([p for p, _ in items], [a - 10 for _, a in items], [10, 11])
+    accuracy, p_gold = example.score(model, data, pad_id=0, batch_size=8, precision=args.precision)
+    assert info["seconds_per_step"] > 0 and 0 <= accuracy <= 1 and 0 < p_gold < 1
+    assert seen and set(seen) == {expected == "bf16"}
+
+
+def test_a_run_of_another_precision_is_not_resumed_and_the_fix_is_named(example, tmp_path, monkeypatch):
+    _cpu(monkeypatch, True)
+    example.check_resumable(example.parse_args(["--work-dir", str(tmp_path)]))  # recorded in bf16
+    _cpu(monkeypatch, False)
+    with pytest.raises(SystemExit, match=r"precision was bf16 .* resolves 'auto' to fp32: pass --precision bf16"):
+        example.check_resumable(example.parse_args(["--work-dir", str(tmp_path)]))
+    with pytest.warns(UserWarning, match="7-28x slower"):
+        forced = example.parse_args(["--work-dir", str(tmp_path), "--precision", "bf16"])
+    example.check_resumable(forced)

@@ -70,3 +70,7 @@ def test_sft_example_under_accelerate_launch(tiny_model_dir, tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["after"]["eval_loss"] != results["before"]["eval_loss"]
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    from peft_hft.utils import resolve_precision
+
+    expected = resolve_precision("auto", "cpu")
+    assert results["precision"] == expected.precision and str(expected) in done.stdout  # resolved, and said why

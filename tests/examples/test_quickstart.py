@@ -35,3 +35,33 @@ def test_the_plot_shows_every_model(quickstart, tmp_path):
     results = {"base model": scores, "HFT": {**scores, "new_task_acc": 75.0}, "full fine-tuning": scores}
     quickstart.plot(results, 56.0, tmp_path / "q.png")
     assert (tmp_path / "q.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_phases_record_wall_and_cpu_seconds_per_phase(quickstart, capsys):
+    phases = quickstart.Phases()
+    with phases("score before"):
+        sum(i * i for i in range(200_000))
+    with phases("score before"):  # a phase entered twice adds up
+        pass
+    assert set(phases.seconds) == set(phases.cpu_seconds) == {"score before"}
+    assert phases.seconds["score before"] > 0 and phases.cpu_seconds["score before"] > 0
+    assert "[score before:" in capsys.readouterr().out
+
+
+def test_the_training_step_takes_trainer_callbacks(quickstart):
+    import torch
+    from tiny_models import batch
+    from transformers import TrainerCallback
+
+    class Steps(TrainerCallback):
+        steps: list[int] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+    batches = [{**b, "labels": b["input_ids"]} for b in (batch(seed=i) for i in range(3))]
+    callback = Steps()
+    run = quickstart.fine_tune(tiny_model("llama", layers=2), batches, SimpleNamespace(lr=1e-3), "fp32", "t",
+                               callbacks=[callback])
+    assert callback.steps == [1, 2, 3] and run["precision"] == "fp32" and len(run["loss"]) == 3
+    assert all(torch.isfinite(torch.tensor(run["loss"])))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .format.fingerprint import BaseMismatchError, skip_base_check
 from .integrations.registration import register
+from .integrations.retention import RetentionCallback, RetentionProbe
 from .tuner.config import HFTConfig
 from .tuner.importance import calibrate, importance_scores
 from .tuner.layer import HFTLayer
@@ -27,6 +28,8 @@ __all__ = [
     "HFTConfig",
     "HFTLayer",
     "HFTModel",
+    "RetentionCallback",
+    "RetentionProbe",
     "calibrate",
     "importance_scores",
     "memory_report",

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils import save_png
+
 COLORS = {"fft": "tab:red", "hft": "tab:blue", "hft_r0.25": "tab:cyan", "hft_r0.75": "tab:purple",
           "hft_model": "tab:orange", "lora": "tab:green", "hft_snr": "tab:brown", "hft_wanda": "tab:pink",
           "hft_fisher": "tab:olive", "hft_grad": "tab:gray"}
@@ -22,19 +24,7 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> None:
-    """Save through a temporary file so a crash never leaves a half-written PNG."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_png(fig, path)
 
 
 def _forgetting_axes(summary: dict[str, Any]) -> list[tuple[str, str]]:

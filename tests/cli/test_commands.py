@@ -215,13 +215,20 @@ def test_sft_trains_from_the_example_yaml_under_accelerate_launch(trl_inputs, tm
     assert_hft_adapter(tmp_path / "out", trl_inputs / "model", seed=3)
 
 
-def test_dpo_trains_from_the_example_yaml(trl_inputs, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    result = peft_hft_cli("dpo", *tiny_run(trl_inputs, "dpo", tmp_path / "out"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_hft_adapter(tmp_path / "out", trl_inputs / "model", seed=3)
+def test_dpo_trains_from_the_example_yaml_and_logs_retention(trl_inputs, tmp_path, monkeypatch):
     import trl
 
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    texts = tmp_path / "probe.txt"
+    texts.write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
+    trainer_class = trl.DPOTrainer
+    result = peft_hft_cli("dpo", *tiny_run(trl_inputs, "dpo", tmp_path / "out"), "--retention_steps", "1",
+                          "--retention_texts", str(texts))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_hft_adapter(tmp_path / "out", trl_inputs / "model", seed=3)
+    assert (tmp_path / "out" / "retention.png").read_bytes()[:4] == b"\x89PNG"
+    assert "retention/kl_to_base" in result.stdout + result.stderr  # the trainer's console logs carry the values
+    assert trl.DPOTrainer is trainer_class  # put back
     assert "get_peft_config" not in vars(trl) or trl.get_peft_config.__module__.startswith("trl")  # put back
 
 
@@ -233,5 +240,5 @@ def test_sft_refuses_lora_options_and_lists_hft_options(trl_inputs, tmp_path):
     helped = peft_hft_cli("sft", "--help")
     assert helped.returncode == 0
     assert all(flag in helped.stdout for flag in ("--hft_ratio", "--hft_seed", "--hft_strategy", "--learning_rate",
-                                                  "--model_name_or_path"))
+                                                  "--model_name_or_path", "--retention_steps", "--retention_texts"))
     assert "--hft_selected_parameters" not in helped.stdout and "--hft_base_fingerprint" not in helped.stdout

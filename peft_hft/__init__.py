@@ -15,6 +15,7 @@ from __future__ import annotations
 from .format.fingerprint import BaseMismatchError, skip_base_check
 from .integrations.registration import register
 from .integrations.retention import RetentionCallback, RetentionProbe
+from .ops.scale import scale_adapter
 from .tuner.config import HFTConfig
 from .tuner.importance import calibrate, importance_scores
 from .tuner.layer import HFTLayer
@@ -34,6 +35,7 @@ __all__ = [
     "importance_scores",
     "memory_report",
     "plot_selection",
+    "scale_adapter",
     "selection_summary",
     "skip_base_check",
     "__version__",

@@ -25,7 +25,7 @@ import peft_hft
 from peft_hft.cli.main import SUBCOMMANDS, main
 from peft_hft.format.keys import parameter_name_of
 
-TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "sft", "dpo"}
+TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "scale", "sft", "dpo"}
 
 
 @dataclass
@@ -93,6 +93,21 @@ def test_merge_writes_base_plus_diffs(checkpoints, tmp_path):
         assert torch.allclose(merged[name], expected, atol=1e-6), name
     again = peft_hft_cli("merge", str(checkpoints / "base"), str(checkpoints / "adapter"), str(tmp_path / "m"),
                          "--quiet")
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_scale_writes_alpha_times_the_diffs(checkpoints, tmp_path):
+    out = tmp_path / "half"
+    result = peft_hft_cli("scale", str(checkpoints / "adapter"), str(out), "--alpha", "0.5", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "by 0.5" in result.stdout
+    diffs = load_file(checkpoints / "adapter" / "adapter_model.safetensors")
+    scaled = load_file(out / "adapter_model.safetensors")
+    assert set(scaled) == set(diffs) and all(torch.equal(scaled[k], diffs[k] * 0.5) for k in diffs)
+    assert json.loads((out / "adapter_config.json").read_text())["scaling"]["alpha"] == 0.5
+    inside = peft_hft_cli("scale", str(checkpoints / "adapter"), str(checkpoints / "adapter" / "x"), "--alpha", "2")
+    assert inside.returncode == 1 and "inside" in inside.stderr
+    again = peft_hft_cli("scale", str(checkpoints / "adapter"), str(out), "--alpha", "0.5", "--quiet")
     assert again.returncode == 1 and "already exists" in again.stderr
 
 

@@ -103,7 +103,7 @@ class RetentionArguments:
 def retention_callback(args: RetentionArguments) -> Optional[Any]:
     """The callback ``args`` ask for, or None when ``--retention_steps`` is 0."""
     if args.retention_steps < 0:
-        raise ValueError(f"--retention_steps must be 0 (off) or a positive number of steps, got {args.retention_steps}.")
+        raise ValueError(f"--retention_steps must be 0 (off) or a number of steps, got {args.retention_steps}.")
     if args.retention_steps == 0:
         return None
     from pathlib import Path
@@ -114,7 +114,7 @@ def retention_callback(args: RetentionArguments) -> Optional[Any]:
     if args.retention_texts is not None:
         path = Path(args.retention_texts)
         if not path.is_file():
-            raise FileNotFoundError(f"--retention_texts {path} does not exist; pass a text file, one probe text a line.")
+            raise FileNotFoundError(f"--retention_texts {path} does not exist; pass a text file, one text a line.")
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return RetentionCallback(every=args.retention_steps, texts=texts, top_k=args.retention_top_k or None)
 

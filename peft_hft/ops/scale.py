@@ -12,10 +12,11 @@ Rounding, exactly: each scaled diff is ``(alpha * diff.float()).to(dtype)``, one
 * float32 diffs (the default of HFT adapters: fp32 models, and bf16 models with fp32 master weights): the product is
   exact to float32 rounding, and a bf16 base loads ``(base.float() + alpha * diff).to(bfloat16)``, exactly what
   ``add_weighted_adapter`` computes.
-* bfloat16 diffs: ``alpha * diff`` is rounded to bfloat16 once more (relative error at most 2^-8, half a bf16 ulp, per element; none
-  when alpha is a power of two, e.g. 0.25 or 0.5, unless the product underflows), and the bf16 model then rounds
-  ``base + scaled diff`` as always. Pass ``diff_dtype="float32"`` to keep the product unrounded (twice the file size):
-  the loaded model is then ``(base.float() + alpha * diff.float()).to(bfloat16)`` of the file's diffs, bit for bit.
+* bfloat16 diffs: ``alpha * diff`` is rounded to bfloat16 once more (relative error at most 2^-8, half a bf16 ulp,
+  per element; none when alpha is a power of two, e.g. 0.25 or 0.5, unless the product underflows), and the bf16
+  model then rounds ``base + scaled diff`` as always. Pass ``diff_dtype="float32"`` to keep the product unrounded
+  (twice the file size): the loaded model is then ``(base.float() + alpha * diff.float()).to(bfloat16)`` of the
+  file's diffs, bit for bit.
   (``add_weighted_adapter`` on a model that loaded a bf16-diff adapter starts from the diff of the loaded bf16
   weights, which is one bf16 ulp off the file's diff in a few elements, docs/concepts.md; its result can differ from
   this one in those elements.)

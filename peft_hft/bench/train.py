@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -50,8 +51,12 @@ def train(
     max_grad_norm: float = 1.0,
     precision: str = "fp32",
     desc: Optional[str] = None,
+    step_callback: Optional[Callable[[nn.Module, int, float, bool], Any]] = None,
 ) -> dict[str, Any]:
     """Train ``model``'s trainable parameters on ``batches`` (one optimiser step each) and report the loss curve.
+
+    ``step_callback(model, step, loss, last)`` runs after every optimiser step (1-based ``step``; ``last`` on the final
+    one), e.g. ``peft_hft.RetentionCallback(...).step`` to watch forgetting while training.
 
     Returns:
         ``{"loss": [per-step loss], "seconds": wall time, "cpu_seconds": process CPU time,
@@ -84,6 +89,8 @@ def train(
                     f"Training loss became {losses[-1]} at step {len(losses)} with lr={lr}; lower the learning rate."
                 )
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step_callback is not None:
+                step_callback(model, len(losses), losses[-1], len(losses) == len(batches))
     model.eval()
     return {
         "loss": losses,

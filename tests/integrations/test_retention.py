@@ -181,3 +181,18 @@ def test_bad_settings_are_refused():
         RetentionProbe(build_tokenizer(), TEXTS, top_k=0)
     with pytest.raises(RuntimeError, match="reference"):
         RetentionProbe(build_tokenizer(), TEXTS).measure(chat_model(build_tokenizer()))
+
+
+def test_the_benchmark_training_loop_calls_the_callback_after_every_step():
+    from peft_hft.bench.train import train
+
+    tokenizer = build_tokenizer()
+    model = chat_model(tokenizer)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    retention = RetentionCallback(every=2, texts=TEXTS)
+    retention.begin(model, tokenizer)
+    ids = torch.tensor([tokenizer(TEXTS[1]).input_ids])
+    run = train(model, [{"input_ids": ids, "labels": ids}] * 3, lr=1e-2, step_callback=retention.step)
+    assert [s for s, _ in retention.losses] == [1, 2, 3] and [v for _, v in retention.losses] == run["loss"]
+    assert [h["step"] for h in retention.history] == [0, 2, 3]  # every 2 steps and the last

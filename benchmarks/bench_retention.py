@@ -48,7 +48,8 @@ def main() -> None:
     texts = default_texts(args.texts)
     probes = {k: RetentionProbe(tokenizer, texts, args.max_length, 8, top_k=k) for k in (256, None)}
     figures: dict = {"tokens": probes[256].tokens, "vocab": len(tokenizer), "texts": args.texts,
-                     "max_length": args.max_length, "precision": args.precision, "torch_threads": torch.get_num_threads()}
+                     "max_length": args.max_length, "precision": args.precision,
+                     "torch_threads": torch.get_num_threads()}
     for k, probe in probes.items():
         before = rss_mib()
         start = time.perf_counter()

@@ -172,9 +172,10 @@ def points_table(summary: dict[str, Any]) -> str:
 
 def plot_frontier(summary: dict[str, Any], path: Path) -> None:
     """Every run (filled) and interpolation (hollow) as a point, each method's frontier of seed means as a line."""
-    from .plots import COLORS, _pyplot, _save
+    from ..utils import save_png
+    from .plots import COLORS, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for method, entry in summary["methods"].items():
         color = COLORS.get(method)
@@ -195,15 +196,16 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Learn-forget frontier: runs (filled), base + alpha x diff (hollow), frontiers of seed means")
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
 def plot_kl(summary: dict[str, Any], path: Path) -> None:
     """Perplexity increase against the KL to the base on general text and on the task's prompts, every point."""
-    from .plots import COLORS, _pyplot, _save
+    from ..utils import save_png
+    from .plots import COLORS, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, (name, key, label) in zip(axes, (("general", "kl_general", "held-out general text (C4)"),
                                               ("task", "kl_task", "new-task prompts (answer position)")), strict=True):
@@ -220,7 +222,7 @@ def plot_kl(summary: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -117,7 +117,9 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in OPTIONS.items()}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.quick:
-        return quick_protocol(**{**({"sweep": True, "retention": ["wikipedia"]} if args.sweep else {}), **overrides})
+        sweep = {k: v for k, v in sweep_protocol().to_dict().items()
+                 if k in ("sweep", "methods", "loss", "retention")} if args.sweep else {}
+        return quick_protocol(**{**sweep, **overrides})
     protocol = sweep_protocol(**overrides) if args.sweep else Protocol(**overrides)
     if "retention_limits" in overrides:  # a partial list keeps the defaults of the other sets
         protocol.retention_limits = {**Protocol().retention_limits, **overrides["retention_limits"]}

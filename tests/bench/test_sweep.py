@@ -162,3 +162,10 @@ def test_quick_sweep_records_kl_and_interpolations_and_resumes(tmp_path, monkeyp
     monkeypatch.setattr(runner, "train", no_training)
     assert cli.main(args) == 0
     assert {p: p.read_text() for p in records} == before
+
+
+def test_quick_sweep_uses_the_sweep_methods():
+    args = cli.build_parser().parse_args(["forgetting", "--quick", "--sweep"])
+    p = cli.protocol_from_args(args)
+    assert p.sweep and p.methods == ["fft", "hft", "hft_snr", "lora"] and p.model == "tiny" and p.loss == "completion"
+    assert cli.protocol_from_args(cli.build_parser().parse_args(["forgetting", "--sweep"])).model == "default"

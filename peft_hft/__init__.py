@@ -15,6 +15,8 @@ from __future__ import annotations
 from .format.fingerprint import BaseMismatchError, skip_base_check
 from .format.reader import allow_non_finite
 from .integrations.registration import register
+from .integrations.retention import RetentionCallback, RetentionProbe
+from .ops.scale import scale_adapter
 from .tuner.config import HFTConfig
 from .tuner.importance import calibrate, importance_scores
 from .tuner.layer import HFTLayer
@@ -29,10 +31,13 @@ __all__ = [
     "HFTLayer",
     "HFTModel",
     "allow_non_finite",
+    "RetentionCallback",
+    "RetentionProbe",
     "calibrate",
     "importance_scores",
     "memory_report",
     "plot_selection",
+    "scale_adapter",
     "selection_summary",
     "skip_base_check",
     "__version__",

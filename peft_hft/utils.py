@@ -172,6 +172,20 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def save_png(fig: Any, path: Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure as a PNG through a temporary file beside ``path``: a crash never leaves half a plot."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -53,7 +53,7 @@ def trl_args(config_cls, tmp_path, **overrides):
     return config_cls(**kwargs)
 
 
-def sft_trainer(model, tmp_path, peft_config=None, **overrides):
+def sft_trainer(model, tmp_path, peft_config=None, callbacks=None, **overrides):
     """TRL's SFTTrainer on :func:`sft_rows` with a fresh tiny tokenizer (TRL may add tokens to it)."""
     from datasets import Dataset
     from tiny_tokenizer import build_tokenizer
@@ -61,10 +61,10 @@ def sft_trainer(model, tmp_path, peft_config=None, **overrides):
 
     return SFTTrainer(model=model, args=trl_args(SFTConfig, tmp_path, **overrides),
                       train_dataset=Dataset.from_list(sft_rows()), processing_class=build_tokenizer(),
-                      peft_config=peft_config)
+                      peft_config=peft_config, callbacks=callbacks)
 
 
-def dpo_trainer(model, tmp_path, peft_config=None, **overrides):
+def dpo_trainer(model, tmp_path, peft_config=None, callbacks=None, **overrides):
     """TRL's DPOTrainer on :func:`preference_rows`, no reference model given."""
     from datasets import Dataset
     from tiny_tokenizer import build_tokenizer
@@ -72,7 +72,7 @@ def dpo_trainer(model, tmp_path, peft_config=None, **overrides):
 
     return DPOTrainer(model=model, ref_model=None, args=trl_args(DPOConfig, tmp_path, **overrides),
                       train_dataset=Dataset.from_list(preference_rows()), processing_class=build_tokenizer(),
-                      peft_config=peft_config)
+                      peft_config=peft_config, callbacks=callbacks)
 
 
 def selection(peft_model, adapter: str = "default") -> set[str]:

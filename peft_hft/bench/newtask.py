@@ -191,6 +191,13 @@ def training_batches(
 
 
 GENERAL_TEXT = ("llamafactory", "data/c4_demo.jsonl")  # 300 English web documents (C4), no overlap with retention
+GENERAL_TEXT_DOCUMENTS = 300
+
+
+def held_out_general_texts(count: int) -> list[str]:
+    """The last ``count`` C4 documents of ``GENERAL_TEXT``: general text that calibration (the first documents) never
+    reads, for the benchmark's KL to the base."""
+    return [row["text"] for row in data.load_jsonl(*GENERAL_TEXT)[-count:]]
 
 
 def general_text_batches(

@@ -7,34 +7,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils import save_png
+
 COLORS = {"fft": "tab:red", "hft": "tab:blue", "hft_r0.25": "tab:cyan", "hft_r0.75": "tab:purple",
           "hft_model": "tab:orange", "lora": "tab:green", "hft_snr": "tab:brown", "hft_wanda": "tab:pink",
           "hft_fisher": "tab:olive", "hft_grad": "tab:gray"}
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (plots are files, never windows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    """Save through a temporary file so a crash never leaves a half-written PNG."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _forgetting_axes(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -50,7 +37,7 @@ def _forgetting_axes(summary: dict[str, Any]) -> list[tuple[str, str]]:
 def plot_forgetting_vs_new_task(summary: dict[str, Any], path: Path) -> None:
     """One panel per forgetting measure: each method's mean (± std over seeds) against its new-task accuracy, with
     the individual seeds as faint dots. Lower right is best: learned the task, forgot little."""
-    plt = _pyplot()
+    plt = pyplot()
     axes_spec = _forgetting_axes(summary)
     fig, axes = plt.subplots(1, len(axes_spec), figsize=(5.5 * len(axes_spec), 4.4), squeeze=False)
     base_acc = 100 * summary["base"]["new_task_acc"]
@@ -71,14 +58,14 @@ def plot_forgetting_vs_new_task(summary: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Forgetting vs. new-task score (mean ± std over seeds)")
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
 def plot_retention_per_ratio(summary: dict[str, Any], path: Path) -> None:
     """Retention and new-task accuracy against the share of tensors trained (HFT at each ratio, FFT at 1.0), with
     the model-level random half and LoRA as reference markers and the base model as a dashed line."""
-    plt = _pyplot()
+    plt = pyplot()
     base = summary["base"]
     panels = [("new_task_acc", "new-task test accuracy (%)", 100.0, 100 * base["new_task_acc"])]
     panels += [(k, f"{k.removesuffix('_ppl')} perplexity", 1.0, base[k]) for k in base if k.endswith("_ppl")]
@@ -116,7 +103,7 @@ def plot_retention_per_ratio(summary: dict[str, Any], path: Path) -> None:
     list(axes.flat)[0].legend(fontsize=7)
     fig.suptitle("Retention per ratio (mean ± std over seeds)")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -124,7 +111,7 @@ def plot_paired_differences(summary: dict[str, Any], path: Path, metrics: Sequen
     """One panel per paired metric (``report.PAIRED_METRICS``: key, scale, label): each method's per-seed difference
     against full fine-tuning (dots) and the mean with its 95% t-interval. Left of zero on the forgetting panels =
     forgot less than FFT on the same seed."""
-    plt = _pyplot()
+    plt = pyplot()
     paired = summary.get("paired") or {}
     names = list(paired)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 0.9 + 0.5 * len(names)),
@@ -149,5 +136,5 @@ def plot_paired_differences(summary: dict[str, Any], path: Path, metrics: Sequen
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("Paired differences against full fine-tuning (per seed; mean and 95% t-interval)")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)

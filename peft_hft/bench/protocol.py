@@ -50,6 +50,18 @@ class Protocol:
     # (general text: "wanda", "fisher"), or the run's own first training batches (the new task: "gradient").
     calibration_sequences: int = 32
     calibration_max_length: int = 128
+    # Mean token KL(tuned || base) of every evaluated model (peft_hft.RetentionProbe, the RetentionCallback's helper):
+    # on ``kl_texts`` held-out general texts (the last C4 documents of c4_demo.jsonl, never the calibration ones) at
+    # every token, cut to ``kl_max_length`` tokens, and on the first ``kl_task_prompts`` test prompts of the new task
+    # at the answer position; the base's top ``kl_top_k`` log-probabilities per position are kept (0: all, exact KL).
+    kl_texts: int = 64
+    kl_max_length: int = 128
+    kl_task_prompts: int = 100
+    kl_top_k: int = 256
+    # The learn-forget frontier: every rate of the grids on every seed (no choice on validation), and for each run the
+    # post-hoc interpolations base + alpha x diff for each of ``alphas`` (docs/forgetting.md, the frontier).
+    sweep: bool = False
+    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
 
     def validate(self) -> None:
         """Reject settings that cannot give a meaningful benchmark, with the fix in the message."""
@@ -72,6 +84,19 @@ class Protocol:
             raise ValueError("calibration_sequences must be >= 1 and calibration_max_length >= 8.")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}.")
+        from .newtask import GENERAL_TEXT_DOCUMENTS
+
+        if not 1 <= self.kl_texts <= GENERAL_TEXT_DOCUMENTS - self.calibration_sequences:
+            raise ValueError(
+                f"kl_texts must be between 1 and {GENERAL_TEXT_DOCUMENTS - self.calibration_sequences} (the C4 "
+                f"documents left after the {self.calibration_sequences} calibration ones), got {self.kl_texts}."
+            )
+        if self.kl_task_prompts < 1 or self.kl_max_length < 8 or self.kl_top_k < 0:
+            raise ValueError("kl_task_prompts must be >= 1, kl_max_length >= 8 and kl_top_k >= 0 (0: the exact KL).")
+        if self.sweep and "wikipedia" not in self.retention:
+            raise ValueError("The sweep plots the Wikipedia perplexity increase: keep 'wikipedia' in --retention.")
+        if self.sweep and any(not 0 < a < 1 for a in self.alphas):
+            raise ValueError(f"The sweep's interpolation factors lie strictly between 0 and 1, got {self.alphas}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +122,22 @@ def quick_protocol(**overrides: Any) -> Protocol:
         test_size=12,
         retention_limits={name: 12 for name in RETENTION_TASKS},
         eval_batch_size=32,
+    )
+    settings.update(overrides)
+    return Protocol(**settings)
+
+
+def sweep_protocol(**overrides: Any) -> Protocol:
+    """The learn-forget frontier (docs/forgetting.md): FFT, HFT's random half, HFT ranked by spectral SNR and LoRA, each
+    at four learning rates spanning "barely learns" to "learns most", 3 seeds, completion loss, interpolations at
+    alpha 0.25 / 0.5 / 0.75, Wikipedia perplexity as the forgetting measure."""
+    settings: dict[str, Any] = dict(
+        methods=["fft", "hft", "hft_snr", "lora"],
+        full_lr_grid=[1e-5, 3e-5, 1e-4, 3e-4],
+        lora_lr_grid=[1e-4, 3e-4, 1e-3, 3e-3],
+        loss="completion",
+        retention=["wikipedia"],
+        sweep=True,
     )
     settings.update(overrides)
     return Protocol(**settings)

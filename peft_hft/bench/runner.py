@@ -45,6 +45,7 @@ class Bench:
     methods: list[Method]
     device: torch.device
     general_text: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)  # calibration batches
+    probes: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> RetentionProbe with the base's reference
 
     @property
     def runs_dir(self) -> Path:
@@ -66,6 +67,33 @@ class Bench:
             steps = max(1, p.calibration_sequences // p.batch_size)
             return training_batches(self.task, self.tokenizer, p.batch_size, steps, seed, p.loss, p.max_length)
         return None
+
+
+    def kl_to_base(self, model: nn.Module) -> dict[str, float]:
+        """Mean token KL(model || base) on held-out general text (every token) and on the new task's test prompts
+        (the answer position), with the probes' perplexity: ``{"general", "task", "general_ppl"}``.
+
+        The probes summarise the base model once, on first use (peft_hft.RetentionProbe, the helper the
+        RetentionCallback measures with)."""
+        from ..integrations.retention import RetentionProbe
+        from .newtask import held_out_general_texts
+        from .train import autocast
+
+        p = self.protocol
+        if not self.probes:
+            top_k = p.kl_top_k or None
+            texts = {
+                "general": (held_out_general_texts(p.kl_texts), "all", p.kl_max_length),
+                "task": ([ex.prompt for ex in self.task.test[: p.kl_task_prompts]], "last", p.max_length),
+            }
+            for name, (rows, positions, length) in texts.items():
+                probe = RetentionProbe(self.tokenizer, rows, length, p.eval_batch_size, top_k, kl_positions=positions)
+                probe.reference(self.base_model, autocast(p.precision, self.device))
+                self.probes[name] = probe
+        measured = {name: probe.measure(model, autocast(p.precision, self.device))
+                    for name, probe in self.probes.items()}
+        return {"general": measured["general"].kl_to_base, "task": measured["task"].kl_to_base,
+                "general_ppl": measured["general"].ppl}
 
 
 def run_name(method: str, lr: float, seed: int) -> str:
@@ -180,6 +208,7 @@ def _finish(bench: Bench, record: dict[str, Any], model: nn.Module, path: Path) 
     """Evaluate a trained model on every set and save its record."""
     record = dict(record)
     record["scores"], record["eval"] = _evaluate(bench, model, bench.specs)
+    record["kl"] = bench.kl_to_base(model)
     _save_run(path, record)
     return record
 
@@ -263,3 +292,49 @@ def run_benchmark(bench: Bench) -> dict[str, Any]:
                 progress.update()
     chosen = {name: records[0]["lr"] for name, records in finals.items()}
     return {"base": base, "grid": grid, "chosen": chosen, "finals": finals}
+
+
+def run_sweep(bench: Bench) -> dict[str, Any]:
+    """The learn-forget frontier (``Protocol.sweep``): every rate of the method's grid on every seed, each trained
+    model scored on the test split and the retention sets with its KL to the base, then each interpolation
+    base + alpha x diff (``Protocol.alphas``) scored the same way.
+
+    A run and its interpolations are one record, ``runs/sweep/<run>.json``, written once all of them are scored: a
+    resumed sweep skips finished records and redoes at most the one it was in.
+    """
+    from tqdm.auto import tqdm
+
+    from .interpolate import interpolations
+
+    p = bench.protocol
+    base = run_base(bench)
+    specs = bench.specs[1:]  # the test split and the retention sets; no rate is chosen, so no validation
+    runs: dict[str, list[dict[str, Any]]] = {}
+    total = sum(len(bench.lr_grid(m)) for m in bench.methods) * len(p.seeds)
+    with tqdm(total=total, desc="forgetting sweep (training runs)", position=0) as progress:
+        for method in bench.methods:
+            runs[method.name] = []
+            for lr in bench.lr_grid(method):
+                for seed in p.seeds:
+                    name = run_name(method.name, lr, seed)
+                    path = bench.runs_dir / "sweep" / f"{name}.json"
+                    record = _load_run(path)
+                    if record is None:
+                        record, model = _train(bench, method, lr, seed)
+                        if model is not None:
+                            record["scores"], record["eval"] = _evaluate(bench, model, specs)
+                            record["kl"] = bench.kl_to_base(model)
+                            record["interpolations"] = []
+                            workdir = bench.output / ".interpolation"
+                            for alpha, mixed in interpolations(bench.base_model, model, p.alphas, workdir):
+                                scores, timing = _evaluate(bench, mixed, specs)
+                                record["interpolations"].append(
+                                    {"alpha": alpha, "scores": scores, "eval": timing, "kl": bench.kl_to_base(mixed)}
+                                )
+                        del model
+                        _save_run(path, record)
+                    runs[method.name].append(record)
+                    progress.update()
+    if "kl" not in base:
+        base = {**base, "kl": {"general": 0.0, "task": 0.0}}
+    return {"base": base, "runs": runs}

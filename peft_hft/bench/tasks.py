@@ -103,9 +103,8 @@ def socialiqa_rows() -> list[dict[str, Any]]:
 
 
 def wikipedia_rows() -> list[dict[str, Any]]:
-    """1,000 Wikipedia paragraphs (``evals`` wheel, ``schelling_point/wikipedia_5.jsonl``, key ``"0"``: the original
-    paragraph; the other keys are shuffled copies) for perplexity."""
-    return [{"text": row["0"].strip()} for row in data.load_jsonl("evals", "schelling_point/wikipedia_5.jsonl")]
+    """1,000 Wikipedia paragraphs (``peft_hft.resources.data.wikipedia_paragraphs``) for perplexity."""
+    return [{"text": text} for text in data.wikipedia_paragraphs()]
 
 
 RETENTION_LOADERS: dict[str, tuple[Callable[[], list[dict[str, Any]]], str]] = {

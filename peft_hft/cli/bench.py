@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..bench.protocol import Protocol, quick_protocol
+from ..bench.protocol import Protocol, quick_protocol, sweep_protocol
 from ..utils import refuse_output_overlap
 
 
@@ -70,6 +70,9 @@ OPTIONS = {
     "--retention": ("retention", _names, "comma-separated subset of wikipedia,mmlu,quartz,socialiqa"),
     "--retention-limits": ("retention_limits", _limits, "rows per retention set, e.g. wikipedia=250,mmlu=all"),
     "--eval-batch-size": ("eval_batch_size", int, "lm-eval batch size"),
+    "--alphas": ("alphas", _floats, "with --sweep: factors of the interpolations base + alpha x diff"),
+    "--kl-texts": ("kl_texts", int, "held-out C4 documents the KL to the base is measured on"),
+    "--kl-top-k": ("kl_top_k", int, "base log-probabilities kept per token for the KL (0: all, exact)"),
 }
 
 
@@ -88,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     forgetting.add_argument("--output", type=Path, default=None, help="results directory (default: forgetting-results"
                             " or forgetting-results-quick)")
     forgetting.add_argument("--quick", action="store_true", help="tiny model, a few steps, tiny eval subsets (seconds)")
+    forgetting.add_argument("--sweep", action="store_true",
+                            help="the learn-forget frontier: FFT, HFT, HFT-SNR and LoRA at every rate of 4-point grids "
+                            "on 3 seeds, with interpolations base + alpha x diff (frontier.png, sweep.md)")
     forgetting.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     forgetting.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     for flag, (_, parse, help_text) in OPTIONS.items():
@@ -113,8 +119,10 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in OPTIONS.items()}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.quick:
-        return quick_protocol(**overrides)
-    protocol = Protocol(**overrides)
+        sweep = {k: v for k, v in sweep_protocol().to_dict().items()
+                 if k in ("sweep", "methods", "loss", "retention")} if args.sweep else {}
+        return quick_protocol(**{**sweep, **overrides})
+    protocol = sweep_protocol(**overrides) if args.sweep else Protocol(**overrides)
     if "retention_limits" in overrides:  # a partial list keeps the defaults of the other sets
         protocol.retention_limits = {**Protocol().retention_limits, **overrides["retention_limits"]}
     return protocol
@@ -166,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     paths = run(protocol, output, device=args.device)
     print(f"Finished in {time.perf_counter() - start:.0f} s. Results: {paths['markdown']}")
-    for key in ("json", "forgetting_plot", "ratio_plot", "paired_plot"):
+    for key in ("json", "forgetting_plot", "ratio_plot", "paired_plot", "frontier_plot", "kl_plot"):
         if key in paths:
             print(f"  {paths[key]}")
     return 0

@@ -170,3 +170,12 @@ def alpaca_demo() -> list[dict[str, str]]:
 def dpo_demo() -> list[dict[str, Any]]:
     """300 preference pairs (``conversations``, ``chosen``, ``rejected``) from llamafactory's demo data."""
     return load_json("llamafactory", "data/dpo_en_demo.json")
+
+
+WIKIPEDIA = ("evals", "schelling_point/wikipedia_5.jsonl")
+
+
+def wikipedia_paragraphs() -> list[str]:
+    """1,000 Wikipedia paragraphs (``evals`` wheel, ``schelling_point/wikipedia_5.jsonl``, key ``"0"``: the original
+    paragraph; the other keys are shuffled copies), stripped."""
+    return [row["0"].strip() for row in load_jsonl(*WIKIPEDIA)]

@@ -99,6 +99,9 @@ FIELD_RULES: dict[str, FieldRule] = {
     "base_fingerprint": FieldRule(
         _optional(lambda v: isinstance(v, dict)), "None or a dict (it is written by save_pretrained)"
     ),
+    "scaling": FieldRule(
+        _optional(lambda v: isinstance(v, dict)), "None or a dict (it is written by peft_hft.scale_adapter)"
+    ),
 }
 
 
@@ -162,6 +165,9 @@ class HFTConfig(PeftConfig):
         base_fingerprint: Written when the adapter is saved, never set by hand: the base model's id and revision and
             a SHA-256 digest of every base tensor the adapter modifies. Loading and merging check the base against it
             (see ``peft_hft.format.fingerprint`` and docs/adapter-format.md).
+        scaling: Written by ``peft_hft.scale_adapter`` (``peft-hft scale``), never set by hand: the factor alpha the
+            diffs were multiplied by, relative to the original fine-tune, and each step of the chain. The diffs
+            already hold the scaled values; loading applies them as they are.
     """
 
     ratio: float = field(default=0.5, metadata={"help": "Share of tensors to train, in (0, 1]."})
@@ -203,6 +209,9 @@ class HFTConfig(PeftConfig):
     )
     base_fingerprint: Optional[dict] = field(
         default=None, repr=False, metadata={"help": "Base model id/revision and SHA-256 of the modified base tensors."}
+    )
+    scaling: Optional[dict] = field(
+        default=None, metadata={"help": "How peft_hft.scale_adapter scaled the diffs (None: as trained)."}
     )
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ import peft_hft
 from peft_hft.cli.main import SUBCOMMANDS, main
 from peft_hft.format.keys import parameter_name_of
 
-TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "sft", "dpo"}
+TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "scale", "sft", "dpo"}
 
 
 @dataclass
@@ -93,6 +93,21 @@ def test_merge_writes_base_plus_diffs(checkpoints, tmp_path):
         assert torch.allclose(merged[name], expected, atol=1e-6), name
     again = peft_hft_cli("merge", str(checkpoints / "base"), str(checkpoints / "adapter"), str(tmp_path / "m"),
                          "--quiet")
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_scale_writes_alpha_times_the_diffs(checkpoints, tmp_path):
+    out = tmp_path / "half"
+    result = peft_hft_cli("scale", str(checkpoints / "adapter"), str(out), "--alpha", "0.5", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "by 0.5" in result.stdout
+    diffs = load_file(checkpoints / "adapter" / "adapter_model.safetensors")
+    scaled = load_file(out / "adapter_model.safetensors")
+    assert set(scaled) == set(diffs) and all(torch.equal(scaled[k], diffs[k] * 0.5) for k in diffs)
+    assert json.loads((out / "adapter_config.json").read_text())["scaling"]["alpha"] == 0.5
+    inside = peft_hft_cli("scale", str(checkpoints / "adapter"), str(checkpoints / "adapter" / "x"), "--alpha", "2")
+    assert inside.returncode == 1 and "inside" in inside.stderr
+    again = peft_hft_cli("scale", str(checkpoints / "adapter"), str(out), "--alpha", "0.5", "--quiet")
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
@@ -215,13 +230,20 @@ def test_sft_trains_from_the_example_yaml_under_accelerate_launch(trl_inputs, tm
     assert_hft_adapter(tmp_path / "out", trl_inputs / "model", seed=3)
 
 
-def test_dpo_trains_from_the_example_yaml(trl_inputs, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    result = peft_hft_cli("dpo", *tiny_run(trl_inputs, "dpo", tmp_path / "out"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_hft_adapter(tmp_path / "out", trl_inputs / "model", seed=3)
+def test_dpo_trains_from_the_example_yaml_and_logs_retention(trl_inputs, tmp_path, monkeypatch):
     import trl
 
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    texts = tmp_path / "probe.txt"
+    texts.write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
+    trainer_class = trl.DPOTrainer
+    result = peft_hft_cli("dpo", *tiny_run(trl_inputs, "dpo", tmp_path / "out"), "--retention_steps", "1",
+                          "--retention_texts", str(texts))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_hft_adapter(tmp_path / "out", trl_inputs / "model", seed=3)
+    assert (tmp_path / "out" / "retention.png").read_bytes()[:4] == b"\x89PNG"
+    assert "retention/kl_to_base" in result.stdout + result.stderr  # the trainer's console logs carry the values
+    assert trl.DPOTrainer is trainer_class  # put back
     assert "get_peft_config" not in vars(trl) or trl.get_peft_config.__module__.startswith("trl")  # put back
 
 
@@ -233,7 +255,7 @@ def test_sft_refuses_lora_options_and_lists_hft_options(trl_inputs, tmp_path):
     helped = peft_hft_cli("sft", "--help")
     assert helped.returncode == 0
     assert all(flag in helped.stdout for flag in ("--hft_ratio", "--hft_seed", "--hft_strategy", "--learning_rate",
-                                                  "--model_name_or_path"))
+                                                  "--model_name_or_path", "--retention_steps", "--retention_texts"))
     assert "--hft_selected_parameters" not in helped.stdout and "--hft_base_fingerprint" not in helped.stdout
 
 

@@ -62,6 +62,7 @@ WRONG_TYPES = {
     "modules_to_save": ["lm_head", [1]],
     "trainable_token_indices": ["x", [1, "2"], {"embed_tokens": "x"}, 5],
     "base_fingerprint": ["sha", [1]],
+    "scaling": [0.5, ["alpha"]],
 }
 
 

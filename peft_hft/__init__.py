@@ -13,6 +13,14 @@ adapters::
 from __future__ import annotations
 
 from .format.fingerprint import BaseMismatchError, skip_base_check
+from .integrations.low_memory import (
+    OptimizerInBackward,
+    apply_low_memory_preset,
+    low_bit_adamw,
+    low_memory_config,
+    low_memory_preset,
+    optimizer_in_backward,
+)
 from .integrations.registration import register
 from .tuner.config import HFTConfig
 from .tuner.importance import calibrate, importance_scores
@@ -27,6 +35,12 @@ __all__ = [
     "HFTConfig",
     "HFTLayer",
     "HFTModel",
+    "OptimizerInBackward",
+    "apply_low_memory_preset",
+    "low_bit_adamw",
+    "low_memory_config",
+    "low_memory_preset",
+    "optimizer_in_backward",
     "calibrate",
     "importance_scores",
     "memory_report",

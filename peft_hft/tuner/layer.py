@@ -293,7 +293,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         self._transition(self._target_applied(remaining_active))
         record = self.hft_adapters.pop(adapter_name)
         still_used = set(self.touched())
-        self.masters.drop(n for n in record.params if n not in still_used)
+        self.masters.drop(record.params)  # a master describes the deleted adapter's value (a tensor keeps one)
         for name in record.params:
             if name not in still_used:
                 del self._originals[name]

@@ -156,6 +156,15 @@ def _checksum(tensor: torch.Tensor) -> int:
     return int(tensor.detach().view(torch.int16).sum(dtype=torch.int64))
 
 
+def _error(exact: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``exact - weight`` in the weight's dtype, rounded toward zero, so that ``weight + error`` rounds to ``weight``
+    again (rounding to nearest could make the error exactly half an ulp: a tie that may round away)."""
+    error = exact - weight.float()
+    if weight.dtype == torch.bfloat16:
+        return error.view(torch.int32).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+    return error.to(weight.dtype)  # fp16's error is far below its ulp range: to nearest is fine
+
+
 def stochastic_round(value: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Round an fp32 tensor to bf16 up or down at random, unbiased: ``E[result] == value``.
 
@@ -266,7 +275,7 @@ class MasterValues:
             if master.matches(param):
                 self._masters[name] = master
         elif mode == "kahan" and torch.equal(value.to(param.dtype), param.data):
-            master = _Compensation(error=(value - param.data.float()).to(param.dtype), checksum=_checksum(param.data))
+            master = _Compensation(error=_error(value, param.data), checksum=_checksum(param.data))
             master.remember(param)
             self._masters[name] = master
         else:
@@ -398,7 +407,7 @@ class MasterValues:
                 master.remember(param)
             elif swap.mode == "kahan":
                 weight = exact.to(swap.dtype)
-                error = (exact - weight.float()).to(swap.dtype)
+                error = _error(exact, weight)
                 param.data = weight
                 master = _Compensation(error=error, checksum=_checksum(weight))
                 master.remember(param)

@@ -37,7 +37,7 @@ RUNS = {  # name -> (model dtype, HFTConfig.master_weights)
     # peft_hft.low_memory_preset(): stochastic rounding, torchao AdamW4bit, the step fused into backward
     "HFT-bf16, low-memory preset": ("bfloat16", "preset"),
 }
-SHORT = dict(zip(("fp32", "bf16-fp32", "kahan", "stochastic_rounding", "none", "preset"), RUNS))
+SHORT = dict(zip(("fp32", "bf16-fp32", "kahan", "stochastic_rounding", "none", "preset"), RUNS, strict=True))
 
 
 def parse_args(argv=None):

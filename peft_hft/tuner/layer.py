@@ -602,7 +602,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
 
         The default ``dtype`` is float32 for the bf16/fp16 tensors of an adapter with fp32 master values or error
         buffers (the diff then carries the exact value: a reload restores the weight bit-exactly and the master or
-        error buffer with it), else the tensor's own dtype. A float32 diff is taken from the master; a low-precision one from the weight the model computes
+        error buffer with it), else the tensor's own dtype. A float32 diff is taken from the exact value; a
+        low-precision one from the weight the model computes
         with, which a reload reproduces except where ``weight - base`` does not fit the low precision.
         """
         out = {}

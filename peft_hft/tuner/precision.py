@@ -211,7 +211,7 @@ class MasterValues:
         self._token = next(_TOKENS)
         weakref.finalize(self, _untrack, self._token)
 
-    # -- which tensors, and whether the hooks are needed ----------------------------------------------------------------
+    # -- which tensors, and whether the hooks are needed --------------------------------------------------------------
 
     def sync(self) -> None:
         """Re-read the trained tensors from the ledger; install or release the optimizer-step hooks accordingly."""
@@ -267,8 +267,8 @@ class MasterValues:
         return master.exact(param)
 
     def seed(self, name: str, value: torch.Tensor, param: torch.Tensor, mode: str = "fp32") -> None:
-        """Adopt ``value`` (fp32, e.g. base + a float32 diff just loaded) as the exact value of ``param`` if it rounds to
-        the weight; the next optimizer step then continues from it instead of from the rounded weight."""
+        """Adopt ``value`` (fp32, e.g. base + a float32 diff just loaded) as the exact value of ``param`` if it rounds
+        to the weight; the next optimizer step then continues from it instead of from the rounded weight."""
         value = value.to(device=param.device, dtype=torch.float32)
         if mode == "fp32":
             master = _Master(value=value)

@@ -64,7 +64,7 @@ def test_the_fused_step_refuses_accumulation_and_global_clipping(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     peft_model = get_peft_model(base(), HFTConfig(seed=0))
-    optimizer = optimizer_in_backward(peft_model, lr=LR)
+    optimizer_in_backward(peft_model, lr=LR)
     inputs = batch(0, size=2, length=8)
     peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
     with pytest.raises(RuntimeError, match="second gradient before optimizer.step.*gradient_accumulation_steps=1"):

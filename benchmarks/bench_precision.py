@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-sequences", type=int, default=8)
     p.add_argument("--runs", default=",".join(SHORT),
                    help=f"comma-separated runs out of {','.join(SHORT)} (fp32, the reference, always runs)")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"],
+                   help="tiny: a randomly initialised 2-layer Llama (hidden 64, SmolLM2's tokenizer), for a quick check")
     p.add_argument("--eager-optimizer", action="store_true",
                    help="run torchao's optimizer step eagerly (torch.compiler.set_stance('force_eager')): no compile")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
@@ -76,6 +78,17 @@ def held_out_loss(model, rows: torch.Tensor, device: str) -> float:
     return sum(losses) / len(losses)
 
 
+def tiny_llama(vocab_size: int):
+    """A 2-layer Llama with hidden size 64 and untied embeddings, the same random weights every time (rounded to bf16
+    by the caller, so fp32 and bf16 runs start from the same values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
 def run(name: str, args, train_rows: torch.Tensor, eval_rows: torch.Tensor) -> dict:
     from peft import get_peft_model
 
@@ -84,7 +97,10 @@ def run(name: str, args, train_rows: torch.Tensor, eval_rows: torch.Tensor) -> d
     from peft_hft.tuner.layer import find_ledger
 
     dtype, masters = RUNS[name]
-    model, _ = load_default_model(dtype=getattr(torch, dtype), device=args.device)
+    if args.model == "tiny":
+        model = tiny_llama(len(load_default_model()[1])).to(torch.bfloat16).to(getattr(torch, dtype)).to(args.device)
+    else:
+        model, _ = load_default_model(dtype=getattr(torch, dtype), device=args.device)
     model.config.use_cache = False
     if masters == "preset":
         from peft_hft import low_bit_adamw, low_memory_config, low_memory_preset, optimizer_in_backward
@@ -151,7 +167,8 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set(title="training loss (moving average of 5)", xlabel="step")
     axes[0].legend(fontsize=8)
     a = result["args"]
-    fig.suptitle(f"SmolLM2-135M-Instruct, HFT, AdamW lr {a['lr']}, batch {a['batch_size']} x {a['seq_len']}, "
+    title = "tiny Llama (random)" if a.get("model") == "tiny" else "SmolLM2-135M-Instruct"
+    fig.suptitle(f"{title}, HFT, AdamW lr {a['lr']}, batch {a['batch_size']} x {a['seq_len']}, "
                  f"{a['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -190,7 +207,7 @@ def main(argv=None) -> None:
               f"{r['master_bytes'] / 2**20:>10.1f}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if args.device.startswith("cuda") else "cpu"
+    tag = ("cuda" if args.device.startswith("cuda") else "cpu") + ("-tiny" if args.model == "tiny" else "")
     (out / f"precision-quality-{tag}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"precision-quality-{tag}.png")
     print(f"wrote {out / f'precision-quality-{tag}.json'} and .png")

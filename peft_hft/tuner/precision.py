@@ -323,8 +323,12 @@ class MasterValues:
         in_step = {swap.name for _, swaps in self._in_step for swap in swaps}
         stepped = [p for group in optimizer.param_groups for p in group["params"]]
         swaps: list[_Swap] = []
+        unknown = [p for p in stepped if id(p) not in self._live]
+        if unknown:  # parameters replaced since the last sync (an engine wrapped the model), or not ours at all
+            self.sync()
+            unknown = [p for p in unknown if id(p) not in self._live]
+            self._refuse_flat_views(unknown, optimizer)
         ours = [self._live[id(p)] for p in stepped if id(p) in self._live]
-        self._refuse_flat_views(stepped, optimizer)
         for name, param, mode in ours:
             if mode == "none" or not is_low_precision(param) or param.grad is None or name in in_step:
                 continue
@@ -370,7 +374,7 @@ class MasterValues:
 
     def _refuse_flat_views(self, stepped: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
         """Raise if the optimizer steps a tensor that is not one of ours but shares storage with one (a flat buffer)."""
-        if not self._live:
+        if not self._live or not stepped:
             return
         ours = {}
         for name, param, mode in self._live.values():

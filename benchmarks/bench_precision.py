@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=",".join(SHORT),
                    help=f"comma-separated runs out of {','.join(SHORT)} (fp32, the reference, always runs)")
     p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"],
-                   help="tiny: a randomly initialised 2-layer Llama (hidden 64, SmolLM2's tokenizer), for a quick check")
+                   help="tiny: a random 2-layer Llama (hidden 64, SmolLM2's tokenizer), for a quick check")
     p.add_argument("--eager-optimizer", action="store_true",
                    help="run torchao's optimizer step eagerly (torch.compiler.set_stance('force_eager')): no compile")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results"))

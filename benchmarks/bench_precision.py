@@ -1,12 +1,13 @@
-"""Does HFT learn on a bf16 model? Loss curves of HFT-bf16 (default, fp32 master values) vs HFT-fp32 vs HFT-bf16
-without master values, on SmolLM2-135M-Instruct at a full-rank fine-tuning learning rate. With ``--speed``: what bf16
-autocast costs or saves on this machine, fp32 vs bf16 autocast side by side.
+"""Does HFT learn on a bf16 model? Loss curves of HFT-bf16 with each ``HFTConfig(master_weights=...)`` option (fp32
+masters, the default; Kahan-compensated bf16; stochastic rounding; none) vs HFT-fp32, on SmolLM2-135M-Instruct at a
+full-rank fine-tuning learning rate. With ``--speed``: what bf16 autocast costs or saves on this machine, fp32 vs bf16
+autocast side by side.
 
 Every run trains the same HFT selection (``HFTConfig(seed=0)``) with AdamW on the same batches of real text
 (llamafactory's Alpaca demo, packed), and evaluates the loss on the same held-out sequences (the last tenth of the
 text) every ``--eval-every`` steps. It also compares what each bf16 run learned with the fp32 run: the share of
-trained elements whose saved diff is non-zero and the norm of the diffs, relative to fp32 (the float32 diffs, read
-from the ledger).
+trained elements whose saved diff is non-zero, the norm of the diffs relative to fp32, and their cosine with the fp32
+run's diffs (the float32 diffs, read from the ledger). ``--runs`` picks a subset (comma-separated keys of ``RUNS``).
 
 ``--speed`` times, interleaved in one process, an HFT training step (ratio 0.5, AdamW; 8 x 96 tokens) and a forward
 pass (16 x 128 tokens) of the fp32 model without autocast and under bf16 autocast (fp32 weights, as the package's
@@ -36,11 +37,16 @@ import torch
 from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = {  # name -> (model dtype, fp32_master_weights)
-    "HFT-fp32": ("float32", True),
-    "HFT-bf16 (default: fp32 masters)": ("bfloat16", True),
-    "HFT-bf16, fp32_master_weights=False": ("bfloat16", False),
+RUNS = {  # name -> (model dtype, HFTConfig.master_weights)
+    "HFT-fp32": ("float32", "fp32"),
+    "HFT-bf16 (default: fp32 masters)": ("bfloat16", "fp32"),
+    "HFT-bf16, master_weights=kahan": ("bfloat16", "kahan"),
+    "HFT-bf16, master_weights=stochastic_rounding": ("bfloat16", "stochastic_rounding"),
+    "HFT-bf16, master_weights=none": ("bfloat16", "none"),
+    # peft_hft.low_memory_preset(): stochastic rounding, torchao AdamW4bit, the step fused into backward
+    "HFT-bf16, low-memory preset": ("bfloat16", "preset"),
 }
+SHORT = dict(zip(("fp32", "bf16-fp32", "kahan", "stochastic_rounding", "none", "preset"), RUNS, strict=True))
 
 
 def parse_args(argv=None):
@@ -52,6 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-sequences", type=int, default=8)
+    p.add_argument("--runs", default=",".join(SHORT),
+                   help=f"comma-separated runs out of {','.join(SHORT)} (fp32, the reference, always runs)")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"],
+                   help="tiny: a random 2-layer Llama (hidden 64, SmolLM2's tokenizer), for a quick check")
+    p.add_argument("--eager-optimizer", action="store_true",
+                   help="run torchao's optimizer step eagerly (torch.compiler.set_stance('force_eager')): no compile")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--speed", action="store_true", help="time fp32 vs bf16 autocast (step and forward) instead")
     p.add_argument("--repeats", type=int, default=3, help="--speed: timed rounds per precision (after one warm-up)")
@@ -77,6 +89,17 @@ def held_out_loss(model, rows: torch.Tensor, device: str) -> float:
     return sum(losses) / len(losses)
 
 
+def tiny_llama(vocab_size: int):
+    """A 2-layer Llama with hidden size 64 and untied embeddings, the same random weights every time (rounded to bf16
+    by the caller, so fp32 and bf16 runs start from the same values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
 def run(name: str, args, train_rows: torch.Tensor, eval_rows: torch.Tensor) -> dict:
     from peft import get_peft_model
 
@@ -85,10 +108,20 @@ def run(name: str, args, train_rows: torch.Tensor, eval_rows: torch.Tensor) -> d
     from peft_hft.tuner.layer import find_ledger
 
     dtype, masters = RUNS[name]
-    model, _ = load_default_model(dtype=getattr(torch, dtype), device=args.device)
+    if args.model == "tiny":
+        model = tiny_llama(len(load_default_model()[1])).to(torch.bfloat16).to(getattr(torch, dtype)).to(args.device)
+    else:
+        model, _ = load_default_model(dtype=getattr(torch, dtype), device=args.device)
     model.config.use_cache = False
-    peft_model = get_peft_model(model, HFTConfig(seed=0, fp32_master_weights=masters))
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
+    if masters == "preset":
+        from peft_hft import low_bit_adamw, low_memory_config, low_memory_preset, optimizer_in_backward
+
+        bits = low_memory_preset()["optimizer"]["bits"]
+        peft_model = get_peft_model(model, low_memory_config(seed=0))
+        optimizer = optimizer_in_backward(peft_model, low_bit_adamw(bits), lr=args.lr)
+    else:
+        peft_model = get_peft_model(model, HFTConfig(seed=0, master_weights=masters))
+        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
     curve = {0: held_out_loss(peft_model, eval_rows, args.device)}
     train_loss = []
     peft_model.train()
@@ -106,7 +139,7 @@ def run(name: str, args, train_rows: torch.Tensor, eval_rows: torch.Tensor) -> d
     diffs = ledger.diffs("default", torch.float32)
     return {
         "model_dtype": dtype,
-        "fp32_master_weights": masters,
+        "master_weights": masters,
         "held_out_loss": curve,
         "train_loss": train_loss,
         "master_bytes": memory_report(peft_model)["master_bytes"],
@@ -145,7 +178,8 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set(title="training loss (moving average of 5)", xlabel="step")
     axes[0].legend(fontsize=8)
     a = result["args"]
-    fig.suptitle(f"SmolLM2-135M-Instruct, HFT, AdamW lr {a['lr']}, batch {a['batch_size']} x {a['seq_len']}, "
+    title = "tiny Llama (random)" if a.get("model") == "tiny" else "SmolLM2-135M-Instruct"
+    fig.suptitle(f"{title}, HFT, AdamW lr {a['lr']}, batch {a['batch_size']} x {a['seq_len']}, "
                  f"{a['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -240,6 +274,8 @@ def plot_speed(result: dict, path: Path) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
+    if args.eager_optimizer:
+        torch.compiler.set_stance("force_eager")
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     machine = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
@@ -265,7 +301,8 @@ def main(argv=None) -> None:
     _, tokenizer = load_default_model()
     train_rows, eval_rows = packed_text(tokenizer, args.seq_len)
     eval_rows = eval_rows[: args.eval_sequences]
-    runs = {name: run(name, args, train_rows, eval_rows) for name in RUNS}
+    names = ["HFT-fp32"] + [SHORT[k] for k in args.runs.split(",") if k and SHORT[k] != "HFT-fp32"]
+    runs = {name: run(name, args, train_rows, eval_rows) for name in names}
     reference = runs["HFT-fp32"]["diffs"]
     for r in runs.values():
         r["learned"] = compare(r.pop("diffs"), reference)
@@ -274,12 +311,15 @@ def main(argv=None) -> None:
         "args": vars(args),
         "runs": runs,
     }
-    print(f"\n{'run':<40}{'held-out loss start -> end':>28}{'changed vs fp32':>17}{'norm vs fp32':>14}")
+    print(f"\n{'run':<48}{'held-out loss start -> end':>28}{'changed vs fp32':>17}{'norm vs fp32':>14}"
+          f"{'cosine':>9}{'MiB kept':>10}")
     for name, r in runs.items():
         losses = list(r["held_out_loss"].values())
-        print(f"{name:<40}{losses[0]:>17.4f} -> {losses[-1]:.4f}{r['learned']['changed_share_vs_fp32']:>17.3f}"
-              f"{r['learned']['diff_norm_vs_fp32']:>14.3f}")
+        print(f"{name:<48}{losses[0]:>17.4f} -> {losses[-1]:.4f}{r['learned']['changed_share_vs_fp32']:>17.3f}"
+              f"{r['learned']['diff_norm_vs_fp32']:>14.3f}{r['learned']['cosine_with_fp32_diff']:>9.4f}"
+              f"{r['master_bytes'] / 2**20:>10.1f}")
     out.mkdir(parents=True, exist_ok=True)
+    tag = ("cuda" if args.device.startswith("cuda") else "cpu") + ("-tiny" if args.model == "tiny" else "")
     (out / f"precision-quality-{tag}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"precision-quality-{tag}.png")
     print(f"wrote {out / f'precision-quality-{tag}.json'} and .png")

@@ -13,13 +13,21 @@ Variants, all on the same model, data and optimizer (AdamW over the trainable te
 With ``--dtype bfloat16``/``float16`` (the model loaded in that dtype) the default variants change to the ones that
 matter for half precision (docs/concepts.md, "Precision"):
 
-* ``hft``           -- the default: bf16 weights, fp32 master values of the trained half (``fp32_master_weights``);
-* ``hft-nomaster``  -- ``HFTConfig(fp32_master_weights=False)``: updates written straight into bf16 weights;
+* ``hft``           -- the default: bf16 weights, fp32 master values of the trained half (``master_weights="fp32"``);
+* ``hft-kahan``     -- ``HFTConfig(master_weights="kahan")``: a bf16 error buffer instead of the fp32 master;
+* ``hft-sr``        -- ``HFTConfig(master_weights="stochastic_rounding")``: no buffer, stochastic rounding;
+* ``hft-nomaster``  -- ``HFTConfig(master_weights="none")``: updates written straight into bf16 weights;
+* ``hft-bwd``       -- the default masters, with the optimizer step fused into backward (``optimizer_in_backward``);
+* ``hft-preset``    -- ``low_memory_preset()``: stochastic rounding, torchao AdamW4bit, step fused into backward
+  (gradient checkpointing as well only with ``--gradient-checkpointing``, which then applies to every variant);
 * ``freeze``        -- plain ``requires_grad`` freezing in bf16 (no masters);
 * ``fft``           -- pure bf16 full fine-tuning (no masters);
 * ``fft-amp``       -- full fine-tuning with fp32 master weights, the usual mixed precision: the model in fp32, the
   forward and backward under ``torch.autocast(dtype=bf16)`` (what ``Trainer(bf16=True)`` does with an fp32 model);
 * ``lora``          -- PEFT LoRA (r=16, every linear layer of the blocks), whose weights PEFT keeps in fp32.
+
+``--quality-steps N`` also trains every variant N steps from the same start on the same batches and reports the
+held-out loss after them (the last tenth of the text), against the default ``hft``.
 
 Step times are interleaved round by round (the machines are noisy) and summarised by their median. Peak memory is
 measured per variant in isolation (a fresh subprocess per variant on the CPU) with ``benchmarks/memory.py``: on CUDA
@@ -55,7 +63,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import PeakMemory  # noqa: E402
 
 VARIANTS = ("freeze", "hft", "fft", "delta")
-LOW_PRECISION_VARIANTS = ("freeze", "hft", "hft-nomaster", "fft", "fft-amp", "lora")
+LOW_PRECISION_VARIANTS = ("freeze", "hft", "hft-kahan", "hft-sr", "hft-nomaster", "hft-bwd", "hft-preset", "fft",
+                          "fft-amp", "lora")
+MASTER_VARIANTS = {"hft": "fp32", "hft-kahan": "kahan", "hft-sr": "stochastic_rounding", "hft-nomaster": "none",
+                   "hft-bwd": "fp32"}
 AUTOCAST_VARIANTS = ("fft-amp",)  # fp32 model, low-precision compute
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true",
                    help="step times only (the CPU peak-memory sampler is slow in bf16); HFT's master and originals "
                         "bytes are still reported")
+    p.add_argument("--quality-steps", type=int, default=0,
+                   help="also train each variant this many steps and report the held-out loss (0: skip)")
+    p.add_argument("--eager-optimizer", action="store_true",
+                   help="torchao's step without torch.compile (torch.compiler.set_stance('force_eager'))")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results"), help="directory for JSON and PNG")
     p.add_argument("--tag", default=None, help="name of the result files (default: <device>-<dtype>)")
     p.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: one variant in a subprocess
@@ -118,10 +133,12 @@ def build(variant: str, args, selection: list[str]):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
-    if variant == "hft":
-        model = get_peft_model(model, HFTConfig())
-    elif variant == "hft-nomaster":
-        model = get_peft_model(model, HFTConfig(fp32_master_weights=False))
+    if variant in MASTER_VARIANTS:
+        model = get_peft_model(model, HFTConfig(master_weights=MASTER_VARIANTS[variant]))
+    elif variant == "hft-preset":
+        from peft_hft import low_memory_config
+
+        model = get_peft_model(model, low_memory_config())
     elif variant == "lora":
         from peft import LoraConfig
 
@@ -144,6 +161,14 @@ def build(variant: str, args, selection: list[str]):
             else:
                 parametrize.register_parametrization(model.get_submodule(module_name), attr, AddDelta(param))
     model.train()
+    if variant == "hft-bwd":
+        from peft_hft import optimizer_in_backward
+
+        return model, optimizer_in_backward(model, torch.optim.AdamW, lr=1e-5)
+    if variant == "hft-preset":
+        from peft_hft import low_bit_adamw, low_memory_preset, optimizer_in_backward
+
+        return model, optimizer_in_backward(model, low_bit_adamw(low_memory_preset()["optimizer"]["bits"]), lr=1e-5)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     return model, optimizer
@@ -215,6 +240,19 @@ def measure_memory(variant: str, args, selection, batches) -> dict:
     }
 
 
+def held_out_loss_after(variant: str, args, selection, tokenizer) -> float:
+    """Held-out loss of one variant after ``--quality-steps`` steps on the packed Alpaca text (bench_precision's)."""
+    from bench_precision import held_out_loss, packed_text
+
+    model, optimizer = build(variant, args, selection)
+    train_rows, eval_rows = packed_text(tokenizer, args.seq_len)
+    for i in tqdm(range(args.quality_steps), desc=f"Quality {variant}", leave=False):
+        start = (i * args.batch_size) % (len(train_rows) - args.batch_size)
+        ids = train_rows[start: start + args.batch_size].to(args.device)
+        step(model, optimizer, {"input_ids": ids, "labels": ids}, autocast_of(variant, args))
+    return held_out_loss(model, eval_rows[:8], args.device)
+
+
 def memory_in_subprocess(variant: str, argv: list[str]) -> dict:
     cmd = [sys.executable, __file__, *argv, "--memory-only", variant]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -225,6 +263,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.manual_seed(0)
+    if args.eager_optimizer:
+        torch.compiler.set_stance("force_eager")
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     default = LOW_PRECISION_VARIANTS if args.dtype != "float32" else VARIANTS
@@ -279,8 +319,13 @@ def main(argv=None) -> None:
         "trainable_params": trainable,
         "total_params": total,
     }
+    if args.quality_steps:
+        del built
+        gc.collect()
+        result["held_out_loss"] = {v: held_out_loss_after(v, args, selection, tokenizer) for v in variants}
     ratios = {}
     pairs = [("hft", o) for o in ("freeze", "fft", "hft-nomaster", "fft-amp", "lora")] + [("delta", "freeze")]
+    pairs += [(v, "hft") for v in ("hft-kahan", "hft-sr", "hft-bwd", "hft-preset")]
     for a, b in pairs:
         if a in median and b in median:
             ratios[f"step_time {a}/{b}"] = median[a] / median[b]
@@ -298,6 +343,8 @@ def main(argv=None) -> None:
               f"{memory['hft']['master_bytes'] / 2**20:.1f} MiB")
     for name, value in ratios.items():
         print(f"{name:<28}{value:.3f}")
+    for v, loss in result.get("held_out_loss", {}).items():
+        print(f"held-out loss after {args.quality_steps} steps, {v:<14}{loss:.4f}")
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,14 @@ from __future__ import annotations
 
 from .format.fingerprint import BaseMismatchError, skip_base_check
 from .format.reader import allow_non_finite
+from .integrations.low_memory import (
+    OptimizerInBackward,
+    apply_low_memory_preset,
+    low_bit_adamw,
+    low_memory_config,
+    low_memory_preset,
+    optimizer_in_backward,
+)
 from .integrations.registration import register
 from .integrations.retention import RetentionCallback, RetentionProbe
 from .ops.scale import scale_adapter
@@ -33,6 +41,12 @@ __all__ = [
     "allow_non_finite",
     "RetentionCallback",
     "RetentionProbe",
+    "OptimizerInBackward",
+    "apply_low_memory_preset",
+    "low_bit_adamw",
+    "low_memory_config",
+    "low_memory_preset",
+    "optimizer_in_backward",
     "calibrate",
     "importance_scores",
     "memory_report",

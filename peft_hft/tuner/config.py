@@ -11,6 +11,7 @@ from peft.config import PeftConfig
 
 from ..utils import FLOAT_DTYPES
 from .peft_type import hft_peft_type
+from .precision import MASTER_WEIGHTS, resolve_master_weights
 
 STRATEGIES = ("category", "layer", "model", "param_count")
 ORIGINALS_DEVICES = ("cpu", "device")
@@ -87,7 +88,12 @@ FIELD_RULES: dict[str, FieldRule] = {
     ),
     "originals_device": FieldRule(_one_of(ORIGINALS_DEVICES), "'cpu' or 'device'"),
     "diff_dtype": FieldRule(_optional(_one_of(DIFF_DTYPES)), f"None (the default) or one of {_choices(DIFF_DTYPES)}"),
-    "fp32_master_weights": FieldRule(lambda v: isinstance(v, bool), "True or False"),
+    "master_weights": FieldRule(
+        _optional(_one_of(MASTER_WEIGHTS)),
+        f"None or one of {_choices(MASTER_WEIGHTS)} ('fp32' is the default; 'kahan' keeps 2 bytes per trained "
+        "parameter, 'stochastic_rounding' none)",
+    ),
+    "fp32_master_weights": FieldRule(_optional(lambda v: isinstance(v, bool)), "None, True or False"),
     "init_weights": FieldRule(lambda v: isinstance(v, bool), "True or False"),
     "modules_to_save": FieldRule(_optional(_is_names), "None or a list of module names"),
     "trainable_token_indices": FieldRule(
@@ -145,17 +151,27 @@ class HFTConfig(PeftConfig):
             accelerator; ``"device"`` keeps them beside the weights, which makes ``disable_adapter`` free (useful for
             DPO's reference passes) at the cost of device memory for half the model.
         diff_dtype: Dtype of the saved diffs. ``None`` (default) saves float32 diffs for the bf16/fp16 tensors of an
-            adapter with ``fp32_master_weights`` (they carry the fp32 master: a reload restores the trained weights
-            bit-exactly, and training resumes from the master) and each tensor's own dtype otherwise.
+            adapter with ``master_weights="fp32"`` or ``"kahan"`` (they carry the exact value: a reload restores the
+            trained weights bit-exactly, and training resumes from the master or error buffer) and each tensor's own
+            dtype otherwise.
             ``"bfloat16"`` halves the file of a bf16 adapter (the diff of the bf16 weight; a reload reproduces all
             but a few elements, which are one ulp off, see docs/concepts.md) or of an fp32 adapter.
-        fp32_master_weights: ``True`` (default) keeps an fp32 master value of every trained bf16/fp16 tensor, which
-            the optimizer steps while the model computes, saves and merges in its own dtype; without it, updates
-            smaller than half a bf16 ulp (about 0.2% of a weight) round away, which at lr 1e-5 is most of them. Costs
-            4 bytes per trained parameter on the training device (see docs/concepts.md). ``False`` trains the tensors
-            in their own dtype, for engines that keep fp32 master weights themselves (DeepSpeed bf16/ZeRO never
-            gets a second copy either way; FSDP2 with fp32 parameters needs none); it warns when a low-precision
-            model is trained so. No effect on fp32 models.
+        master_weights: What keeps the small updates of the trained bf16/fp16 tensors, which the optimizer would
+            otherwise write straight into low-precision weights (updates smaller than half a bf16 ulp, about 0.2% of
+            a weight, round away; at lr 1e-5 most do). The model computes, saves and merges in its own dtype either
+            way. Bytes per trained parameter on the training device, between steps:
+            ``"fp32"`` (default): an fp32 master value the optimizer steps (4 bytes); exact.
+            ``"kahan"``: compensated bf16, a bf16 error buffer holding what the weight lacks of the exact value
+            (2 bytes); about 16 significant bits instead of fp32's 24.
+            ``"stochastic_rounding"``: no buffer (0 bytes); each step's fp32 result is rounded to bf16 up or down at
+            random, unbiased, so small updates survive on average but add noise (bf16 models only).
+            ``"none"``: the tensors train in their own dtype (0 bytes), for engines that keep fp32 master weights
+            themselves (DeepSpeed bf16/ZeRO never gets a second copy either way; FSDP2 with fp32 parameters needs
+            none); it warns when a low-precision model is trained so.
+            No effect on fp32 models, which keep no masters. Measurements: docs/benchmarks.md ("Master values").
+        fp32_master_weights: The older spelling, kept working: ``True`` means ``master_weights="fp32"``, ``False``
+            means ``"none"``. If both are given and contradict each other, ``master_weights`` wins (with a warning).
+            After construction it reads ``master_weights == "fp32"``.
         init_weights: ``True`` (default) starts from the base model exactly. ``False`` perturbs the selected tensors
             with small random noise, which mimics a trained adapter; only useful for tests.
         modules_to_save: Modules trained in full and saved (as diffs) in addition to the selection. TRL fills this in
@@ -197,8 +213,13 @@ class HFTConfig(PeftConfig):
         default="cpu", metadata={"help": "Where the original values of trained tensors are kept."}
     )
     diff_dtype: Optional[str] = field(default=None, metadata={"help": f"Dtype of saved diffs, one of {DIFF_DTYPES}."})
-    fp32_master_weights: bool = field(
-        default=True, metadata={"help": "Keep fp32 master values of trained bf16/fp16 tensors for the optimizer."}
+    master_weights: Optional[Literal["fp32", "kahan", "stochastic_rounding", "none"]] = field(
+        default=None,
+        metadata={"help": f"What keeps small updates of trained bf16/fp16 tensors, one of {MASTER_WEIGHTS} "
+                          "(None: from fp32_master_weights, default 'fp32')."},
+    )
+    fp32_master_weights: Optional[bool] = field(
+        default=None, metadata={"help": "Older spelling of master_weights: True = 'fp32', False = 'none'."}
     )
     init_weights: bool = field(default=True, metadata={"help": "False perturbs the selection (tests only)."})
     modules_to_save: Optional[list[str]] = field(
@@ -238,6 +259,8 @@ class HFTConfig(PeftConfig):
                 f"HFTConfig.ratio must be in (0, 1], got {self.ratio}. Use ratio=0.5 for the paper's setting, or "
                 "ratio=1.0 to train every tensor."
             )
+        self.master_weights = resolve_master_weights(self.master_weights, self.fp32_master_weights)
+        self.fp32_master_weights = self.master_weights == "fp32"
         if str(getattr(self.task_type, "value", self.task_type)) in _WRAPPED_HEAD_TASKS:
             raise ValueError(
                 f"HFTConfig(task_type={self.task_type!r}) would make PEFT wrap the task head ('score', 'classifier' "

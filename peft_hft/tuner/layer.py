@@ -53,8 +53,15 @@ class _Adapter:
     # Gradients of the adapter's tensors, kept while the adapter is not live (so an optimizer step then cannot touch
     # the base values, and gradient accumulation survives a disable_adapter() round trip).
     grads: dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
-    # Keep fp32 master values of the adapter's low-precision tensors while it trains (see precision.py).
-    fp32_master_weights: bool = True
+    # What keeps the small updates of the adapter's low-precision tensors while it trains (HFTConfig.master_weights,
+    # see precision.py): "fp32", "kahan", "stochastic_rounding" or "none".
+    master_weights: str = "fp32"
+
+    @property
+    def keeps_exact_values(self) -> bool:
+        """Whether the adapter's low-precision tensors have an exact value beside the weight (an fp32 master or a
+        bf16 error buffer), which a float32 diff saves and restores."""
+        return self.master_weights in ("fp32", "kahan")
 
 
 def _atomic(method: Callable) -> Callable:
@@ -212,7 +219,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         perturb: bool = False,
         seed: int = 0,
         copy_of: Optional[str] = None,
-        fp32_master_weights: bool = True,
+        master_weights: str = "fp32",
     ) -> None:
         """Register ``adapter_name`` training ``params``; capture the originals it needs. Atomic on failure.
 
@@ -223,7 +230,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
 
         With ``copy_of``, the new adapter starts from that adapter's current values instead of the base (a frozen copy
         such as the reference adapter TRL makes of a trained one); only tensors that differ from the base are stored.
-        ``fp32_master_weights`` gives the adapter's low-precision tensors fp32 master values while it trains.
+        ``master_weights`` (``HFTConfig.master_weights``) says what keeps the small updates of the adapter's
+        low-precision tensors while it trains (see precision.py).
         """
         if copy_of is not None and copy_of not in self.hft_adapters:
             raise ValueError(f"Cannot copy unknown HFT adapter {copy_of!r}; available: {sorted(self.hft_adapters)}.")
@@ -256,7 +264,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             new_originals[name] = self._to_store(full, device, pin=full.is_cuda and device.type == "cpu")
         self._originals.update(new_originals)
         record = _Adapter(
-            params=tuple(params), originals_device=originals_device, fp32_master_weights=fp32_master_weights
+            params=tuple(params), originals_device=originals_device, master_weights=master_weights
         )
         self.hft_adapters[adapter_name] = record
         if copy_of is not None:
@@ -285,7 +293,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         self._transition(self._target_applied(remaining_active))
         record = self.hft_adapters.pop(adapter_name)
         still_used = set(self.touched())
-        self.masters.drop(n for n in record.params if n not in still_used)
+        self.masters.drop(record.params)  # a master describes the deleted adapter's value (a tensor keeps one)
         for name in record.params:
             if name not in still_used:
                 del self._originals[name]
@@ -299,6 +307,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                     stacklevel=2,
                 )
             self.set_adapter(remaining_active)
+        self.masters.sync()
 
     def detach(self) -> None:
         """Forget every adapter, leaving the weights as they are now."""
@@ -310,9 +319,9 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 param.data = param.data.clone()
         self.hft_adapters.clear()
         self._originals.clear()
-        self.masters.drop()
         self._applied = ()
         self.merged_adapters = []
+        self.masters.release()
 
     def restore_requires_grad(self) -> None:
         """Give every parameter the requires_grad it had before HFT touched the model."""
@@ -421,6 +430,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             if self.hft_adapters[adapter].requires_grad:
                 self.hft_adapters[adapter].values_current = False
         self._applied = new_applied
+        self.masters.sync()
 
     def _live_trainable(self, applied: Sequence[str]) -> dict[str, tuple[str, ...]]:
         """Tensors that are trainable in a state, mapped to the trainable adapters that own them."""
@@ -439,16 +449,23 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             out["host" if tensor.device.type == "cpu" else "device"] += tensor.numel() * tensor.element_size()
         return out
 
-    def master_candidates(self, with_masters: bool = True) -> dict[str, nn.Parameter]:
-        """The live, trainable low-precision tensors whose adapter keeps fp32 masters (or, with ``with_masters=False``,
-        does not), by name: what the optimizer-step hooks of precision.py may swap."""
+    def master_modes(self) -> dict[str, tuple[nn.Parameter, str]]:
+        """The live, trainable tensors (any dtype) by name, with their parameter and their adapter's
+        ``master_weights`` option (the first owner's that keeps masters, if several adapters train the tensor)."""
         out = {}
         for name, owners in self._live_trainable(self._applied).items():
-            param = self._param(name)
-            mastered = any(self.hft_adapters[o].fp32_master_weights for o in owners)
-            if is_low_precision(param) and mastered == with_masters:
-                out[name] = param
+            modes = [self.hft_adapters[o].master_weights for o in owners]
+            out[name] = (self._param(name), next((m for m in modes if m != "none"), "none"))
         return out
+
+    def master_candidates(self, with_masters: bool = True) -> dict[str, nn.Parameter]:
+        """The live, trainable low-precision tensors whose adapter keeps master values (or, with
+        ``with_masters=False``, does not), by name: what the optimizer-step hooks of precision.py may swap."""
+        return {
+            name: param
+            for name, (param, mode) in self.master_modes().items()
+            if is_low_precision(param) and (mode != "none") == with_masters
+        }
 
     def _stash_grad(self, name: str, param: nn.Parameter, owners: tuple[str, ...]) -> None:
         for owner in owners:
@@ -583,9 +600,10 @@ class HFTLayer(nn.Module, BaseTunerLayer):
     ) -> dict[str, torch.Tensor]:
         """``tuned - base`` for every tensor of ``adapter``, on the CPU, in ``dtype``.
 
-        The default ``dtype`` is float32 for the bf16/fp16 tensors of an adapter with fp32 master values (the diff
-        then carries the master: a reload restores the weight bit-exactly and the master with it), else the tensor's
-        own dtype. A float32 diff is taken from the master; a low-precision one from the weight the model computes
+        The default ``dtype`` is float32 for the bf16/fp16 tensors of an adapter with fp32 master values or error
+        buffers (the diff then carries the exact value: a reload restores the weight bit-exactly and the master or
+        error buffer with it), else the tensor's own dtype. A float32 diff is taken from the exact value; a
+        low-precision one from the weight the model computes
         with, which a reload reproduces except where ``weight - base`` does not fit the low precision.
         """
         out = {}
@@ -594,7 +612,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             live = None if live_values is None else live_values.get(name)
             base = self.original(name)
             stored = dtype or (
-                torch.float32 if record.fp32_master_weights and is_low_precision(base) else base.dtype
+                torch.float32 if record.keeps_exact_values and is_low_precision(base) else base.dtype
             )
             precise = stored == torch.float32
             value = self.current_value(adapter, name, live, precise=precise).detach()
@@ -654,10 +672,10 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             base = self.original(name)
             value = base.float() + diff.to(base.device).float()
             record.values[name] = value.to(base.dtype)
-            if diff.dtype == torch.float32 and is_low_precision(base) and record.fp32_master_weights and (
+            if diff.dtype == torch.float32 and is_low_precision(base) and record.keeps_exact_values and (
                 record.requires_grad
             ):
-                precise[name] = value  # a float32 diff carries the fp32 master of a bf16 tensor: keep it
+                precise[name] = value  # a float32 diff carries the exact value of a bf16 tensor: keep it
         record.values_current = True
         if adapter in applied:
             # force a rewrite of the adapter's tensors
@@ -665,7 +683,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             self._transition(applied)
             for name, value in precise.items():
                 if self._contributors(name, applied) == [adapter]:
-                    self.masters.seed(name, value, self._param(name))
+                    self.masters.seed(name, value, self._param(name), record.master_weights)
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -89,10 +89,10 @@ class HFTModel(BaseTuner):
             perturb=not config.init_weights,
             seed=config.seed,
             copy_of=source,
-            fp32_master_weights=config.fp32_master_weights,
+            master_weights=config.master_weights,
         )
-        if config.fp32_master_weights and not config.inference_mode:
-            warn_if_fp16(model, names)
+        if config.master_weights != "none" and not config.inference_mode:
+            warn_if_fp16(model, names, config.master_weights)
         if first:
             model.add_module(LEDGER_ATTRIBUTE, ledger)
             for param in model.parameters():

@@ -1,35 +1,60 @@
-"""fp32 master values for the tensors HFT trains on a bf16/fp16 model.
+"""Master values for the tensors HFT trains on a bf16/fp16 model: what the optimizer steps instead of the weight.
 
 HFT trains the selected tensors in place. On a bf16 model an optimizer would write its updates straight into bf16
 weights, and every update smaller than half a bf16 ulp (about 0.2% of the weight) rounds away: at the usual full-rank
-fine-tuning rates (1e-5 to 2e-5) most of them do. This module keeps an fp32 *master value* of every trained tensor and
-lets the optimizer step that instead, while the model keeps computing with (and saving, merging, disabling) its bf16
-weights. The user changes nothing: the swap happens in torch's global optimizer-step hooks
+fine-tuning rates (1e-5 to 2e-5) most of them do. ``HFTConfig(master_weights=...)`` chooses what keeps them:
+
+* ``"fp32"``: an fp32 *master value* of every trained tensor (4 bytes per trained element), stepped by the optimizer
+  while the model keeps computing with (and saving, merging, disabling) its bf16 weights;
+* ``"kahan"``: compensated bf16, a bf16 error buffer beside every trained tensor (2 bytes per element) holding what
+  the bf16 weight lacks of the exact value (``weight + error`` carries about 16 significant bits; Kahan summation);
+* ``"stochastic_rounding"``: no buffer (0 bytes); the stepped fp32 value is rounded to bf16 up or down at random,
+  with the probabilities that make the rounding unbiased, so small updates survive on average (they add noise);
+* ``"none"``: the optimizer writes into the bf16 weights (updates below half an ulp are lost); for engines that keep
+  fp32 master weights themselves.
+
+The user changes nothing: the swap happens in torch's global optimizer-step hooks
 (``torch.optim.optimizer.register_optimizer_step_pre_hook`` / ``..._post_hook``), which fire for every
-``torch.optim.Optimizer`` (transformers' Trainer, TRL, accelerate's wrapper, bitsandbytes' optimizers):
+``torch.optim.Optimizer`` (transformers' Trainer, TRL, accelerate's wrapper, torchao's low-bit AdamW):
 
-* before the step, a trained low-precision parameter that the optimizer holds and that has a gradient gets its master
-  as ``.data`` and an fp32 copy of its gradient as ``.grad``; optimizer state created during the step is fp32, and
-  state that ``optimizer.load_state_dict`` cast to bf16 (torch casts state to the parameter's dtype) is upcast;
-* after the step, the weight becomes ``master.to(bf16)`` and the original gradient goes back.
+* before the step, a trained low-precision parameter that the optimizer holds and that has a gradient gets its exact
+  value in fp32 as ``.data`` (the master, ``weight + error``, or the weight upcast) and an fp32 copy of its gradient as
+  ``.grad``; optimizer state created during the step is fp32, and state that ``optimizer.load_state_dict`` cast to
+  bf16 (torch casts state to the parameter's dtype) is upcast;
+* after the step, the weight becomes the stepped value rounded to bf16 (to nearest, or stochastically), the error
+  buffer keeps the remainder, and the original gradient goes back.
 
-Masters are created at the first step that touches the tensor, so an engine that never steps our parameters with a
-torch optimizer (DeepSpeed's bf16/ZeRO optimizers step their own fp32 partitions) never gets a second copy. A master
-stays valid while the parameter still holds the very storage the post-hook wrote (same storage, same version
+The fp32 copies made for a step are transient: with one optimizer for all tensors they exist for all tensors during
+the step; with the step fused into backward (:func:`peft_hft.optimizer_in_backward`) for one tensor at a time.
+
+The hooks are process-wide, so they are installed only while some model needs them: when a trainable adapter with
+master values has low-precision tensors live, or the first gradient of such a tensor arrives (a model cast to bf16
+after the adapter was added); they are removed when no such model is left (``unload``, ``delete_adapter``, garbage
+collection). An fp32 model, an inference load or ``master_weights="none"`` never installs them. :func:`tracked_hooks`
+and :func:`tracked_models` count them.
+
+Masters and error buffers are created at the first step that touches the tensor, so an engine that never steps our
+parameters with a torch optimizer (DeepSpeed's bf16/ZeRO optimizers step their own fp32 partitions) never gets a second
+copy. They stay valid while the parameter still holds the very storage the post-hook wrote (same storage, same version
 counter), or, after the ledger moved tensors (``disable_adapter`` through host memory, ``set_adapter``), while the
-weight still equals the master rounded to its dtype; anything else (``set_diffs``, merges into another value, an
-in-place edit under ``torch.no_grad()``) makes the next step start a fresh master from the weights.
+weight still equals the master rounded to its dtype (for an error buffer: while the weight's checksum is the one
+written); anything else (``set_diffs``, merges into another value, an in-place edit under ``torch.no_grad()``) makes
+the next step start afresh from the weights.
 
 Sharded parameters (FSDP2's DTensors, ZeRO-3's placeholders) are never given masters: their engine owns the storage.
+An optimizer that steps a flat buffer the trained tensors are views of (FSDP1's ``FlatParameter``, any engine that
+flattens parameters into one buffer and steps it with a torch optimizer) would step around the masters; that is
+detected at the step and refused.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -38,40 +63,53 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from . import engines
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+MASTER_WEIGHTS = ("fp32", "kahan", "stochastic_rounding", "none")
+# Bytes kept per trained low-precision element between steps, by option (the 8B figures in docs/concepts.md use these).
+MASTER_BYTES_PER_ELEMENT = {"fp32": 4, "kahan": 2, "stochastic_rounding": 0, "none": 0}
 
-# Every live MasterValues; the hooks look at these only. Weak, so a model that is garbage-collected leaves nothing.
-_REGISTRY: weakref.WeakSet[MasterValues] = weakref.WeakSet()
+# The MasterValues the optimizer-step hooks look at, by token; weak, so a garbage-collected model leaves nothing.
+_TRACKED: dict[int, weakref.ref] = {}
 _HOOKS: list[Any] = []
+_TOKENS = itertools.count()
 
 
 @dataclass
-class _Master:
-    value: torch.Tensor  # fp32, on the parameter's device
-    storage: Optional[StorageWeakRef] = None  # the storage the post-hook wrote into the parameter
+class _Written:
+    """Identity of the tensor the post-hook wrote into a parameter (cheap to compare: no data is read)."""
+
+    storage: Optional[StorageWeakRef] = None
     data_ptr: int = 0
     version: int = -1
+    shape: tuple = ()
 
     def remember(self, param: torch.Tensor) -> None:
         self.storage = StorageWeakRef(param.untyped_storage())
         self.data_ptr = param.data_ptr()
         self.version = param._version
+        self.shape = tuple(param.shape)
 
     def written_by_us(self, param: torch.Tensor) -> bool:
-        """Whether ``param`` still holds exactly the tensor the post-hook wrote (cheap: no data is read)."""
         return (
             self.storage is not None
             and not self.storage.expired()
             and self.data_ptr == param.data_ptr()
             and self.version == param._version
-            and self.value.shape == param.shape
+            and self.shape == tuple(param.shape)
             and StorageWeakRef(param.untyped_storage()) == self.storage
         )
+
+
+@dataclass
+class _Master(_Written):
+    """``"fp32"``: the fp32 value the optimizer steps; the weight is it rounded to nearest."""
+
+    value: Optional[torch.Tensor] = None  # fp32, on the parameter's device
 
     def matches(self, param: torch.Tensor) -> bool:
         """Whether the master still describes ``param``'s value (reads the data when the cheap check fails)."""
         if self.written_by_us(param):
             return True
-        if self.value.shape != param.shape:
+        if tuple(self.value.shape) != tuple(param.shape):
             return False
         value = self.value if self.value.device == param.device else self.value.to(param.device)
         if torch.equal(value.to(param.dtype), param.data):
@@ -80,44 +118,172 @@ class _Master:
             return True
         return False
 
+    def exact(self, param: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+    def nbytes(self) -> int:
+        return self.value.numel() * self.value.element_size()
+
+
+@dataclass
+class _Compensation(_Written):
+    """``"kahan"``: the low-precision error ``exact - weight`` (the exact value is ``weight + error``)."""
+
+    error: Optional[torch.Tensor] = None  # the parameter's dtype and device
+    checksum: int = 0
+
+    def matches(self, param: torch.Tensor) -> bool:
+        if self.written_by_us(param):
+            return True
+        if tuple(self.error.shape) != tuple(param.shape) or self.error.dtype != param.dtype:
+            return False
+        if _checksum(param.data) == self.checksum:
+            self.error = self.error.to(param.device)
+            self.remember(param)
+            return True
+        return False
+
+    def exact(self, param: torch.Tensor) -> torch.Tensor:
+        return param.data.float() + self.error.float()
+
+    def nbytes(self) -> int:
+        return self.error.numel() * self.error.element_size()
+
+
+def _checksum(tensor: torch.Tensor) -> int:
+    """Sum of the bit patterns of a 16-bit tensor: tells the weight an error buffer belongs to from another one. A
+    collision would only apply an error below half an ulp to another weight, the size of plain rounding."""
+    return int(tensor.detach().view(torch.int16).sum(dtype=torch.int64))
+
+
+def _error(exact: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``exact - weight`` in the weight's dtype, rounded toward zero, so that ``weight + error`` rounds to ``weight``
+    again (rounding to nearest could make the error exactly half an ulp: a tie that may round away)."""
+    error = exact - weight.float()
+    if weight.dtype == torch.bfloat16:
+        return error.view(torch.int32).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+    return error.to(weight.dtype)  # fp16's error is far below its ulp range: to nearest is fine
+
+
+def stochastic_round(value: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Round an fp32 tensor to bf16 up or down at random, unbiased: ``E[result] == value``.
+
+    Adding 16 random low bits to the fp32 bit pattern and truncating rounds up with probability (dropped bits) / 2**16,
+    the distance to the lower neighbour in units of a bf16 ulp (the same scheme as torchao's
+    ``bf16_stochastic_round``).
+    """
+    bits = value.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    rounded = (bits + noise).bitwise_and_(-65536)  # 0xFFFF0000: keep sign, exponent and bf16's 7 mantissa bits
+    # what lies at or above the largest finite value (inf, NaN) is rounded to nearest instead
+    out = rounded.view(torch.float32).to(torch.bfloat16)
+    return torch.where(torch.isfinite(out), out, value.to(torch.bfloat16))
+
+
+@dataclass
+class _Swap:
+    """One parameter swapped for one optimizer step."""
+
+    name: str
+    param: nn.Parameter
+    mode: str
+    low_grad: torch.Tensor
+    dtype: torch.dtype
+
 
 class MasterValues:
-    """The fp32 masters of one ledger's trained tensors.
+    """The master values (or error buffers) of one ledger's trained tensors.
 
-    The ledger is held weakly (it owns this object); its ``master_candidates(with_masters)`` names, at each step,
-    the parameters that may get a master (trained, live, low-precision, masters on for their adapter) and those
-    trained in low precision with masters switched off (for the warning).
+    The ledger is held weakly (it owns this object); it calls :meth:`sync` whenever which tensors train changed, and
+    :meth:`sync` reads ``ledger.master_modes()``: the live, trainable tensors by name with their parameter and
+    option (``HFTConfig.master_weights``).
     """
 
     def __init__(self, ledger: Any) -> None:
         self._ledger = weakref.ref(ledger)
-        self._masters: dict[str, _Master] = {}
-        # one entry per optimizer step in progress: (optimizer, [(name, param, low-precision grad)])
-        self._in_step: list[tuple[Any, list[tuple[str, nn.Parameter, Optional[torch.Tensor]]]]] = []
+        self._masters: dict[str, Union[_Master, _Compensation]] = {}
+        # one entry per optimizer step in progress: (optimizer, [_Swap])
+        self._in_step: list[tuple[Any, list[_Swap]]] = []
         self._warned: set[str] = set()
-        install_hooks()
-        _REGISTRY.add(self)
+        self._live: dict[int, tuple[str, nn.Parameter, str]] = {}  # id(param) -> (name, param, option)
+        self._grad_hooks: dict[str, tuple[nn.Parameter, Any]] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._token = next(_TOKENS)
+        weakref.finalize(self, _untrack, self._token)
+
+    # -- which tensors, and whether the hooks are needed --------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Re-read the trained tensors from the ledger; install or release the optimizer-step hooks accordingly."""
+        ledger = self._ledger()
+        modes = {} if ledger is None else ledger.master_modes()
+        self._live = {id(p): (name, p, mode) for name, (p, mode) in modes.items()}
+        for name in [n for n in self._grad_hooks if n not in modes]:
+            self._grad_hooks.pop(name)[1].remove()
+        for name, (param, _) in modes.items():
+            if name in self._grad_hooks and self._grad_hooks[name][0] is not param:
+                self._grad_hooks.pop(name)[1].remove()
+            if name not in self._grad_hooks and param.requires_grad:
+                handle = param.register_post_accumulate_grad_hook(_first_gradient_hook(self, name))
+                self._grad_hooks[name] = (param, handle)
+        wanted = any(mode != "none" and is_low_precision(p) for p, mode in modes.values())
+        if wanted:
+            self._activate()
+        elif not self._masters and not self._in_step:
+            _untrack(self._token)
+
+    def _activate(self) -> None:
+        if self._token not in _TRACKED:
+            _TRACKED[self._token] = weakref.ref(self)
+            _install_hooks()
+
+    def _first_gradient(self, name: str, param: nn.Parameter) -> None:
+        """A gradient arrived: training has started (the tensors may have been cast to bf16 since :meth:`sync`)."""
+        entry = self._live.get(id(param))
+        if entry is None or not is_low_precision(param):
+            return
+        if entry[2] == "none":
+            self._warn_once(
+                "off",
+                f"Training {param.dtype} tensors (e.g. {name}) in place without master values "
+                "(HFTConfig(master_weights='none')): the optimizer writes its updates straight into "
+                f"{param.dtype} weights and every update smaller than half an ulp (about 0.2% of the weight in bf16) "
+                "rounds away; at learning rates around 1e-5 most do. Fix: HFTConfig(master_weights='fp32') (the "
+                "default), 'kahan' (2 bytes per trained parameter), load the model in float32, or use an engine that "
+                "keeps fp32 master weights (DeepSpeed bf16/ZeRO, FSDP2 with fp32 parameters and "
+                "MixedPrecisionPolicy(param_dtype=bf16)).",
+                stacklevel=2,
+            )
+        else:
+            self._activate()
 
     # -- reading -----------------------------------------------------------------------------------------------------
 
     def value(self, name: str, param: torch.Tensor) -> Optional[torch.Tensor]:
-        """The fp32 master of ``name`` if it still describes the weight ``param``, else ``None``."""
+        """The exact (fp32) value of ``name`` if a master or error buffer still describes the weight, else ``None``."""
         master = self._masters.get(name)
-        if master is None:
+        if master is None or not master.matches(param):
             return None
-        if master.matches(param):
-            return master.value
-        return None
+        return master.exact(param)
 
-    def seed(self, name: str, value: torch.Tensor, param: torch.Tensor) -> None:
-        """Adopt ``value`` (fp32, e.g. base + a float32 diff just loaded) as the master of ``param`` if it rounds to
-        the weight; the next optimizer step then continues from it instead of from the rounded weight."""
-        master = _Master(value.to(device=param.device, dtype=torch.float32))
-        if master.matches(param):
+    def seed(self, name: str, value: torch.Tensor, param: torch.Tensor, mode: str = "fp32") -> None:
+        """Adopt ``value`` (fp32, e.g. base + a float32 diff just loaded) as the exact value of ``param`` if it rounds
+        to the weight; the next optimizer step then continues from it instead of from the rounded weight."""
+        value = value.to(device=param.device, dtype=torch.float32)
+        if mode == "fp32":
+            master = _Master(value=value)
+            if master.matches(param):
+                self._masters[name] = master
+        elif mode == "kahan" and torch.equal(value.to(param.dtype), param.data):
+            master = _Compensation(error=_error(value, param.data), checksum=_checksum(param.data))
+            master.remember(param)
             self._masters[name] = master
+        else:
+            return
+        self._activate()
 
     def nbytes(self) -> int:
-        return sum(m.value.numel() * m.value.element_size() for m in self._masters.values())
+        return sum(m.nbytes() for m in self._masters.values())
 
     def names(self) -> list[str]:
         return list(self._masters)
@@ -130,28 +296,46 @@ class MasterValues:
             for name in names:
                 self._masters.pop(name, None)
 
+    def release(self) -> None:
+        """Forget everything and stop being looked at (the ledger let go of every adapter)."""
+        self.drop()
+        for _, handle in self._grad_hooks.values():
+            handle.remove()
+        self._grad_hooks.clear()
+        self._live = {}
+        if not self._in_step:
+            _untrack(self._token)
+
     # -- the optimizer step -----------------------------------------------------------------------------------------
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, stacklevel: int = 4) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=stacklevel)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """A generator of this model's own for stochastic rounding, so that it leaves torch's global RNG alone."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(0)
+        return self._generators[device]
 
     def before_step(self, optimizer: torch.optim.Optimizer, closure: bool) -> None:
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        in_step = {name for _, swaps in self._in_step for name, _, _ in swaps}
-        swaps = []
-        ledger = self._ledger()
-        if ledger is None:
-            return
-        candidates = ledger.master_candidates(with_masters=True)
-        for name, param in candidates.items():
-            if id(param) not in stepped or param.grad is None or name in in_step:
+        in_step = {swap.name for _, swaps in self._in_step for swap in swaps}
+        stepped = [p for group in optimizer.param_groups for p in group["params"]]
+        swaps: list[_Swap] = []
+        unknown = [p for p in stepped if id(p) not in self._live]
+        if unknown:  # parameters replaced since the last sync (an engine wrapped the model), or not ours at all
+            self.sync()
+            unknown = [p for p in unknown if id(p) not in self._live]
+            self._refuse_flat_views(unknown, optimizer)
+        ours = [self._live[id(p)] for p in stepped if id(p) in self._live]
+        for name, param, mode in ours:
+            if mode == "none" or not is_low_precision(param) or param.grad is None or name in in_step:
                 continue
             if _is_sharded(param):
                 self._warn_once(
                     "sharded",
-                    f"{name} is a sharded {param.dtype} parameter (FSDP2/DTensor), so HFT keeps no fp32 master value "
+                    f"{name} is a sharded {param.dtype} parameter (FSDP2/DTensor), so HFT keeps no master value "
                     "for it and updates smaller than half a low-precision ulp round away. Fix: keep the parameters in "
                     "float32 and let FSDP2 compute in bf16: fully_shard(..., mp_policy=MixedPrecisionPolicy("
                     "param_dtype=torch.bfloat16)) (accelerate: mixed_precision='bf16' with an fp32 model).",
@@ -161,34 +345,54 @@ class MasterValues:
                 self._warn_once(
                     "closure",
                     f"{type(optimizer).__name__}.step was given a closure, which re-runs the model during the step; "
-                    "HFT's fp32 master values are not used for such steps (the model would see fp32 weights). Use an "
+                    "HFT's master values are not used for such steps (the model would see fp32 weights). Use an "
                     "optimizer without a closure, or load the model in float32.",
                 )
                 return
             if param.grad.is_sparse:
                 continue
+            if mode == "stochastic_rounding" and param.dtype != torch.bfloat16:
+                raise ValueError(
+                    f"HFTConfig(master_weights='stochastic_rounding') rounds to bfloat16, but {name} is {param.dtype}. "
+                    "Fix: load the model in bfloat16, or use master_weights='kahan' or 'fp32' for float16 models."
+                )
             master = self._masters.get(name)
-            if master is None or not master.matches(param):
-                master = _Master(param.data.float())
-                self._masters[name] = master
+            if master is not None and not master.matches(param):
+                master = None
+            if mode == "fp32":
+                if master is None:
+                    master = self._masters[name] = _Master(value=param.data.float())
+                exact = master.value
+            else:
+                exact = param.data.float() if master is None else master.exact(param)
             low_grad = param.grad
-            param.data = master.value
+            swaps.append(_Swap(name, param, mode, low_grad, param.dtype))
+            param.data = exact
             param.grad = low_grad.float()
             _upcast_state(optimizer.state.get(param))
-            swaps.append((name, param, low_grad))
-        unmastered = [p for p in ledger.master_candidates(with_masters=False).values() if id(p) in stepped]
-        if unmastered:
-            dtype = unmastered[0].dtype
-            self._warn_once(
-                "off",
-                f"Training {len(unmastered)} {dtype} tensors in place without fp32 master values "
-                "(HFTConfig(fp32_master_weights=False)): the optimizer writes its updates straight into "
-                f"{dtype} weights and every update smaller than half an ulp (about 0.2% of the weight in bf16) "
-                "rounds away; at learning rates around 1e-5 most do. Fix: HFTConfig(fp32_master_weights=True) "
-                "(the default), load the model in float32, or use an engine that keeps fp32 master weights "
-                "(DeepSpeed bf16/ZeRO, FSDP2 with fp32 parameters and MixedPrecisionPolicy(param_dtype=bf16)).",
-            )
         self._in_step.append((optimizer, swaps))
+
+    def _refuse_flat_views(self, stepped: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        """Raise if the optimizer steps a tensor that is not one of ours but shares storage with one (a flat buffer)."""
+        if not self._live or not stepped:
+            return
+        ours = {}
+        for name, param, mode in self._live.values():
+            if mode != "none" and is_low_precision(param) and not _is_sharded(param) and param.device.type != "meta":
+                ours[param.untyped_storage().data_ptr()] = name
+        for p in stepped:
+            if id(p) in self._live or p.device.type == "meta" or _is_sharded(p):
+                continue
+            name = ours.get(p.untyped_storage().data_ptr())
+            if name is not None:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} steps a {tuple(p.shape)} tensor that shares its storage with the "
+                    f"HFT-trained {name}: an engine flattened the parameters into one buffer (FSDP1's FlatParameter, a "
+                    "flat-parameter wrapper) and steps the buffer, so HFT's master values would be stepped around "
+                    "and the updates silently lost. Fix: HFTConfig(master_weights='none') with an engine that keeps "
+                    "fp32 master weights itself, fp32 parameters (FSDP2 with MixedPrecisionPolicy(param_dtype=bf16)), "
+                    "or FSDP2 (fully_shard) instead of FSDP1."
+                )
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         for index in range(len(self._in_step) - 1, -1, -1):
@@ -197,13 +401,24 @@ class MasterValues:
                 break
         else:
             return
-        for name, param, low_grad in swaps:
-            master = self._masters[name]
-            master.value = param.data  # stepped in place; read back in case an optimizer replaced .data
+        for swap in swaps:
+            param, exact = swap.param, swap.param.data  # stepped in place; read back in case .data was replaced
             param.grad = None
-            param.data = master.value.to(low_grad.dtype)
-            param.grad = low_grad
-            master.remember(param)
+            if swap.mode == "fp32":
+                master = self._masters[swap.name]
+                master.value = exact
+                param.data = exact.to(swap.dtype)
+                master.remember(param)
+            elif swap.mode == "kahan":
+                weight = exact.to(swap.dtype)
+                error = _error(exact, weight)
+                param.data = weight
+                master = _Compensation(error=error, checksum=_checksum(weight))
+                master.remember(param)
+                self._masters[swap.name] = master
+            else:  # stochastic_rounding
+                param.data = stochastic_round(exact, self._generator(exact.device))
+            param.grad = swap.low_grad
 
     def abandon_failed_steps(self, optimizer: torch.optim.Optimizer) -> None:
         """Undo the swaps of an earlier step of ``optimizer`` that raised (its post-hook never ran)."""
@@ -211,20 +426,51 @@ class MasterValues:
             self.after_step(optimizer)
 
 
+def _first_gradient_hook(masters: MasterValues, name: str):
+    ref = weakref.ref(masters)
+
+    def hook(param: torch.Tensor) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._first_gradient(name, param)
+
+    return hook
+
+
 def is_low_precision(param: torch.Tensor) -> bool:
-    """Whether ``param`` is a bf16/fp16 tensor, whose small updates round away without an fp32 master."""
+    """Whether ``param`` is a bf16/fp16 tensor, whose small updates round away without a master value."""
     return param.dtype in LOW_PRECISION
 
 
-def warn_if_fp16(model: nn.Module, names: Iterable[str]) -> None:
-    """Warn that fp16 trained tensors do not go with ``torch.amp.GradScaler`` (``Trainer(fp16=True)``).
+def resolve_master_weights(master_weights: Optional[str], fp32_master_weights: Optional[bool]) -> str:
+    """The option ``HFTConfig`` ends up with, from the new field and the old boolean (``master_weights`` wins)."""
+    if master_weights is None:
+        return "none" if fp32_master_weights is False else "fp32"
+    if fp32_master_weights is not None and fp32_master_weights != (master_weights == "fp32"):
+        warnings.warn(
+            f"HFTConfig(master_weights={master_weights!r}, fp32_master_weights={fp32_master_weights}) contradict each "
+            f"other; master_weights wins ({master_weights!r}). Fix: pass master_weights only (fp32_master_weights is "
+            "the older spelling: True means 'fp32', False means 'none').",
+            stacklevel=4,
+        )
+    return master_weights
+
+
+def warn_if_fp16(model: nn.Module, names: Iterable[str], master_weights: str = "fp32") -> None:
+    """Warn that fp16 trained tensors do not go with ``torch.amp.GradScaler`` (``Trainer(fp16=True)``); refuse
+    stochastic rounding, which rounds to bf16, on fp16 tensors.
 
     The masters make the updates exact, but the gradients stay fp16 like the weights, and GradScaler refuses to
     unscale fp16 gradients, as it does for any fp16 model trained in full.
     """
     if any(model.get_parameter(name).dtype == torch.float16 for name in names):
+        if master_weights == "stochastic_rounding":
+            raise ValueError(
+                "HFTConfig(master_weights='stochastic_rounding') rounds to bfloat16, but this model trains float16 "
+                "tensors. Fix: load the model in bfloat16, or use master_weights='kahan' or 'fp32'."
+            )
         warnings.warn(
-            "This HFT adapter trains float16 tensors. HFT keeps fp32 master values for them, but their gradients are "
+            "This HFT adapter trains float16 tensors. HFT keeps master values for them, but their gradients are "
             "float16, which torch.amp.GradScaler refuses (\"Attempting to unscale FP16 gradients\", e.g. with "
             "Trainer(fp16=True)). Fix: load the model in bfloat16 and train with bf16=True (no scaler needed), or "
             "load it in float32 and keep fp16=True (autocast). A plain loop without a scaler works as is.",
@@ -237,7 +483,8 @@ def _is_sharded(param: torch.Tensor) -> bool:
 
 
 def _upcast_state(state: Optional[dict]) -> None:
-    """fp32 optimizer state for a master: ``load_state_dict`` casts floating state to the parameter's (bf16) dtype."""
+    """fp32 optimizer state for a master: ``load_state_dict`` casts floating state to the parameter's (bf16) dtype.
+    torchao's quantized states keep their codes; only the dtype they dequantize to changes."""
     if not state:
         return
     for key, value in state.items():
@@ -248,26 +495,42 @@ def _upcast_state(state: Optional[dict]) -> None:
 def _pre_hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     # args holds the optimizer itself, then step's own arguments (a closure, if any)
     closure = (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None
-    for masters in list(_REGISTRY):
+    for masters in _tracked():
         masters.abandon_failed_steps(optimizer)
         masters.before_step(optimizer, closure)
 
 
 def _post_hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    for masters in list(_REGISTRY):
+    for masters in _tracked():
         masters.after_step(optimizer)
 
 
+def _tracked() -> list[MasterValues]:
+    return [m for m in (ref() for ref in list(_TRACKED.values())) if m is not None]
+
+
 def tracked_models() -> int:
-    """How many models' masters the optimizer-step hooks look at (garbage-collected models drop out)."""
-    return len(_REGISTRY)
+    """How many models' masters the optimizer-step hooks look at now (garbage-collected models drop out)."""
+    return len(_tracked())
 
 
-def install_hooks() -> None:
-    """Register the global optimizer-step hooks, once per process."""
+def tracked_hooks() -> int:
+    """How many global optimizer-step hooks HFT has installed in this process: 2 while some model needs them, else 0."""
+    return len(_HOOKS)
+
+
+def _install_hooks() -> None:
     if _HOOKS:
         return
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     _HOOKS.append(register_optimizer_step_pre_hook(_pre_hook))
     _HOOKS.append(register_optimizer_step_post_hook(_post_hook))
+
+
+def _untrack(token: int) -> None:
+    """Stop looking at one model's masters; remove the global hooks when no model is left."""
+    _TRACKED.pop(token, None)
+    if not _TRACKED:
+        while _HOOKS:
+            _HOOKS.pop().remove()

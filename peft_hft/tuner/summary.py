@@ -10,6 +10,7 @@ from typing import Optional, Union
 from torch import nn
 
 from .layer import find_ledger
+from .precision import MASTER_BYTES_PER_ELEMENT, is_low_precision
 from .selection import BLOCK_CATEGORIES, OUTSIDE_CATEGORIES, ModelLayout, Unit, analyze_model
 
 TRAINED, FROZEN = "■", "·"
@@ -105,28 +106,29 @@ def memory_report(model: nn.Module) -> dict[str, int]:
     """Bytes HFT keeps besides the model's own weights, gradients and optimizer state.
 
     ``master_bytes`` is what the fp32 masters hold now (they are created at the first optimizer step);
-    ``master_bytes_when_training`` what they will hold once every trainable low-precision tensor was stepped (4 bytes
-    per element, on the training device); ``originals_host_bytes`` / ``originals_device_bytes`` the base values kept
+    ``master_bytes_when_training`` what they will hold once every trainable low-precision tensor was stepped (per
+    element 4 bytes for ``master_weights="fp32"``, 2 for ``"kahan"``, none otherwise; on the training device);
+    ``originals_host_bytes`` / ``originals_device_bytes`` the base values kept
     for the diffs, ``disable_adapter`` and ``unmerge``.
     """
     ledger = find_ledger(model)
     if ledger is None:
         raise ValueError(f"{type(model).__name__} has no HFT adapter, so HFT keeps nothing beside its weights.")
-    pending = ledger.master_candidates(with_masters=True)
+    pending = [(p, mode) for p, mode in ledger.master_modes().values() if is_low_precision(p)]
     stored = ledger.originals_bytes()
     return {
         "master_bytes": ledger.masters.nbytes(),
-        "master_bytes_when_training": sum(4 * p.numel() for p in pending.values()),
+        "master_bytes_when_training": sum(MASTER_BYTES_PER_ELEMENT[mode] * p.numel() for p, mode in pending),
         "originals_host_bytes": stored["host"],
         "originals_device_bytes": stored["device"],
     }
 
 
 def format_memory(report: dict[str, int]) -> str:
-    """One line of :func:`peft_hft.precision.memory_report`: what HFT keeps beside the model's weights."""
+    """One line of :func:`peft_hft.memory_report`: what HFT keeps beside the model's weights."""
     mib = 2**20
     return (
-        f"HFT memory beside the weights: fp32 master values {report['master_bytes'] / mib:.1f} MiB now, "
+        f"HFT memory beside the weights: master values {report['master_bytes'] / mib:.1f} MiB now, "
         f"{report['master_bytes_when_training'] / mib:.1f} MiB once every trained bf16/fp16 tensor was stepped "
         f"(training device); originals {report['originals_host_bytes'] / mib:.1f} MiB in host memory, "
         f"{report['originals_device_bytes'] / mib:.1f} MiB on the device"

@@ -1,0 +1,303 @@
+"""Low-memory training of the trained half: the optimizer step fused into backward, torchao's low-bit AdamW, and the
+low-memory preset that combines them with ``HFTConfig(master_weights=...)`` and gradient checkpointing.
+
+Per trained parameter of a bf16 model, a plain AdamW run holds the bf16 weight (2 bytes), its master (4 with
+``master_weights="fp32"``), a bf16 gradient (2, and an fp32 copy during the step) and two fp32 moments (8). The three
+pieces here remove most of it:
+
+* :func:`optimizer_in_backward` steps each trained tensor as soon as its gradient is complete
+  (``Tensor.register_post_accumulate_grad_hook``, as in PyTorch's tutorial "How to save memory by fusing the optimizer
+  step into the backward pass" and torchtune's ``register_optim_in_bwd_hooks``), so at most a few gradients (and their
+  fp32 copies) are alive at once instead of all of them;
+* torchao's ``AdamW8bit`` / ``AdamW4bit`` keep the two moments in 8 or 4 bits (2 or 1 byte per parameter instead of 8):
+  :func:`low_bit_adamw` names them; ``TrainingArguments(optim="adamw_torch_8bit" / "adamw_torch_4bit")`` is
+  transformers' own spelling of the same optimizers;
+* ``HFTConfig(master_weights="kahan" / "stochastic_rounding")`` keeps the small updates with 2 or 0 bytes per
+  parameter instead of fp32's 4 (peft_hft/tuner/precision.py).
+
+:func:`low_memory_preset` is the combination, defined once here and documented in README ("Low-memory training").
+
+What the fused step cannot do: gradient accumulation (each backward pass would be a step) and clipping by the global
+gradient norm (the norm is only known after the last gradient, when the first tensors were stepped already). Both
+are refused with an error naming the fix, never trained wrongly. Per-tensor clipping is still possible in a custom
+optimizer.
+
+The first step of torchao's optimizers compiles its kernel (``torch.compile``; about 40 s on a CPU, once per process).
+``torch.compiler.set_stance("force_eager")`` skips the compilation (eager steps are slower, fine for short runs and
+tests).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..tuner.config import HFTConfig
+
+LOW_BIT_OPTIMIZERS = {8: "AdamW8bit", 4: "AdamW4bit"}
+# Hyperparameters of a param group that schedulers or users change during training; copied to the per-tensor
+# optimizers before each of their steps.
+_SCHEDULED = ("lr", "weight_decay", "betas", "momentum", "eps")
+
+
+def low_bit_adamw(bits: int = 8) -> type[torch.optim.Optimizer]:
+    """torchao's AdamW with ``bits``-bit moments (``torchao.optim.AdamW8bit`` or ``AdamW4bit``).
+
+    Works with every ``HFTConfig.master_weights`` option: HFT's optimizer-step hooks hand it the fp32 value of each
+    trained tensor, as to any torch optimizer, and its quantized state keeps its codes when a checkpoint is loaded.
+    Tensors under 4096 elements (norms, biases) keep ordinary state, as in bitsandbytes.
+    """
+    if bits not in LOW_BIT_OPTIMIZERS:
+        raise ValueError(f"low_bit_adamw(bits={bits!r}): torchao offers 8-bit and 4-bit AdamW. Fix: bits=8 or bits=4.")
+    try:
+        import torchao.optim
+    except ImportError as error:
+        raise ImportError(
+            "Low-bit AdamW needs torchao. Fix: pip install 'peft-hft[lowmem]' (or pip install torchao)."
+        ) from error
+    return getattr(torchao.optim, LOW_BIT_OPTIMIZERS[bits])
+
+
+def check_optimizer_in_backward_args(args: Any) -> None:
+    """Raise if Trainer arguments ask for what a step fused into backward cannot do (accumulation, global clipping)."""
+    accumulation = getattr(args, "gradient_accumulation_steps", 1)
+    if accumulation != 1:
+        raise ValueError(
+            f"gradient_accumulation_steps={accumulation} cannot work with the optimizer step fused into backward: "
+            "every backward pass steps the tensors, so the gradients of several micro-batches are never summed. "
+            "Fix: gradient_accumulation_steps=1 with a larger per_device_train_batch_size (gradient checkpointing "
+            "makes room for it), or train without optimizer_in_backward."
+        )
+    max_grad_norm = getattr(args, "max_grad_norm", 0) or 0
+    if max_grad_norm > 0:
+        raise ValueError(
+            f"max_grad_norm={max_grad_norm} (Trainer's default is 1.0) clips by the global gradient norm, which is "
+            "only known after the last gradient, when the optimizer fused into backward has stepped the other "
+            "tensors already, and their gradients are gone. Fix: TrainingArguments(max_grad_norm=0), or train "
+            "without optimizer_in_backward."
+        )
+
+
+class OptimizerInBackward(torch.optim.Optimizer):
+    """The optimizer handed to ``Trainer``/TRL when the real steps happen in backward, one tensor at a time.
+
+    Each trained tensor has its own optimizer (of the class given), stepped by a post-accumulate-grad hook as soon
+    as the tensor's gradient is complete, after which the gradient is freed. This object holds the trained tensors in
+    one param group, so learning-rate schedulers (the Trainer's included) work on it unchanged; its group's
+    hyperparameters are copied to the per-tensor optimizers before each of their steps. ``step()`` marks the end of
+    a training step (the updates already happened) and ``zero_grad()`` has nothing left to clear. ``state_dict()``
+    holds every tensor's state under its index, like one ordinary optimizer, so Trainer checkpoints save and resume
+    it.
+
+    Calling ``backward`` twice without ``step()`` in between (gradient accumulation) raises, as does being stepped
+    by a Trainer whose arguments clip by the global gradient norm.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any):
+        params = list(dict.fromkeys(p for p in params if p.requires_grad))  # tied tensors once
+        if not params:
+            raise ValueError("optimizer_in_backward found no trainable parameters; create the HFT adapter first.")
+        super().__init__(params, dict(kwargs))
+        self.optimizer_cls = optimizer_cls
+        self.optimizers = [optimizer_cls([p], **kwargs) for p in params]
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._stepped_since_step: set[int] = set()
+        self._checked_trainer = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._step_tensor) for p in params]
+
+    def _step_tensor(self, param: torch.Tensor) -> None:
+        index = self._index[id(param)]
+        if index in self._stepped_since_step:
+            param.grad = None
+            raise RuntimeError(
+                "A trained tensor received a second gradient before optimizer.step(): gradient accumulation (or a "
+                "second backward pass per step), which the optimizer fused into backward cannot do (each backward "
+                "steps the tensors). Fix: gradient_accumulation_steps=1 and call optimizer.step() after every "
+                "backward, or train without optimizer_in_backward."
+            )
+        self._stepped_since_step.add(index)
+        inner = self.optimizers[index]
+        _copy_hyperparameters(self.param_groups[0], inner.param_groups[0], _SCHEDULED)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - the steps ran in backward
+        """End of a training step: the tensors were stepped in backward already."""
+        if not self._checked_trainer:
+            self._checked_trainer = True
+            _check_calling_trainer()
+        self._stepped_since_step.clear()
+        if closure is not None:
+            with torch.enable_grad():
+                return closure()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "optimizers", None) is not None:
+            raise NotImplementedError(
+                "OptimizerInBackward holds one group of trained tensors; create a new one with optimizer_in_backward "
+                "for other tensors."
+            )
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict:
+        own = super().state_dict()
+        state = {}
+        for index, inner in enumerate(self.optimizers):
+            inner_state = inner.state_dict()["state"]
+            if 0 in inner_state:
+                state[index] = inner_state[0]
+        return {"state": state, "param_groups": own["param_groups"]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        saved_group = state_dict["param_groups"][0]
+        for index, inner in enumerate(self.optimizers):
+            state = state_dict["state"].get(index, state_dict["state"].get(str(index)))
+            inner.load_state_dict({"state": {} if state is None else {0: state}, "param_groups": inner.state_dict()[
+                "param_groups"]})
+            _copy_hyperparameters(saved_group, inner.param_groups[0], [k for k in saved_group if k != "params"])
+
+    def remove_hooks(self) -> None:
+        """Stop stepping in backward (the tensors then keep their gradients again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _copy_hyperparameters(source: dict, target: dict, keys: Iterable[str]) -> None:
+    for key in keys:
+        if key in source and key in target:
+            value, current = source[key], target[key]
+            if isinstance(current, torch.Tensor):
+                current.fill_(value)  # torchao keeps lr as a tensor (its compiled step reads it)
+            else:
+                target[key] = value
+
+
+def _check_calling_trainer() -> None:
+    """At the first ``step()``: if a transformers Trainer calls, refuse the arguments the fused step cannot honour.
+
+    The Trainer clips gradients (``max_grad_norm=1.0`` by default) before it calls ``step()``; after the fused steps
+    there is nothing left to clip, so that run would silently train unclipped.
+    """
+    if "transformers" not in sys.modules:
+        return
+    from transformers import Trainer
+
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            check_optimizer_in_backward_args(owner.args)
+            return
+        frame = frame.f_back
+
+
+def optimizer_in_backward(
+    model: Any,
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    *,
+    training_args: Any = None,
+    **optimizer_kwargs: Any,
+) -> OptimizerInBackward:
+    """Fuse the optimizer step into backward for every trainable tensor of ``model``; returns the placeholder optimizer.
+
+    Args:
+        model: The model (a PeftModel with an HFT adapter, or any model) whose trainable tensors to step; or a
+            transformers/TRL ``Trainer`` (e.g. an ``SFTTrainer`` given ``peft_config``, which wraps the model
+            itself): then its arguments are checked and the optimizer is installed as ``trainer.optimizer``, and the
+            Trainer builds its learning-rate scheduler on it as usual.
+        optimizer_cls: The optimizer each tensor gets (``torch.optim.AdamW``, ``low_bit_adamw(8)``, ...).
+        training_args: ``TrainingArguments`` to check up front: ``gradient_accumulation_steps`` must be 1 and
+            ``max_grad_norm`` 0 (the Trainer's default 1.0 is refused, with the fix).
+        optimizer_kwargs: The optimizer's arguments (``lr``, ``weight_decay``, ...).
+
+    With a Trainer built by you: ``Trainer(model, args, optimizers=(optimizer_in_backward(model, lr=args.learning_rate,
+    training_args=args), None))``. In a plain loop call ``optimizer.step()`` after every ``backward`` (it only marks the
+    step; a second backward without it raises, as gradient accumulation would train wrongly).
+    """
+    trainer = None
+    if hasattr(model, "args") and hasattr(model, "model") and hasattr(model, "create_optimizer"):
+        trainer, model = model, model.model
+        training_args = trainer.args if training_args is None else training_args
+        optimizer_kwargs.setdefault("lr", training_args.learning_rate)
+        optimizer_kwargs.setdefault("weight_decay", training_args.weight_decay)
+    if training_args is not None:
+        check_optimizer_in_backward_args(training_args)
+    optimizer = OptimizerInBackward(model.parameters(), optimizer_cls, **optimizer_kwargs)
+    if trainer is not None:
+        if trainer.optimizer is not None:
+            raise ValueError(
+                "This Trainer has an optimizer already; optimizer_in_backward(trainer) installs its own. Fix: create "
+                "the Trainer without optimizers=..., or pass optimizers=(optimizer_in_backward(model, ...), None)."
+            )
+        trainer.optimizer = optimizer
+    return optimizer
+
+
+def low_memory_preset(bits: int = 4) -> dict[str, Any]:
+    """The low-memory preset: the exact settings, in one place (README, "Low-memory training").
+
+    Returns a dict:
+
+    * ``"hft_config"``: ``HFTConfig`` fields: ``master_weights="stochastic_rounding"`` (no bytes beside the bf16
+      weights; chosen by the measurements in docs/benchmarks.md, "Master values");
+    * ``"optimizer"``: ``torchao.optim.AdamW4bit`` (``bits=8``: ``AdamW8bit``) as ``{"class": name, "bits": bits}``;
+    * ``"optimizer_in_backward"``: ``True``, the step fused into backward (:func:`optimizer_in_backward`);
+    * ``"training_arguments"``: ``TrainingArguments`` fields: gradient checkpointing (non-reentrant), bf16,
+      ``gradient_accumulation_steps=1`` and ``max_grad_norm=0`` (what the fused step needs).
+
+    Per trained parameter this keeps the bf16 weight (2 bytes) and the low-bit moments (1 byte at 4 bits, 2 at 8),
+    against 16 for AdamW with fp32 masters; :func:`apply_low_memory_preset` applies it to a Trainer.
+    """
+    if bits not in LOW_BIT_OPTIMIZERS:
+        raise ValueError(f"low_memory_preset(bits={bits!r}): torchao offers 8-bit and 4-bit AdamW. Fix: 8 or 4.")
+    return {
+        "hft_config": {"master_weights": "stochastic_rounding"},
+        "optimizer": {"class": f"torchao.optim.{LOW_BIT_OPTIMIZERS[bits]}", "bits": bits},
+        "optimizer_in_backward": True,
+        "training_arguments": {
+            "bf16": True,
+            "gradient_checkpointing": True,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False},
+            "gradient_accumulation_steps": 1,
+            "max_grad_norm": 0.0,
+        },
+    }
+
+
+def low_memory_config(bits: int = 4, **fields: Any) -> HFTConfig:
+    """``HFTConfig`` with the preset's fields (``fields`` override them or add others, e.g. ``ratio``, ``seed``)."""
+    return HFTConfig(**{**low_memory_preset(bits)["hft_config"], **fields})
+
+
+def apply_low_memory_preset(trainer: Any, bits: int = 4, **optimizer_kwargs: Any) -> OptimizerInBackward:
+    """Install the preset's optimizer (low-bit AdamW, fused into backward) in a Trainer whose arguments follow the
+    preset (``low_memory_preset()["training_arguments"]``, checked here), e.g. an ``SFTTrainer`` given
+    ``peft_config=low_memory_config()``."""
+    preset = low_memory_preset(bits)
+    wrong = {
+        key: getattr(trainer.args, key, None)
+        for key, value in preset["training_arguments"].items()
+        if key != "gradient_checkpointing_kwargs" and getattr(trainer.args, key, None) != value
+    }
+    if wrong:
+        raise ValueError(
+            f"The Trainer's arguments differ from the low-memory preset: {wrong}. Fix: build them with "
+            "TrainingArguments(..., **low_memory_preset()['training_arguments'])."
+        )
+    return optimizer_in_backward(trainer, low_bit_adamw(bits), **optimizer_kwargs)
+

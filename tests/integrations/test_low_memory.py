@@ -1,0 +1,227 @@
+"""Low-memory training (peft_hft/integrations/low_memory.py): the optimizer step fused into backward gives the update a
+plain optimizer gives, refuses what it cannot do, and works with Trainer checkpoints, TRL SFT and DPO, gradient
+checkpointing, torchao's low-bit AdamW and every master_weights option; the low-memory preset is one definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import batch, tiny_model
+
+from peft_hft import (
+    HFTConfig,
+    apply_low_memory_preset,
+    low_bit_adamw,
+    low_memory_config,
+    low_memory_preset,
+    optimizer_in_backward,
+)
+from peft_hft.tuner.layer import find_ledger
+
+BF16 = torch.bfloat16
+LR = 1e-5
+MODES = ["fp32", "kahan", "stochastic_rounding", "none"]
+
+
+def base(dtype=BF16, **overrides):
+    return tiny_model("llama", seed=0, **overrides).to(BF16).to(dtype)
+
+
+def loop(model, optimizer, steps: int = 5) -> None:
+    model.train()
+    for step in range(steps):
+        inputs = batch(step, size=4, length=16)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def trained_values(peft_model) -> dict[str, torch.Tensor]:
+    ledger = find_ledger(peft_model)
+    return {k: v.float() for k, v in ledger.diffs("default", torch.float32).items()}
+
+
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "fp32"), (BF16, "fp32"), (BF16, "kahan"), (BF16, "none")])
+def test_the_fused_step_gives_the_plain_optimizers_update(dtype, mode):
+    fused = get_peft_model(base(dtype), HFTConfig(seed=0, master_weights=mode))
+    plain = get_peft_model(base(dtype), HFTConfig(seed=0, master_weights=mode))
+    optimizer = optimizer_in_backward(fused, torch.optim.AdamW, lr=LR, weight_decay=0.01)
+    loop(fused, optimizer)
+    loop(plain, torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=LR, weight_decay=0.01))
+    got, expected = trained_values(fused), trained_values(plain)
+    assert any(v.abs().max() > 0 for v in expected.values())
+    for name in expected:  # per-tensor vs foreach AdamW: equal up to float rounding (one bf16 ulp at most)
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=2e-3 if dtype == BF16 else 1e-7)
+    # the gradients are freed in backward: none is left for the step
+    inputs = batch(9, size=4, length=16)
+    fused(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is None for p in fused.parameters())
+    optimizer.step()
+
+
+def test_the_fused_step_refuses_accumulation_and_global_clipping(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    peft_model = get_peft_model(base(), HFTConfig(seed=0))
+    optimizer_in_backward(peft_model, lr=LR)
+    inputs = batch(0, size=2, length=8)
+    peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    with pytest.raises(RuntimeError, match="second gradient before optimizer.step.*gradient_accumulation_steps=1"):
+        peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    kwargs = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match=r"max_grad_norm=1.0.*Fix: TrainingArguments\(max_grad_norm=0\)"):
+        optimizer_in_backward(peft_model, training_args=TrainingArguments(**kwargs))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2 cannot work"):
+        optimizer_in_backward(peft_model, training_args=TrainingArguments(
+            gradient_accumulation_steps=2, max_grad_norm=0, **kwargs))
+    # a Trainer built with the fused optimizer but the default max_grad_norm is refused at its first step
+    fresh = get_peft_model(base(), HFTConfig(seed=0))
+    args = TrainingArguments(max_steps=2, per_device_train_batch_size=2, **kwargs)
+    trainer = Trainer(model=fresh, args=args, train_dataset=_Tokens(), optimizers=(
+        optimizer_in_backward(fresh, lr=LR), None))
+    with pytest.raises(ValueError, match="max_grad_norm=1.0"):
+        trainer.train()
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, rows: int = 16):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(3, 100, (rows, 16), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(16, dtype=torch.long), "labels": self.ids[i]}
+
+
+def _args(tmp_path, **overrides):
+    from transformers import TrainingArguments
+
+    kwargs = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=LR,
+                  lr_scheduler_type="linear", report_to=[], save_strategy="steps", save_steps=2,
+                  logging_strategy="no", use_cpu=True, bf16=True, disable_tqdm=True, seed=0, max_grad_norm=0.0,
+                  gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trainer_checkpoint_resume_with_the_fused_step_and_gradient_checkpointing(tmp_path, mode):
+    """Every master option, the step in backward, gradient checkpointing and a linear schedule: resuming from the
+    step-2 checkpoint ends where the uninterrupted run ended."""
+    from transformers import Trainer
+
+    def run(resume=None):
+        model = base()
+        peft_model = get_peft_model(model, HFTConfig(seed=0, master_weights=mode))
+        args = _args(tmp_path)
+        trainer = Trainer(model=peft_model, args=args, train_dataset=_Tokens(),
+                          optimizers=(optimizer_in_backward(peft_model, lr=LR, training_args=args), None))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, model
+
+    trainer, model = run()
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    lrs = {float(o.param_groups[0]["lr"]) for o in optimizer.optimizers}
+    assert len(lrs) == 1 and lrs.pop() == pytest.approx(LR / 4)  # the linear schedule reached every tensor
+    assert all(len(o.state) == 1 for o in optimizer.optimizers)
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = base()
+    assert any(not torch.equal(final[n], p) for n, p in start.named_parameters())
+    _, resumed = run(str(tmp_path / "out" / "checkpoint-2"))
+    for name, param in resumed.named_parameters():
+        if mode == "stochastic_rounding":  # the random rounding draws differ after a resume
+            torch.testing.assert_close(param, final[name], rtol=0, atol=float(final[name].abs().max()) * 2**-6)
+        else:
+            torch.testing.assert_close(param, final[name], rtol=0, atol=float(final[name].abs().max()) * 2**-7)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trl_sft_with_the_fused_step_for_every_option(tmp_path, mode):
+    from tiny_tokenizer import build_tokenizer, chat_model
+    from trl_helpers import changed, selection, sft_trainer, snapshot
+
+    model = chat_model(build_tokenizer()).to(BF16)
+    before = snapshot(model)
+    trainer = sft_trainer(model, tmp_path, HFTConfig(seed=3, master_weights=mode), bf16=True, learning_rate=1e-3,
+                          max_steps=2, max_grad_norm=0.0)
+    optimizer_in_backward(trainer)  # TRL made the PeftModel: install into the trainer
+    trainer.train()
+    assert changed(before, model) <= selection(trainer.model)
+    assert len(changed(before, model)) > 0.5 * len(selection(trainer.model))
+    kept = find_ledger(trainer.model).masters.nbytes()
+    assert (kept > 0) == (mode in ("fp32", "kahan"))
+
+
+@pytest.fixture
+def eager():
+    """torchao compiles its step (about 40 s); eager steps keep the tests fast."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def test_the_low_memory_preset_is_one_definition_and_trains_with_trl_sft_and_dpo(tmp_path, monkeypatch, eager):
+    pytest.importorskip("torchao")
+    from tiny_tokenizer import build_tokenizer, chat_model
+    from trl_helpers import changed, dpo_trainer, reference_passes_see, selection, sft_trainer, snapshot
+
+    preset = low_memory_preset()
+    assert preset["hft_config"] == {"master_weights": "stochastic_rounding"}
+    assert preset["optimizer"] == {"class": "torchao.optim.AdamW4bit", "bits": 4}
+    assert preset["training_arguments"]["max_grad_norm"] == 0.0 and preset["optimizer_in_backward"] is True
+    assert low_bit_adamw(preset["optimizer"]["bits"]).__name__ == "AdamW4bit"
+    assert low_memory_config(seed=3).master_weights == "stochastic_rounding"
+    with pytest.raises(ValueError, match="8-bit and 4-bit"):
+        low_bit_adamw(2)
+
+    model = chat_model(build_tokenizer(), hidden_size=64, intermediate_size=256).to(BF16)
+    before = snapshot(model)
+    trainer = sft_trainer(model, tmp_path / "sft", low_memory_config(seed=3), learning_rate=1e-3, max_steps=2,
+                          **preset["training_arguments"])
+    optimizer = apply_low_memory_preset(trainer)
+    trainer.train()
+    assert 0 < len(changed(before, model)) and changed(before, model) <= selection(trainer.model)
+    states = [o.state for o in optimizer.optimizers]
+    assert any(type(s["exp_avg"]).__name__ == "OptimState4bit" for state in states for s in state.values())
+
+    model = chat_model(build_tokenizer(), hidden_size=64, intermediate_size=256).to(BF16)
+    before = snapshot(model)
+    trainer = dpo_trainer(model, tmp_path / "dpo", low_memory_config(seed=1), learning_rate=1e-3, max_steps=2,
+                          **preset["training_arguments"])
+    apply_low_memory_preset(trainer)
+    seen = reference_passes_see(monkeypatch, before, model)
+    trainer.train()
+    assert seen and all(seen)  # every reference pass ran on the bf16 base
+    assert 0 < len(changed(before, model)) and changed(before, model) <= selection(trainer.model)
+    wrong = dpo_trainer(chat_model(build_tokenizer()).to(BF16), tmp_path / "x", low_memory_config(seed=1),
+                        bf16=True, max_steps=1)
+    with pytest.raises(ValueError, match="differ from the low-memory preset"):
+        apply_low_memory_preset(wrong)
+
+
+@pytest.mark.parametrize("mode", ["kahan", "stochastic_rounding"])
+def test_transformers_torchao_optim_name_and_checkpoint_resume(tmp_path, mode, eager):
+    """TrainingArguments(optim="adamw_torch_8bit") is transformers' own route to torchao's AdamW8bit: it steps on the
+    masters, and its quantized state survives the checkpoint (torch.load(weights_only=True))."""
+    pytest.importorskip("torchao")
+    from transformers import Trainer
+
+    def run(resume=None):
+        model = base(hidden_size=64, intermediate_size=256)
+        peft_model = get_peft_model(model, HFTConfig(seed=0, master_weights=mode))
+        trainer = Trainer(model=peft_model, args=_args(tmp_path, optim="adamw_torch_8bit", lr_scheduler_type="constant",
+                                                         gradient_checkpointing=False), train_dataset=_Tokens())
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, model
+
+    trainer, model = run()
+    assert type(trainer.optimizer.optimizer).__name__ == "AdamW8bit"
+    assert any(type(s["exp_avg"]).__name__ == "OptimState8bit" for s in trainer.optimizer.optimizer.state.values())
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    resumed_trainer, resumed = run(str(tmp_path / "out" / "checkpoint-2"))
+    assert any(type(s["exp_avg"]).__name__ == "OptimState8bit"
+               for s in resumed_trainer.optimizer.optimizer.state.values())
+    for name, param in resumed.named_parameters():
+        torch.testing.assert_close(param, final[name], rtol=0, atol=float(final[name].abs().max()) * 2**-6)

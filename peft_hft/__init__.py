@@ -13,6 +13,7 @@ adapters::
 from __future__ import annotations
 
 from .format.fingerprint import BaseMismatchError, skip_base_check
+from .format.reader import AdapterFormatError, allow_non_finite
 from .integrations.registration import register
 from .tuner.config import HFTConfig
 from .tuner.importance import calibrate, importance_scores
@@ -23,10 +24,12 @@ from .tuner.summary import memory_report, plot_selection, selection_summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFormatError",
     "BaseMismatchError",
     "HFTConfig",
     "HFTLayer",
     "HFTModel",
+    "allow_non_finite",
     "calibrate",
     "importance_scores",
     "memory_report",

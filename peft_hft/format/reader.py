@@ -30,9 +30,7 @@ with the weights of another.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
-import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -42,7 +40,7 @@ from typing import Any, BinaryIO, Optional
 
 import torch
 
-from ..utils import FLOAT_DTYPES, PathLike, dtype_name, listing
+from ..utils import FLOAT_DTYPES, OptOut, PathLike, dtype_name, listing
 from .checkpoint import Source, TensorEntry, is_repo_id, read_header, read_tensor, resolve
 from .fingerprint import FingerprintError, validate_fingerprint
 from .keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, parameter_name_of
@@ -53,7 +51,7 @@ ALLOW_NON_FINITE_ENV = "PEFT_HFT_ALLOW_NON_FINITE"
 # dtypes a stored tensor may have: diffs are differences of float weights
 TENSOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-_allow_non_finite = contextvars.ContextVar("peft_hft_allow_non_finite", default=False)
+_allow_non_finite = OptOut("peft_hft_allow_non_finite", ALLOW_NON_FINITE_ENV)
 
 
 class AdapterFormatError(ValueError):
@@ -70,18 +68,13 @@ def allow_non_finite() -> Iterator[None]:
         ...     model = PeftModel.from_pretrained(base, "adapter-with-infs")
         ```
     """
-    token = _allow_non_finite.set(True)
-    try:
+    with _allow_non_finite.block():
         yield
-    finally:
-        _allow_non_finite.reset(token)
 
 
 def non_finite_allowed() -> bool:
     """True inside :func:`allow_non_finite` or when ``PEFT_HFT_ALLOW_NON_FINITE`` is 1/true/yes/on."""
-    return _allow_non_finite.get() or os.environ.get(ALLOW_NON_FINITE_ENV, "").strip().lower() in (
-        "1", "true", "yes", "on"
-    )
+    return _allow_non_finite.active()
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def memory_report(model: nn.Module) -> dict[str, int]:
 
 
 def format_memory(report: dict[str, int]) -> str:
-    """One line of :func:`peft_hft.precision.memory_report`: what HFT keeps beside the model's weights."""
+    """One line of :func:`peft_hft.memory_report`: what HFT keeps beside the model's weights."""
     mib = 2**20
     return (
         f"HFT memory beside the weights: fp32 master values {report['master_bytes'] / mib:.1f} MiB now, "

@@ -489,31 +489,6 @@ def _read_values(
     return tensors if keep else None
 
 
-def peek_peft_type(
-    name_or_path: Optional[PathLike], subfolder: Optional[str] = None, **hub_kwargs: Any
-) -> Optional[str]:
-    """The ``peft_type`` of the adapter at ``name_or_path`` (local or cached/downloadable), or ``None`` if unknown.
-
-    Malformed configs raise :class:`AdapterFormatError` naming the file, for every PEFT method: PEFT itself reports a
-    bare ``KeyError``/``JSONDecodeError``.
-    """
-    if name_or_path is None:
-        return None
-    local = Path(str(name_or_path)) / subfolder if subfolder else Path(str(name_or_path))
-    path = local / ADAPTER_CONFIG
-    if not path.is_file():
-        if Path(str(name_or_path)).exists():
-            return None  # let the caller's own error name what is missing
-        try:
-            from huggingface_hub import hf_hub_download
-
-            kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-            path = Path(hf_hub_download(str(name_or_path), ADAPTER_CONFIG, subfolder=subfolder, **kwargs))
-        except Exception:  # not resolvable here: the caller's own code path reports it
-            return None
-    return str(load_config_json(path)["peft_type"]).split(".")[-1]
-
-
 __all__ = [
     "AdapterFile",
     "AdapterFormatError",
@@ -523,7 +498,6 @@ __all__ = [
     "is_hft_config",
     "load_config_json",
     "non_finite_allowed",
-    "peek_peft_type",
     "read_adapter",
     "register_config_check",
     "validate_config",

@@ -46,10 +46,12 @@ lint: venv
 
 # The lowest supported versions, tested: a second venv with the floors of pyproject.toml (tests/lowest_versions.py)
 # pinned exactly, and the tests of everything that touches peft, transformers or trl (no distributed runs, no real
-# model, no benchmark). Reinstalled (pins exact, so versions move both ways) whenever pyproject.toml changes.
+# model, no benchmark, no lm-eval: the venv holds the package's own dependencies and the test tools only).
+# Reinstalled whenever pyproject.toml changes (exact pins move versions both ways).
 COMPAT_VENV ?= .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
-COMPAT_TESTS ?= tests/tuner tests/format tests/integrations tests/ops tests/cli tests/test_utils.py -m "not distributed and not fuzz" -q -p no:cacheprovider
+COMPAT_TESTS ?= tests/integrations tests/tuner tests/format tests/ops tests/cli tests/test_utils.py \
+	-m "not distributed and not fuzz" -k "not lm_eval" -q -p no:cacheprovider
 
 $(COMPAT_VENV)/.ready: pyproject.toml setup.py tests/lowest_versions.py
 	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)

@@ -84,16 +84,17 @@ def _from_pretrained(original):
 
 
 def _load_adapter(original):
-    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+    def load_adapter(self, model_id, *args, **kwargs):
+        adapter_name = arguments(args, kwargs, ("adapter_name",)).get("adapter_name")
         pending = _preloaded.get()
         if (pending is not None and pending[0] == str(model_id)) or not is_hft_adapter(
             model_id, self.peft_config.get(adapter_name), hub_kwargs(kwargs)
         ):  # inside our from_pretrained (already read), or another method
-            return original(self, model_id, adapter_name, *args, **kwargs)
+            return original(self, model_id, *args, **kwargs)
         validate_adapter_name(adapter_name)
         adapter = read_for_peft(model_id, kwargs)
         with preloaded(model_id, adapter), unchanged_on_failure(self.get_base_model(), adapter_name):
-            return original(self, model_id, adapter_name, *args, **kwargs)
+            return original(self, model_id, *args, **kwargs)
 
     return load_adapter
 

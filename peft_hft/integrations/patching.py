@@ -87,8 +87,9 @@ def hub_kwargs(*sources: Optional[Mapping[str, Any]]) -> dict[str, Any]:
 def looks_like_hft_config(text: str) -> bool:
     """Whether the text of an ``adapter_config.json`` belongs to an HFT adapter, also when it is damaged.
 
-    A config that parses decides by its ``peft_type`` (or, without a usable one, by HFT-only fields); one that does
-    not parse by the same marks in its text. Anything else is another method's, whose errors are PEFT's to report.
+    A config that parses decides by its ``peft_type``: ``"HFT"``, or another PEFT method's name; without a usable one
+    (missing, not a string, no method's name) by HFT-only fields. One that does not parse by the same marks in its
+    text. Anything else is another method's, whose errors are PEFT's to report.
     """
     try:
         config = json.loads(text)
@@ -97,9 +98,17 @@ def looks_like_hft_config(text: str) -> bool:
     if not isinstance(config, dict):
         return False
     peft_type = config.get("peft_type")
-    if isinstance(peft_type, str):
-        return peft_type.split(".")[-1] == PEFT_TYPE
-    return any(field in config for field in _HFT_ONLY_FIELDS)
+    if isinstance(peft_type, str) and peft_type.split(".")[-1] == PEFT_TYPE:
+        return True
+    if isinstance(peft_type, str) and peft_type.split(".")[-1] in _peft_methods():
+        return False  # another method's config, whatever else it holds
+    return any(field in config for field in _HFT_ONLY_FIELDS)  # no usable peft_type: HFT's own fields decide
+
+
+def _peft_methods() -> set[str]:
+    from peft.utils.peft_types import PeftType
+
+    return {member.value for member in PeftType} - {PEFT_TYPE}
 
 
 def _config_file(model_id: str, hub: dict[str, Any]) -> Optional[Path]:

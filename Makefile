@@ -14,7 +14,7 @@ PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: help venv test demo lint benchmarks clean
+.PHONY: help venv test test-compat demo lint benchmarks clean
 
 help:
 	@echo "make test        build .venv (if needed) and run the test suite"
@@ -22,6 +22,7 @@ help:
 	@echo "                 (make demo DEMO_ARGS=--compare-fft: full fine-tuning side by side)"
 	@echo "make lint        ruff, and the import contracts (layers, no cycles) with import-linter"
 	@echo "make benchmarks  step-time / memory benchmark (HFT vs freezing vs full fine-tuning)"
+	@echo "make test-compat build .venv-compat with the lowest peft/transformers/trl pyproject.toml allows, run COMPAT_TESTS"
 
 $(VENV)/.ready: pyproject.toml setup.py peft_hft-autoload.pth
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -43,8 +44,28 @@ lint: venv
 	$(PY) -m ruff check peft_hft tests examples benchmarks
 	$(VENV)/bin/lint-imports  # dependency direction and no import cycles (contracts in pyproject.toml)
 
+# The lowest supported versions, tested: a second venv with the floors of pyproject.toml (tests/lowest_versions.py)
+# pinned exactly, and the tests of everything that touches peft, transformers or trl (no distributed runs, no real
+# model, no benchmark, no lm-eval: the venv holds the package's own dependencies and the test tools only).
+# Reinstalled whenever pyproject.toml changes (exact pins move versions both ways).
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_TESTS ?= tests/integrations tests/tuner tests/format tests/ops tests/cli tests/test_utils.py \
+	-m "not distributed and not fuzz" -k "not lm_eval" -q -p no:cacheprovider
+
+$(COMPAT_VENV)/.ready: pyproject.toml setup.py tests/lowest_versions.py
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -c "import torch" 2>/dev/null || $(COMPAT_PY) -m pip install --quiet $(TORCH_SPEC)
+	$(COMPAT_PY) -m pip install --quiet -e . $$($(PYTHON) tests/lowest_versions.py) "pytest>=8" "pytest-timeout>=2.3" \
+		"hypothesis>=6.100" "gguf>=0.10" "datasets>=3.0" "pyyaml>=6"
+	$(COMPAT_PY) -c "import peft, transformers, trl; print('lowest: peft', peft.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.ready
+	$(COMPAT_PY) -m pytest $(COMPAT_TESTS)
+
 benchmarks: venv
 	$(PY) benchmarks/bench_training.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build dist *.egg-info .pytest_cache

@@ -13,7 +13,7 @@ adapters::
 from __future__ import annotations
 
 from .format.fingerprint import BaseMismatchError, skip_base_check
-from .format.reader import allow_non_finite
+from .format.reader import AdapterFormatError, allow_non_finite
 from .integrations.low_memory import (
     OptimizerInBackward,
     apply_low_memory_preset,
@@ -34,6 +34,7 @@ from .tuner.summary import memory_report, plot_selection, selection_summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFormatError",
     "BaseMismatchError",
     "HFTConfig",
     "HFTLayer",

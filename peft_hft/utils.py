@@ -8,6 +8,7 @@ shortens long lists in error messages alike, and picks the same autocast on the 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import platform
@@ -158,6 +159,29 @@ def listing(items: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+class OptOut:
+    """A safety check a user turns off for one block (a context variable: thread- and task-local) or for a whole
+    process (an environment variable, for scripts they do not control). ``peft_hft.skip_base_check`` and
+    ``peft_hft.allow_non_finite`` are two of them."""
+
+    def __init__(self, name: str, env: str) -> None:
+        self.env = env
+        self._inside: contextvars.ContextVar[bool] = contextvars.ContextVar(name, default=False)
+
+    @contextlib.contextmanager
+    def block(self) -> Iterator[None]:
+        """Turned off inside this block."""
+        token = self._inside.set(True)
+        try:
+            yield
+        finally:
+            self._inside.reset(token)
+
+    def active(self) -> bool:
+        """True inside :meth:`block`, or when the environment variable is 1/true/yes/on."""
+        return self._inside.get() or os.environ.get(self.env, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file beside it and a rename: readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +273,22 @@ def check_output(destination: PathLike, overwrite: bool = False,
 
 
 @contextlib.contextmanager
+def staging_directory(destination: PathLike, inside: Optional[PathLike] = None) -> Iterator[Path]:
+    """A new temporary directory for ``destination``, beside it (or in ``inside``), removed when the block ends
+    whatever happens: rename it into place inside the block to keep it. Its name (``.<name>.peft-hft-tmp-<pid>-...``)
+    lets :func:`remove_stale_temporaries` recognise it after a crash. The one staging helper of
+    :func:`atomic_directory` (replace a whole output) and ``format.writer.atomic_save`` (publish files into a
+    directory that may hold others)."""
+    destination = Path(destination)
+    parent = Path(inside) if inside is not None else destination.parent
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}{TMP_MARK}{os.getpid()}-", dir=parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_directory(destination: PathLike, overwrite: bool = False,
                      inputs: Optional[Mapping[str, Optional[PathLike]]] = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``destination``; on success it is renamed to ``destination``.
@@ -260,8 +300,7 @@ def atomic_directory(destination: PathLike, overwrite: bool = False,
     destination = check_output(destination, overwrite, inputs)
     destination.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(destination)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}{TMP_MARK}{os.getpid()}-", dir=destination.parent))
-    try:
+    with staging_directory(destination) as staging:
         yield staging
         if destination.exists():
             retired = destination.parent / f".{destination.name}.peft-hft-old-{uuid.uuid4().hex[:8]}"
@@ -270,9 +309,6 @@ def atomic_directory(destination: PathLike, overwrite: bool = False,
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy dependency); 1.96 beyond the table.

@@ -28,7 +28,7 @@ import torch
 
 import peft_hft  # noqa: F401  (registers HFT with PEFT)
 from peft_hft import HFTConfig
-from peft_hft.integrations.distributed import save_adapter, selection_fingerprint, unwrap_peft_model, verify_ranks_agree
+from peft_hft.integrations.distributed import save_adapter, selection_digest, unwrap_peft_model, verify_ranks_agree
 from peft_hft.tuner import engines
 
 STEPS = 3
@@ -103,7 +103,7 @@ def dump(out: Path, tag: str, model, checks: dict[str, Any]) -> None:
         {
             "selected": names,
             "values": values,
-            "fingerprint": selection_fingerprint(peft_model, check_values=True),
+            "fingerprint": selection_digest(peft_model, check_values=True),
             "checks": checks,
         },
         out / f"{tag}_rank{rank}.pt",

@@ -10,6 +10,9 @@ import inspect
 import sys
 import tarfile
 import types
+from pathlib import Path
+
+from upstream_probe import stub_diffusers
 
 from peft_hft.resources.data import Archive, cache_dir, fetch_archive
 
@@ -17,20 +20,15 @@ PACKAGE = "peft_upstream_tests"
 FILES = ("testing_common.py", "testing_utils.py", "test_custom_models.py")
 
 
-def _stub_diffusers() -> None:
-    """testing_common imports diffusers at module level for its Stable Diffusion tests; HFT's checks never use it."""
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("diffusers")
-        stub.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})
-        sys.modules["diffusers"] = stub
+def tests_root() -> Path:
+    """The directory holding the ``peft_upstream_tests`` package of the installed peft version (once extracted)."""
+    return cache_dir() / "peft-tests" / importlib.metadata.version("peft")
 
 
 def load_testing_common() -> types.ModuleType:
     """Import ``testing_common`` from the sdist of the installed peft version (downloaded and cached once)."""
     version = importlib.metadata.version("peft")
-    root = cache_dir() / "peft-tests" / version
+    root = tests_root()
     package = root / PACKAGE
     if not all((package / f).exists() for f in FILES):
         sdist = fetch_archive(Archive("peft", f"peft-{version}.tar.gz"))
@@ -44,7 +42,7 @@ def load_testing_common() -> types.ModuleType:
         (package / "__init__.py").write_text("")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    _stub_diffusers()
+    stub_diffusers()
     return importlib.import_module(f"{PACKAGE}.testing_common")
 
 
@@ -67,4 +65,4 @@ def upstream_checks(module: types.ModuleType) -> list[str]:
     return sorted(n.removeprefix("_test_") for n in dir(module.PeftCommonTester) if n.startswith("_test_"))
 
 
-__all__ = ["generic_checks", "load_custom_models", "load_testing_common", "upstream_checks"]
+__all__ = ["generic_checks", "load_custom_models", "load_testing_common", "tests_root", "upstream_checks"]

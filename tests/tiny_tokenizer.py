@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tiny_models import tiny_model
 
+from peft_hft.bench.quick import tiny_tokenizer
+
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -29,27 +31,13 @@ _CORPUS = [
     "user assistant system: please answer the question briefly and politely.",
     "0123456789 numbers, letters ABCDEFGHIJKLMNOPQRSTUVWXYZ and punctuation !?.,;:'\"()-",
 ]
-VOCAB_SIZE = 384
 
 
 def build_tokenizer(template: str = CHATML, special: list[str] = SPECIAL, eos: str = "<|im_end|>"):
-    """A byte-level BPE tokenizer with ``special`` tokens and a chat ``template`` (deterministic, ~10 ms)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=special[0], bos_token=special[1], eos_token=eos, chat_template=template
-    )
+    """The package's tiny byte-level BPE (:func:`peft_hft.bench.quick.tiny_tokenizer`) with ``special`` tokens
+    (pad, bos, ...) and a chat ``template``."""
+    roles = {"pad_token": special[0], "bos_token": special[1], "eos_token": eos}
+    return tiny_tokenizer(_CORPUS * 4, roles=roles, special_tokens=special, chat_template=template)
 
 
 def save_tool_tokenizer(directory: Path) -> Path:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch what examples/distributed/gpu_check.sh needs beyond a CUDA image with torch, transformers and accelerate
-# (the lent GPU machines have no network): DeepSpeed and its missing dependencies, and the PEFT version peft-hft is
+# (for GPU machines without network access): DeepSpeed and its missing dependencies, and the PEFT version peft-hft is
 # tested with. Writes wheels for CPython 3.12 / x86-64 into .whl/ (git-ignored); gpu_check.sh installs them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -4,7 +4,8 @@ code path of the benchmark (training, lm-eval scoring, resuming, tables, plots) 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -12,8 +13,18 @@ VOCAB_SIZE = 384
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-def tiny_tokenizer(texts: list[str]) -> Any:
-    """A byte-level BPE tokenizer with ``VOCAB_SIZE`` entries trained on ``texts`` (deterministic)."""
+def tiny_tokenizer(
+    texts: Sequence[str],
+    roles: Mapping[str, str] = SPECIAL,
+    special_tokens: Optional[Sequence[str]] = None,
+    chat_template: Optional[str] = None,
+) -> Any:
+    """A byte-level BPE tokenizer with ``VOCAB_SIZE`` entries trained on ``texts`` (deterministic, ~10 ms).
+
+    ``roles``: the ``bos_token``/``eos_token``/``pad_token`` strings; ``special_tokens``: every special token, in id
+    order (default: the role tokens); ``chat_template``: a Jinja chat template, for TRL. The one tiny tokenizer of the
+    package and its tests.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -22,12 +33,13 @@ def tiny_tokenizer(texts: list[str]) -> Any:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=list(SPECIAL.values()),
+        special_tokens=list(special_tokens if special_tokens is not None else roles.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL)
+    extra = {"chat_template": chat_template} if chat_template is not None else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles, **extra)
 
 
 def tiny_model_and_tokenizer(texts: list[str], seed: int = 0) -> tuple[torch.nn.Module, Any]:

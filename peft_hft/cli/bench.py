@@ -76,9 +76,6 @@ OPTIONS = {
 }
 
 
-HELP = "benchmarks to run on your own model: forgetting (FFT vs HFT vs LoRA, what each keeps)"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     forgetting = commands.add_parser(

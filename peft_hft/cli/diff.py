@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "turn a fully fine-tuned checkpoint into an HFT diff adapter (all changed tensors, or a selection)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..tuner.config import DIFF_DTYPES, STRATEGIES

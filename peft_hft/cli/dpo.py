@@ -7,6 +7,5 @@ an HFT adapter (see :mod:`peft_hft.integrations.trl_cli`). Under accelerate: ``a
 
 from __future__ import annotations
 
-HELP = "preference optimisation (DPO) with HFT through TRL's dpo script (TRL's arguments, YAML --config, --hft_*)"
 # Like `peft-hft sft`: every argument goes to TRL's parser, and TRL's script of the command's name runs.
-from .sft import PASSTHROUGH, add_arguments, run  # noqa: E402,F401
+from .sft import PASSTHROUGH, add_arguments, run  # noqa: F401

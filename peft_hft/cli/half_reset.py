@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "reset half of a fully fine-tuned model's tensors to the base (the HFT paper's pilot), as an HFT adapter"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..tuner.config import DIFF_DTYPES, STRATEGIES

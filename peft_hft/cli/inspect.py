@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "describe an HFT adapter: selection, sizes and share of the full model, base model and fingerprint"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", metavar="ADAPTER", help="HFT adapter: directory or Hub repo id")

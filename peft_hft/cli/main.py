@@ -1,8 +1,9 @@
 """The ``peft-hft`` command line: ``peft-hft <subcommand> [options]``.
 
-Each subcommand lives in its own module that exposes ``HELP`` (a one-line description), ``add_arguments(parser)`` and
-``run(args) -> int`` (the exit status). Adding a subcommand is one line in :data:`SUBCOMMANDS`; its logic stays in
-its module, and its module is imported only when it is listed.
+Each subcommand lives in its own module that exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit
+status); its one-line help text is in :data:`SUBCOMMANDS`. Adding a subcommand is one line there; its logic stays in
+its module, and its module is imported only when that command runs (``peft-hft --help`` lists every command from
+:data:`SUBCOMMANDS` alone, so it imports none of them, nor what they import: TRL, lm-eval, the benchmark).
 """
 
 from __future__ import annotations
@@ -14,26 +15,59 @@ import sys
 import threading
 import traceback
 from collections.abc import Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
-# name -> module path; the module provides HELP, add_arguments(parser) and run(args).
-SUBCOMMANDS: dict[str, str] = {
-    "merge": "peft_hft.cli.merge",
-    "inspect": "peft_hft.cli.inspect",
-    "diff": "peft_hft.cli.diff",
-    "half-reset": "peft_hft.cli.half_reset",
-    "bench": "peft_hft.cli.bench",
-    "to-lora": "peft_hft.cli.to_lora",
-    "scale": "peft_hft.cli.scale",
-    "sft": "peft_hft.cli.sft",
-    "dpo": "peft_hft.cli.dpo",
+
+class Subcommand(NamedTuple):
+    module: str  # provides add_arguments(parser) and run(args); PASSTHROUGH = True when it parses its own arguments
+    help: str  # the one-line description `peft-hft --help` lists
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "merge": Subcommand(
+        "peft_hft.cli.merge",
+        "apply an HFT diff adapter to a base checkpoint on disk, shard by shard (atomic, bounded memory)",
+    ),
+    "inspect": Subcommand(
+        "peft_hft.cli.inspect",
+        "describe an HFT adapter: selection, sizes and share of the full model, base model and fingerprint",
+    ),
+    "diff": Subcommand(
+        "peft_hft.cli.diff",
+        "turn a fully fine-tuned checkpoint into an HFT diff adapter (all changed tensors, or a selection)",
+    ),
+    "half-reset": Subcommand(
+        "peft_hft.cli.half_reset",
+        "reset half of a fully fine-tuned model's tensors to the base (the HFT paper's pilot), as an HFT adapter",
+    ),
+    "bench": Subcommand(
+        "peft_hft.cli.bench",
+        "benchmarks to run on your own model: forgetting (FFT vs HFT vs LoRA, what each keeps)",
+    ),
+    "to-lora": Subcommand(
+        "peft_hft.cli.to_lora",
+        "convert an HFT adapter to a standard LoRA adapter (truncated SVD of each diff) for LoRA-only serving stacks",
+    ),
+    "scale": Subcommand(
+        "peft_hft.cli.scale",
+        "the alpha dial: an HFT adapter whose diffs are alpha times IN's (base + alpha x diff, exact task arithmetic)",
+    ),
+    "sft": Subcommand(
+        "peft_hft.cli.sft",
+        "supervised fine-tuning with HFT through TRL's sft script (TRL's arguments, YAML --config, --hft_*)",
+    ),
+    "dpo": Subcommand(
+        "peft_hft.cli.dpo",
+        "preference optimisation (DPO) with HFT through TRL's dpo script (TRL's arguments, YAML --config, --hft_*)",
+    ),
 }
 
 # Errors that are the user's input, not a bug: printed as one message, without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (and its arguments added), the others are listed by name."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(
@@ -44,13 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peft-hft {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if name != command:
+            subparsers.add_parser(name, help=help_text, description=help_text)
+            continue
         module = importlib.import_module(module_name)
         passthrough = getattr(module, "PASSTHROUGH", False)  # the command parses its own arguments (TRL's parser)
-        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP, add_help=not passthrough)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, add_help=not passthrough)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run, passthrough=passthrough)
     return parser
+
+
+def command_of(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand named in ``argv``: its first word that is not an option (the global options take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _interrupt_on_termination() -> None:
@@ -68,7 +110,8 @@ def _interrupt_on_termination() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``peft-hft`` console script; returns the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_of(argv))
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

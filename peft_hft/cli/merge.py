@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "apply an HFT diff adapter to a base checkpoint on disk, shard by shard (atomic, bounded memory)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..ops.merge import OUTPUT_DTYPES

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "the alpha dial: an HFT adapter whose diffs are alpha times IN's (base + alpha x diff, exact task arithmetic)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..utils import FLOAT_DTYPES

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "supervised fine-tuning with HFT through TRL's sft script (TRL's arguments, YAML --config, --hft_*)"
 PASSTHROUGH = True  # TRL's parser reads the arguments (`peft-hft sft --help` shows them)
 
 

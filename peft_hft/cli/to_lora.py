@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "convert an HFT adapter to a standard LoRA adapter (truncated SVD of each diff) for LoRA-only serving stacks"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..utils import FLOAT_DTYPES

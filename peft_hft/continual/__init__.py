@@ -13,7 +13,7 @@ See ``docs/continual.md``.
 
 from __future__ import annotations
 
-from .history import StageHistory, StageRecord, apply_diffs, read_diffs, weight_fingerprint
+from .history import StageHistory, StageRecord, apply_diffs, read_diffs, weight_fingerprint, weights_digest
 from .metrics import (
     AccuracyMatrix,
     mean_matrix,
@@ -44,4 +44,5 @@ __all__ = [
     "seed_summary_table",
     "summary_table",
     "weight_fingerprint",
+    "weights_digest",
 ]

@@ -4,7 +4,7 @@ Not to be confused with the *ledger* (``HFTLayer`` at ``model.hft``), the in-mod
 adapters. The stage history is a directory::
 
     history/
-        manifest.json          order, task names, seeds, masks, fingerprints, metrics
+        manifest.json          order, task names, seeds, masks, weight digests, metrics
         stage_00_<task>/       a normal HFT adapter (adapter_config.json + adapter_model.safetensors)
         stage_01_<task>/
         ...
@@ -13,7 +13,7 @@ Stage ``k``'s adapter holds its diff relative to the model *after stage k-1*, so
 ``PeftModel.from_pretrained`` onto that model, and the model after stage ``k`` is ``base + diff_0 + ... + diff_k``.
 :class:`StageHistory` rebuilds it exactly: the continual runner folds every stage by applying the diff *as read back
 from disk*, with the same arithmetic as PEFT's loader, so the rebuilt weights are bit-identical to the running
-model's, and a fingerprint of the weights recorded after each stage proves it on every load. Stages can also be
+model's, and a digest of the weights recorded after each stage proves it on every load. Stages can also be
 dropped or re-weighted (task arithmetic, ``base + sum_i w_i * diff_i``) and the result exported as a plain checkpoint.
 """
 
@@ -73,8 +73,12 @@ class StageRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def weight_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every parameter of ``model`` (names, shapes, dtypes and raw bytes).
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter of ``model`` (names, shapes, dtypes and raw bytes): one digest of a whole model.
+
+    Not a *base fingerprint* (:mod:`peft_hft.format.fingerprint`: per-tensor records an adapter keeps of its base);
+    the manifest keeps its historical keys (``base_fingerprint``, ``start_fingerprint``, ``end_fingerprint``) for
+    these digests, so that existing histories load.
 
     Recorded for the base and after every stage: loading a history checks that it starts from exactly the recorded
     base, and that a rebuilt stage is bit-identical to the model the run had.
@@ -83,6 +87,9 @@ def weight_fingerprint(model: nn.Module) -> str:
     for name, param in tqdm(list(model.named_parameters()), desc="Hashing weights", leave=False, disable=None):
         h.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{digest(param)}\n".encode())
     return h.hexdigest()
+
+
+weight_fingerprint = weights_digest  # the earlier name, kept for existing callers
 
 
 def read_diffs(adapter_dir: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
@@ -187,7 +194,7 @@ class StageHistory:
             "policy": policy,
             "config": dict(config),
             "base_model": getattr(getattr(base_model, "config", None), "name_or_path", None) or None,
-            "base_fingerprint": weight_fingerprint(base_model),
+            "base_fingerprint": weights_digest(base_model),
             "dtype": str(next(base_model.parameters()).dtype).removeprefix("torch."),
             "base_metrics": {},
             "stages": [],
@@ -230,8 +237,11 @@ class StageHistory:
         return dict(self._data["config"])
 
     @property
-    def base_fingerprint(self) -> str:
+    def base_digest(self) -> str:
+        """:func:`weights_digest` of the base the run started from."""
         return self._data["base_fingerprint"]
+
+    base_fingerprint = base_digest  # the earlier name
 
     @property
     def base_metrics(self) -> dict[str, float]:
@@ -274,11 +284,11 @@ class StageHistory:
 
     def check_base(self, model: nn.Module) -> None:
         """Raise a ``ValueError`` unless ``model`` has exactly the weights the history was trained from."""
-        found = weight_fingerprint(model)
-        if found != self.base_fingerprint:
+        found = weights_digest(model)
+        if found != self.base_digest:
             raise ValueError(
-                f"The model's weights (fingerprint {found}) are not the base this stage history was trained from "
-                f"({self.base_fingerprint}, {self._data.get('base_model')!r} in {self._data.get('dtype')}). Load the "
+                f"The model's weights (digest {found}) are not the base this stage history was trained from "
+                f"({self.base_digest}, {self._data.get('base_model')!r} in {self._data.get('dtype')}). Load the "
                 "same base checkpoint in the same dtype, or pass check_base=False to apply the diffs anyway "
                 "(the result is then not the trained model)."
             )
@@ -318,7 +328,7 @@ class StageHistory:
             weights: Per-stage weights for task arithmetic: a sequence with one weight per included stage, or a
                 mapping ``{stage index or task name: weight}`` (unnamed stages keep weight 1). Weight 0 drops a
                 stage. Without weights, the result is bit-identical to the model the run had after stage ``upto``
-                (checked against the fingerprint recorded then).
+                (checked against the digest recorded then).
             check_base: Refuse a model that is not the recorded base (default). Turn off only to apply the diffs to
                 another model on purpose.
 
@@ -335,10 +345,10 @@ class StageHistory:
             if factors[index] != 0.0:
                 apply_diffs(model, self.diffs(index, model), factors[index])
         if check_base and all(w == 1.0 for w in factors):
-            found = weight_fingerprint(model)
+            found = weights_digest(model)
             if found != self.stages[last].end_fingerprint:
                 raise RuntimeError(
-                    f"Rebuilding stage {last} gave weights with fingerprint {found}, but the run recorded "
+                    f"Rebuilding stage {last} gave weights with digest {found}, but the run recorded "
                     f"{self.stages[last].end_fingerprint}. The adapter files in {self.path} were changed after the "
                     "run; re-run the affected stages."
                 )

@@ -27,7 +27,7 @@ from ..tuner.config import HFTConfig
 from ..tuner.layer import find_ledger
 from ..tuner.selection import resolve_selection
 from ..utils import atomic_directory
-from .history import MANIFEST, StageHistory, StageRecord, apply_diffs, read_diffs, stage_dirname, weight_fingerprint
+from .history import MANIFEST, StageHistory, StageRecord, apply_diffs, read_diffs, stage_dirname, weights_digest
 
 POLICIES = ("random", "complementary", "fixed", "calibrated")
 # Config fields that define the draw; a resumed run must agree with the history on them.
@@ -272,7 +272,7 @@ class ContinualHFT:
         index = self.num_stages
         task = self._open_task
         adapter = stage_dirname(index, task)
-        start_fingerprint = self.history.stages[-1].end_fingerprint if index else self.history.base_fingerprint
+        start_fingerprint = self.history.stages[-1].end_fingerprint if index else self.history.base_digest
         stage_config = peft_model.peft_config["default"]
         # If saving fails (e.g. a full disk), nothing is written and the stage stays open: call end_stage() again or
         # abort_stage(). Overwrite: a directory of this name is only left by a run that died before recording it.
@@ -298,7 +298,7 @@ class ContinualHFT:
             overlap_tensors=sum(n in previous for n in selected),
             overlap_parameters=sum(numel[n] for n in selected if n in previous),
             start_fingerprint=start_fingerprint,
-            end_fingerprint=weight_fingerprint(self._model),
+            end_fingerprint=weights_digest(self._model),
             metrics={str(k): float(v) for k, v in (metrics or {}).items()},
             info={**self._open_info, **info},
         )

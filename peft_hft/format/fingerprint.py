@@ -28,7 +28,6 @@ Opting out (for a base you know to be equivalent, e.g. re-saved with tiny numeri
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import os
 import re
@@ -41,7 +40,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..utils import dtype_name, torch_dtype
+from ..utils import OptOut, dtype_name, torch_dtype
 
 FINGERPRINT_FORMAT = 1
 ALGORITHM = "sha256"
@@ -50,7 +49,7 @@ SKIP_ENV = "PEFT_HFT_SKIP_BASE_CHECK"
 ROUNDINGS = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_LISTED = 10
 
-_skip = contextvars.ContextVar("peft_hft_skip_base_check", default=False)
+_skip = OptOut("peft_hft_skip_base_check", SKIP_ENV)
 
 
 class BaseMismatchError(ValueError):
@@ -67,16 +66,13 @@ def skip_base_check() -> Iterator[None]:
         ...     model = PeftModel.from_pretrained(other_base, "user/hft-adapter")
         ```
     """
-    token = _skip.set(True)
-    try:
+    with _skip.block():
         yield
-    finally:
-        _skip.reset(token)
 
 
 def base_check_skipped() -> bool:
     """True inside :func:`skip_base_check` or when ``PEFT_HFT_SKIP_BASE_CHECK`` is set to 1/true/yes."""
-    return _skip.get() or os.environ.get(SKIP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return _skip.active()
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -30,9 +30,7 @@ with the weights of another.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
-import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -42,7 +40,7 @@ from typing import Any, BinaryIO, Optional
 
 import torch
 
-from ..utils import FLOAT_DTYPES, PathLike, dtype_name, listing
+from ..utils import FLOAT_DTYPES, OptOut, PathLike, dtype_name, listing
 from .checkpoint import Source, TensorEntry, is_repo_id, read_header, read_tensor, resolve
 from .fingerprint import FingerprintError, validate_fingerprint
 from .keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, parameter_name_of
@@ -53,7 +51,7 @@ ALLOW_NON_FINITE_ENV = "PEFT_HFT_ALLOW_NON_FINITE"
 # dtypes a stored tensor may have: diffs are differences of float weights
 TENSOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-_allow_non_finite = contextvars.ContextVar("peft_hft_allow_non_finite", default=False)
+_allow_non_finite = OptOut("peft_hft_allow_non_finite", ALLOW_NON_FINITE_ENV)
 
 
 class AdapterFormatError(ValueError):
@@ -70,18 +68,13 @@ def allow_non_finite() -> Iterator[None]:
         ...     model = PeftModel.from_pretrained(base, "adapter-with-infs")
         ```
     """
-    token = _allow_non_finite.set(True)
-    try:
+    with _allow_non_finite.block():
         yield
-    finally:
-        _allow_non_finite.reset(token)
 
 
 def non_finite_allowed() -> bool:
     """True inside :func:`allow_non_finite` or when ``PEFT_HFT_ALLOW_NON_FINITE`` is 1/true/yes/on."""
-    return _allow_non_finite.get() or os.environ.get(ALLOW_NON_FINITE_ENV, "").strip().lower() in (
-        "1", "true", "yes", "on"
-    )
+    return _allow_non_finite.active()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -496,31 +489,6 @@ def _read_values(
     return tensors if keep else None
 
 
-def peek_peft_type(
-    name_or_path: Optional[PathLike], subfolder: Optional[str] = None, **hub_kwargs: Any
-) -> Optional[str]:
-    """The ``peft_type`` of the adapter at ``name_or_path`` (local or cached/downloadable), or ``None`` if unknown.
-
-    Malformed configs raise :class:`AdapterFormatError` naming the file, for every PEFT method: PEFT itself reports a
-    bare ``KeyError``/``JSONDecodeError``.
-    """
-    if name_or_path is None:
-        return None
-    local = Path(str(name_or_path)) / subfolder if subfolder else Path(str(name_or_path))
-    path = local / ADAPTER_CONFIG
-    if not path.is_file():
-        if Path(str(name_or_path)).exists():
-            return None  # let the caller's own error name what is missing
-        try:
-            from huggingface_hub import hf_hub_download
-
-            kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-            path = Path(hf_hub_download(str(name_or_path), ADAPTER_CONFIG, subfolder=subfolder, **kwargs))
-        except Exception:  # not resolvable here: the caller's own code path reports it
-            return None
-    return str(load_config_json(path)["peft_type"]).split(".")[-1]
-
-
 __all__ = [
     "AdapterFile",
     "AdapterFormatError",
@@ -530,7 +498,6 @@ __all__ = [
     "is_hft_config",
     "load_config_json",
     "non_finite_allowed",
-    "peek_peft_type",
     "read_adapter",
     "register_config_check",
     "validate_config",

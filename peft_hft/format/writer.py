@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..utils import TMP_MARK, PathLike
+from ..utils import PathLike, staging_directory
 
 try:  # POSIX
     import fcntl
@@ -69,8 +67,7 @@ def atomic_save(directory: PathLike) -> Iterator[Path]:
         raise NotADirectoryError(f"Cannot save an adapter into {target}: it is a file. Fix: choose a directory.")
     parent = target if existed else target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=parent))
-    try:
+    with staging_directory(target, inside=parent) as staging:
         yield staging
         if not existed:
             try:
@@ -81,8 +78,6 @@ def atomic_save(directory: PathLike) -> Iterator[Path]:
                     raise
                 # another writer published first: fall through and replace its files under the lock
         _publish_files(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _publish_files(staging: Path, target: Path) -> None:

@@ -83,15 +83,15 @@ def save_adapter(
         torch.distributed.barrier()
 
 
-def selection_fingerprint(model: nn.Module, check_values: bool = False) -> dict[str, str]:
-    """A short digest per HFT adapter of what must be equal on every process.
+def selection_digest(model: nn.Module, check_values: bool = False) -> dict[str, str]:
+    """A short digest per HFT adapter of what must be equal on every process (not a base fingerprint).
 
     It covers the selected tensors' names and full shapes and, with ``check_values``, the bytes of their base values
     (the originals HFT keeps; hashing them reads half the model once).
     """
     ledger = find_ledger(model)
     if ledger is None:
-        raise ValueError("This model has no HFT adapter; nothing to fingerprint.")
+        raise ValueError("This model has no HFT adapter; nothing to digest.")
     out = {}
     for adapter, record in sorted(ledger.hft_adapters.items()):
         digest = hashlib.sha256()
@@ -105,6 +105,9 @@ def selection_fingerprint(model: nn.Module, check_values: bool = False) -> dict[
     return out
 
 
+selection_fingerprint = selection_digest  # the earlier name, kept for existing callers
+
+
 def verify_ranks_agree(model: nn.Module, check_values: bool = False) -> None:
     """Raise ``RuntimeError`` on every process if the processes hold different HFT selections (or base values).
 
@@ -113,7 +116,7 @@ def verify_ranks_agree(model: nn.Module, check_values: bool = False) -> None:
     rank, world = _rank_and_world()
     if world == 1:
         return
-    mine = selection_fingerprint(model, check_values)
+    mine = selection_digest(model, check_values)
     everyone: list[Optional[dict[str, str]]] = [None] * world
     torch.distributed.all_gather_object(everyone, mine)
     if any(other != everyone[0] for other in everyone):

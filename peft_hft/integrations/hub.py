@@ -15,7 +15,6 @@ saves the adapter and then *overwrites* that card with a transformers card (``li
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import tempfile
@@ -24,12 +23,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..utils import float_dtype
+from .patching import hft_configs, patch
 
 HFT_TAGS = ("hft", "peft-hft", "half-fine-tuning")
 SECTION_START = "<!-- peft-hft:start -->"
 SECTION_END = "<!-- peft-hft:end -->"
 PAPER_URL = "https://arxiv.org/abs/2404.18466"
-_PATCH_MARKER = "_peft_hft_patched"
 _AUTO_CLASS = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
@@ -190,14 +189,6 @@ def update_model_card(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def hft_configs(peft_model: Any) -> dict[str, Any]:
-    """The HFT adapters' configs of a PeftModel (empty for other methods)."""
-    from ..tuner.config import HFTConfig
-
-    configs = getattr(peft_model, "peft_config", None) or {}
-    return {name: c for name, c in configs.items() if isinstance(c, HFTConfig)}
-
-
 def _base_model_name(peft_model: Any, configs: Mapping[str, Any]) -> Optional[str]:
     for config in configs.values():
         if getattr(config, "base_model_name_or_path", None):
@@ -294,29 +285,28 @@ def push_hft_to_hub(
         )
 
 
+def _create_or_update_model_card(original):
+    def create_or_update_model_card(self, output_dir, *args, **kwargs):
+        result = original(self, output_dir, *args, **kwargs)
+        if hft_configs(self):
+            write_hft_card(self, output_dir)
+        return result
+
+    return create_or_update_model_card
+
+
+def _push_to_hub(original):
+    def push_to_hub(self, repo_id, *args, **kwargs):
+        if hft_configs(self) and not args:
+            return push_hft_to_hub(self, repo_id, **kwargs)
+        return original(self, repo_id, *args, **kwargs)
+
+    return push_to_hub
+
+
 def patch_peft() -> None:
     """Give PEFT models with HFT adapters the HFT model card and a card-preserving ``push_to_hub``. Idempotent."""
     from peft import PeftModel
 
-    card = PeftModel.create_or_update_model_card
-    if not getattr(card, _PATCH_MARKER, False):
-
-        @functools.wraps(card)
-        def create_or_update_model_card(self, output_dir: str):
-            card(self, output_dir)
-            write_hft_card(self, output_dir)
-
-        setattr(create_or_update_model_card, _PATCH_MARKER, True)
-        PeftModel.create_or_update_model_card = create_or_update_model_card
-
-    push = PeftModel.push_to_hub
-    if not getattr(push, _PATCH_MARKER, False):
-
-        @functools.wraps(push)
-        def push_to_hub(self, repo_id: str, *args, **kwargs):
-            if hft_configs(self) and not args:
-                return push_hft_to_hub(self, repo_id, **kwargs)
-            return push(self, repo_id, *args, **kwargs)
-
-        setattr(push_to_hub, _PATCH_MARKER, True)
-        PeftModel.push_to_hub = push_to_hub
+    patch(PeftModel, "create_or_update_model_card", _create_or_update_model_card)
+    patch(PeftModel, "push_to_hub", _push_to_hub)

@@ -3,7 +3,9 @@
 PEFT reads an adapter in steps that each change the model: ``PeftModel.from_pretrained`` wraps the base model and
 injects the adapter, *then* reads the weights file and loads it. A damaged file therefore fails half-way, leaving the
 base model with a ledger, a ``peft_config`` and every ``requires_grad`` switched off. :func:`patch_peft_loading` (run
-when ``peft_hft`` is imported) changes that for HFT adapters only; every other method takes PEFT's code unchanged:
+when ``peft_hft`` is imported) changes that for HFT adapters only
+(:func:`peft_hft.integrations.patching.is_hft_adapter`); every other method takes PEFT's code unchanged, with its
+original arguments:
 
 * ``PeftModel.from_pretrained`` / ``PeftModel.load_adapter`` read the adapter with the strict reader
   (:func:`peft_hft.format.reader.read_adapter`) *before* PEFT touches the model, hand PEFT the tensors already read
@@ -12,8 +14,6 @@ when ``peft_hft`` is imported) changes that for HFT adapters only; every other m
   ``load_adapter`` into an existing HFT adapter (``Trainer(resume_from_checkpoint=...)``) first checks that the
   checkpoint has the adapter's selection, and checks the base against the checkpoint's fingerprint
   (:func:`peft_hft.tuner.model.reloading`);
-* ``PeftConfig`` reading names the file when ``adapter_config.json`` is not valid JSON or lacks ``peft_type`` (PEFT
-  raises a bare ``JSONDecodeError`` / ``KeyError``), for every method;
 * ``PeftModel.save_pretrained`` of a model with HFT adapters validates the adapter names, writes safetensors only
   and publishes the files in one step (:func:`peft_hft.format.writer.atomic_save`);
 * ``get_base_model_state_dict`` returns the base values of the tensors HFT trains in place (PEFT's version returns
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 import shutil
 import warnings
@@ -34,8 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..format.keys import ADAPTER_CONFIG
-from ..format.reader import AdapterFile, load_config_json, peek_peft_type, read_adapter
+from ..format.reader import AdapterFile, read_adapter
 from ..format.writer import atomic_save
 from ..tuner.layer import find_ledger
 from ..tuner.model import (
@@ -45,19 +43,12 @@ from ..tuner.model import (
     unchanged_on_failure,
     validate_adapter_name,
 )
-
-_PATCH_MARKER = "_peft_hft_patched"
-_HUB_KWARGS = ("revision", "subfolder", "token", "cache_dir", "local_files_only", "force_download", "proxies")
+from .patching import arguments, hft_configs, hub_kwargs, is_hft_adapter, patch
 
 # The adapter read by a from_pretrained/load_adapter wrapper, for the load_peft_weights call PEFT makes inside it.
 _preloaded: contextvars.ContextVar[Optional[tuple[str, AdapterFile]]] = contextvars.ContextVar(
     "peft_hft_preloaded", default=None
 )
-
-
-def hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The download arguments among ``kwargs`` (what PEFT passes to ``hf_hub_download``)."""
-    return {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
 
 
 def read_for_peft(model_id: Any, kwargs: dict[str, Any]) -> AdapterFile:
@@ -76,53 +67,39 @@ def preloaded(model_id: Any, adapter: AdapterFile) -> Iterator[None]:
         _preloaded.reset(token)
 
 
-def _is_hft(model_id: Any, config: Any, kwargs: dict[str, Any]) -> bool:
-    from ..tuner.config import HFTConfig
-
-    if config is not None:
-        return isinstance(config, HFTConfig)
-    hub = hub_kwargs(kwargs)
-    subfolder = hub.pop("subfolder", None)
-    return peek_peft_type(model_id, subfolder=subfolder, **hub) == "HFT"
-
-
 def config_of(adapter: AdapterFile):
     """The ``HFTConfig`` of a validated adapter."""
     return config_from_dict(adapter.config)
 
 
-def _patch_from_pretrained(peft_model_cls: type) -> None:
-    original = peft_model_cls.from_pretrained.__func__
-    if getattr(original, _PATCH_MARKER, False):
-        return
-
-    @functools.wraps(original)
-    def from_pretrained(cls, model, model_id, adapter_name="default", is_trainable=False, config=None, *args, **kwargs):
-        if not _is_hft(model_id, config, kwargs):
-            return original(cls, model, model_id, adapter_name, is_trainable, config, *args, **kwargs)
+def _from_pretrained(original):
+    def from_pretrained(cls, model, model_id, *args, **kwargs):
+        given = arguments(args, kwargs, ("adapter_name", "is_trainable", "config"))
+        adapter_name, config = given.get("adapter_name", "default"), given.get("config")
+        if not is_hft_adapter(model_id, config, hub_kwargs(kwargs)):
+            return original(cls, model, model_id, *args, **kwargs)
         validate_adapter_name(adapter_name)
         adapter = read_for_peft(model_id, kwargs)
-        if config is None:
+        if config is None:  # PEFT would read the config again: hand it the one just validated
             config = config_of(adapter)
+            if len(args) >= 3:
+                args = (*args[:2], config, *args[3:])
+            else:
+                kwargs = {**kwargs, "config": config}
         with preloaded(model_id, adapter), unchanged_on_failure(model, adapter_name):
-            return original(cls, model, model_id, adapter_name, is_trainable, config, *args, **kwargs)
+            return original(cls, model, model_id, *args, **kwargs)
 
-    setattr(from_pretrained, _PATCH_MARKER, True)
-    peft_model_cls.from_pretrained = classmethod(from_pretrained)
+    return from_pretrained
 
 
-def _patch_load_adapter(peft_model_cls: type) -> None:
-    original = peft_model_cls.load_adapter
-    if getattr(original, _PATCH_MARKER, False):
-        return
-
-    @functools.wraps(original)
-    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+def _load_adapter(original):
+    def load_adapter(self, model_id, *args, **kwargs):
+        adapter_name = arguments(args, kwargs, ("adapter_name",)).get("adapter_name")
         pending = _preloaded.get()
-        if (pending is not None and pending[0] == str(model_id)) or not _is_hft(
-            model_id, self.peft_config.get(adapter_name), kwargs
+        if (pending is not None and pending[0] == str(model_id)) or not is_hft_adapter(
+            model_id, self.peft_config.get(adapter_name), hub_kwargs(kwargs)
         ):  # inside our from_pretrained (already read), or another method
-            return original(self, model_id, adapter_name, *args, **kwargs)
+            return original(self, model_id, *args, **kwargs)
         validate_adapter_name(adapter_name)
         adapter = read_for_peft(model_id, kwargs)
         base = self.get_base_model()
@@ -131,71 +108,23 @@ def _patch_load_adapter(peft_model_cls: type) -> None:
             else contextlib.nullcontext()
         )
         with preloaded(model_id, adapter), unchanged_on_failure(base, adapter_name), into_existing:
-            return original(self, model_id, adapter_name, *args, **kwargs)
+            return original(self, model_id, *args, **kwargs)
 
-    setattr(load_adapter, _PATCH_MARKER, True)
-    peft_model_cls.load_adapter = load_adapter
+    return load_adapter
 
 
-def _patch_load_peft_weights() -> None:
-    import peft.peft_model
-
-    original = peft.peft_model.load_peft_weights
-    if getattr(original, _PATCH_MARKER, False):
-        return
-
-    @functools.wraps(original)
-    def load_peft_weights(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
+def _load_peft_weights(original):
+    def load_peft_weights(model_id, *args, **kwargs):
         pending = _preloaded.get()
-        if pending is not None and pending[0] == str(model_id) and not key_mapping:
-            return pending[1].state_dict()
-        return original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+        if pending is not None and pending[0] == str(model_id) and not kwargs.get("key_mapping"):
+            return pending[1].state_dict()  # the HFT adapter the wrapper above read and validated
+        return original(model_id, *args, **kwargs)
 
-    setattr(load_peft_weights, _PATCH_MARKER, True)
-    peft.peft_model.load_peft_weights = load_peft_weights
-
-
-def _patch_config_reading() -> None:
-    """Name the file when an adapter_config.json is not JSON or has no ``peft_type`` (for every PEFT method)."""
-    from peft.config import PeftConfigMixin
-
-    get_type = PeftConfigMixin._get_peft_type.__func__
-    if not getattr(get_type, _PATCH_MARKER, False):
-
-        @functools.wraps(get_type)
-        def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):
-            subfolder = hf_hub_download_kwargs.get("subfolder")
-            path = Path(str(model_id), subfolder or "", ADAPTER_CONFIG)
-            if path.is_file():
-                return load_config_json(path)["peft_type"]
-            return get_type(cls, model_id, **hf_hub_download_kwargs)
-
-        setattr(_get_peft_type, _PATCH_MARKER, True)
-        PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
-
-    from_json = PeftConfigMixin.from_json_file.__func__
-    if not getattr(from_json, _PATCH_MARKER, False):
-
-        @functools.wraps(from_json)
-        def from_json_file(cls, path_json_file, **kwargs):
-            load_config_json(Path(path_json_file), require_peft_type=False)  # errors that name the file
-            return from_json(cls, path_json_file, **kwargs)
-
-        setattr(from_json_file, _PATCH_MARKER, True)
-        PeftConfigMixin.from_json_file = classmethod(from_json_file)
+    return load_peft_weights
 
 
-def _patch_save_pretrained(peft_model_cls: type) -> None:
-    original = peft_model_cls.save_pretrained
-    if getattr(original, _PATCH_MARKER, False):
-        return
-
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory, safe_serialization=True, selected_adapters=None, *args, **kwargs):
-        from .hub import hft_configs
-
-        if not hft_configs(self) or os.path.isfile(save_directory) or not kwargs.get("is_main_process", True):
-            return original(self, save_directory, safe_serialization, selected_adapters, *args, **kwargs)
+def _save_pretrained(original):
+    def save_hft(self, save_directory, safe_serialization=True, selected_adapters=None, *args, **kwargs):
         for name in selected_adapters if selected_adapters is not None else list(self.peft_config):
             validate_adapter_name(name)  # a name is a sub-directory: it must stay inside save_directory
         if not safe_serialization:
@@ -221,8 +150,12 @@ def _patch_save_pretrained(peft_model_cls: type) -> None:
                     staged = staging if name == "default" else staging / name
                     read_adapter(staged, load=False, check_values=False).close()
 
-    setattr(save_pretrained, _PATCH_MARKER, True)
-    peft_model_cls.save_pretrained = save_pretrained
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if not hft_configs(self) or os.path.isfile(save_directory) or not kwargs.get("is_main_process", True):
+            return original(self, save_directory, *args, **kwargs)
+        return save_hft(self, save_directory, *args, **kwargs)
+
+    return save_pretrained
 
 
 def _carry_model_cards(target: Path, staging: Path) -> None:
@@ -251,32 +184,24 @@ def base_model_state_dict(peft_model: Any, state_dict: dict[str, torch.Tensor]) 
     return state_dict
 
 
-def _patch_base_state_dict() -> None:
-    import peft
-    import peft.utils
-    import peft.utils.save_and_load as save_and_load
+def _get_base_model_state_dict(original):
+    def get_base_model_state_dict(model, *args, **kwargs):
+        state_dict = original(model, *args, **kwargs)
+        return base_model_state_dict(model, state_dict) if hft_configs(model) else state_dict
 
-    original = save_and_load.get_base_model_state_dict
-    if getattr(original, _PATCH_MARKER, False):
-        return
-
-    @functools.wraps(original)
-    def get_base_model_state_dict(model):
-        return base_model_state_dict(model, original(model))
-
-    setattr(get_base_model_state_dict, _PATCH_MARKER, True)
-    for module in (save_and_load, peft.utils, peft):
-        if getattr(module, "get_base_model_state_dict", None) is original:
-            module.get_base_model_state_dict = get_base_model_state_dict
+    return get_base_model_state_dict
 
 
 def patch_peft_loading() -> None:
     """Install the wrappers described in the module docstring. Idempotent."""
+    import peft
+    import peft.peft_model
+    import peft.utils
+    import peft.utils.save_and_load as save_and_load
     from peft import PeftModel
 
-    _patch_config_reading()
-    _patch_load_peft_weights()
-    _patch_from_pretrained(PeftModel)
-    _patch_load_adapter(PeftModel)
-    _patch_save_pretrained(PeftModel)
-    _patch_base_state_dict()
+    patch(peft.peft_model, "load_peft_weights", _load_peft_weights)
+    patch(PeftModel, "from_pretrained", _from_pretrained)
+    patch(PeftModel, "load_adapter", _load_adapter)
+    patch(PeftModel, "save_pretrained", _save_pretrained)
+    patch(save_and_load, "get_base_model_state_dict", _get_base_model_state_dict, also=(peft.utils, peft))

@@ -3,38 +3,20 @@
 transformers 5 loads adapter files with its model loader and a renaming table built for methods that add new weights
 (``lora_A`` and the like). An HFT file holds diffs of existing weights, which must be *added* to them, so that loader
 cannot apply it. ``patch_transformers`` wraps ``PeftAdapterMixin.load_adapter`` so that HFT adapters (recognised by
-``"peft_type": "HFT"`` in ``adapter_config.json``) go through PEFT's injection and state-dict path instead; every other
-adapter type takes the original code path unchanged.
+:func:`peft_hft.integrations.patching.is_hft_adapter`) go through PEFT's injection and state-dict path instead;
+every other adapter type takes the original code path, with the original arguments.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
-from ..format.reader import peek_peft_type, read_adapter
+from ..format.reader import read_adapter
 from ..tuner.model import unchanged_on_failure, validate_adapter_name
+from .patching import arguments, hub_kwargs, is_hft_adapter, patch
 
-_PATCH_MARKER = "_peft_hft_patched"
-_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download", "proxies")
-
-
-def _hub_kwargs(kwargs: dict[str, Any], adapter_kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
-    merged = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS and v is not None}
-    merged.update({k: v for k, v in (adapter_kwargs or {}).items() if k in _HUB_KWARGS and v is not None})
-    return merged
-
-
-def _is_hft_adapter(peft_model_id: Optional[str], peft_config: Any, hub_kwargs: dict[str, Any]) -> bool:
-    from ..tuner.config import HFTConfig
-
-    if peft_config is not None:
-        return isinstance(peft_config, HFTConfig) or (
-            isinstance(peft_config, dict) and str(peft_config.get("peft_type")) == "HFT"
-        )
-    kwargs = dict(hub_kwargs)
-    subfolder = kwargs.pop("subfolder", None)
-    return peek_peft_type(peft_model_id, subfolder=subfolder, **kwargs) == "HFT"
+# transformers' PeftAdapterMixin.load_adapter(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, ...)
+_LOAD_ADAPTER_ARGS = ("peft_model_id", "adapter_name", "peft_config", "adapter_state_dict")
 
 
 def load_hft_adapter(
@@ -79,29 +61,21 @@ def load_hft_adapter(
     return result
 
 
+def _load_adapter(original):
+    def load_adapter(self, *args, **kwargs):
+        given = arguments(args, kwargs, _LOAD_ADAPTER_ARGS)
+        hub = hub_kwargs(kwargs, kwargs.get("adapter_kwargs"))
+        if len(args) > len(_LOAD_ADAPTER_ARGS) or not is_hft_adapter(
+            given.get("peft_model_id"), given.get("peft_config"), hub
+        ):
+            return original(self, *args, **kwargs)
+        return load_hft_adapter(self, **given, is_trainable=kwargs.get("is_trainable", False), hub_kwargs=hub)
+
+    return load_adapter
+
+
 def patch_transformers() -> None:
     """Route ``PreTrainedModel.load_adapter`` for HFT adapters through :func:`load_hft_adapter`. Idempotent."""
     from transformers.integrations.peft import PeftAdapterMixin
 
-    original = PeftAdapterMixin.load_adapter
-    if getattr(original, _PATCH_MARKER, False):
-        return
-
-    @functools.wraps(original)
-    def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None, *args,
-                     **kwargs):
-        hub_kwargs = _hub_kwargs(kwargs, kwargs.get("adapter_kwargs"))
-        if not args and _is_hft_adapter(peft_model_id, peft_config, hub_kwargs):
-            return load_hft_adapter(
-                self,
-                peft_model_id,
-                adapter_name=adapter_name,
-                peft_config=peft_config,
-                adapter_state_dict=adapter_state_dict,
-                is_trainable=kwargs.get("is_trainable", False),
-                hub_kwargs=hub_kwargs,
-            )
-        return original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)
-
-    setattr(load_adapter, _PATCH_MARKER, True)
-    PeftAdapterMixin.load_adapter = load_adapter
+    patch(PeftAdapterMixin, "load_adapter", _load_adapter)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..format.checkpoint import is_repo_id
 from ..format.keys import ADAPTER_CONFIG, PEFT_KEY_PREFIX
-from ..format.reader import peek_peft_type
+from ..format.reader import load_config_json
 from ..tuner.layer import find_ledger
 from ..tuner.selection import embedding_parameter_names
 from ..utils import atomic_directory, check_output
@@ -307,7 +307,8 @@ def adapter_to_lora(
     check_output(output, overwrite, {"ADAPTER": adapter, "--base": base})
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-    peft_type = peek_peft_type(adapter)
+    config_path = Path(str(adapter)) / ADAPTER_CONFIG  # a local adapter of another method: name it (Hub ids: the reader)
+    peft_type = str(load_config_json(config_path)["peft_type"]).split(".")[-1] if config_path.is_file() else None
     if peft_type is not None and peft_type != "HFT":
         raise ValueError(
             f"{adapter} is a {peft_type} adapter, not an HFT adapter; to-lora converts HFT adapters"

@@ -12,7 +12,7 @@ from peft import PeftModel
 from tiny_models import VOCAB, batch, clone_state, tiny_model, train_steps
 
 from peft_hft import HFTConfig
-from peft_hft.continual import ContinualHFT, StageHistory, apply_diffs, weight_fingerprint
+from peft_hft.continual import ContinualHFT, StageHistory, apply_diffs, weights_digest
 
 TASKS = ("alpha", "beta", "gamma")
 
@@ -86,7 +86,7 @@ def test_manifest_records_order_seeds_masks_tasks_and_metrics(run):
     assert [s["adapter"] for s in manifest["stages"]] == ["stage_00_alpha", "stage_01_beta", "stage_02_gamma"]
     assert all(s["info"] == {"steps": 2} for s in manifest["stages"])
     assert manifest["stages"][1]["start_fingerprint"] == manifest["stages"][0]["end_fingerprint"]
-    assert manifest["base_fingerprint"] == weight_fingerprint(fresh_base(base))
+    assert manifest["base_fingerprint"] == weights_digest(fresh_base(base))
     # evaluate() ran on the base and after every stage, on the running model
     assert manifest["base_metrics"] == pytest.approx(fake_scores(fresh_base(base)))
     for k, stage in enumerate(manifest["stages"]):

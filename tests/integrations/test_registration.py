@@ -86,3 +86,27 @@ def test_installed_versions_are_in_the_declared_range(package):
     requirement = _declared_requirements()[package.lower()]
     installed = importlib.metadata.version(package).split("+")[0]
     assert requirement.specifier.contains(installed, prereleases=True), (package, installed, str(requirement))
+
+
+def test_readme_states_the_tested_floors():
+    """README's "Supported versions" names the floors `make test-compat` tests (tests/lowest_versions.py)."""
+    from lowest_versions import lowest_versions
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Supported versions", 1)[1].split("\n## ", 1)[0]
+    floors = lowest_versions()
+    assert set(floors) == {"peft", "transformers", "trl"}
+    for name, version in floors.items():
+        assert f"{name} {version}" in section, (name, version)
+    declared = _declared_requirements()
+    for name, version in floors.items():
+        assert declared[name].specifier.contains(version) and f">={version}" in str(declared[name].specifier)
+
+
+def test_lowest_versions_reads_each_floor():
+    from lowest_versions import lowest_versions
+
+    text = '"peft>=0.21.0",\n"transformers>=5.0.0,<5.24",\n"trl>=1.0.0",'
+    assert lowest_versions(text) == {"peft": "0.21.0", "transformers": "5.0.0", "trl": "1.0.0"}
+    with pytest.raises(SystemExit, match="trl"):
+        lowest_versions('"peft>=0.21.0", "transformers>=5.0.0"')

@@ -28,6 +28,15 @@ from peft_hft import HFTConfig
 from peft_hft.tuner.layer import find_ledger
 
 
+def ref_log_probs(trainer, batch):
+    """TRL's reference log-probabilities of ``batch`` (older TRL versions take the batch only, newer ones the model too)."""
+    import inspect
+
+    if "model" in inspect.signature(trainer.compute_ref_log_probs).parameters:
+        return trainer.compute_ref_log_probs(trainer.model, batch)
+    return trainer.compute_ref_log_probs(batch)
+
+
 def _first_batch(trainer) -> dict[str, torch.Tensor]:
     return trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
 
@@ -66,7 +75,7 @@ def test_dpo_reference_is_the_untouched_base_and_no_second_model_exists(tmp_path
     assert changed(base, model) == selection(trainer.model) == trainable(trainer.model)
 
     # after training the policy has moved, yet TRL's reference log-probs are still the base model's
-    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    ref_chosen, ref_rejected = ref_log_probs(trainer, batch)
     torch.testing.assert_close(torch.cat([ref_chosen, ref_rejected]), expected, rtol=1e-5, atol=1e-4)
     assert not torch.allclose(completion_logps(trainer.model, batch), expected, atol=1e-3)
 
@@ -112,7 +121,7 @@ def test_wrapped_peft_model_gets_a_reference_copy_of_its_adapter(tmp_path):
     expected = completion_logps(peft_model, batch)  # the reference: the model as handed to DPO
     trainer.train()
     assert changed(before_dpo, model) == selection(peft_model)
-    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    ref_chosen, ref_rejected = ref_log_probs(trainer, batch)
     torch.testing.assert_close(torch.cat([ref_chosen, ref_rejected]), expected, rtol=1e-5, atol=1e-4)
     with peft_model.disable_adapter():  # the base is still reachable and untouched
         assert not changed(base, model)
@@ -145,7 +154,7 @@ def test_sft_then_dpo_as_two_hft_stages(tmp_path):
     expected = completion_logps(merged, batch)  # stage 2's reference is the SFT model
     trainer.train()
     assert changed(after_sft, merged) == selection(trainer.model)
-    ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    ref = torch.cat(ref_log_probs(trainer, batch))
     torch.testing.assert_close(ref, expected, rtol=1e-5, atol=1e-4)
     trainer.save_model(str(tmp_path / "stage2"))
 

@@ -159,12 +159,31 @@ TRAINERS: dict[str, Callable] = {
 }
 
 
+def _older_trl() -> bool:
+    """An older TRL than the one these rows are written for (1.16): `make test-compat` runs the floor, trl 1.0."""
+    from packaging.version import Version
+
+    return Version(trl.__version__) < Version("1.16")
+
+
+def _absent_in_this_trl(exc: Exception) -> bool:
+    """A trainer, config or argument this TRL version does not have (rather than a failure with HFT)."""
+    text = str(exc)
+    return ("module trl has no attribute" in text or "No module named 'trl." in text
+            or ("unexpected keyword argument" in text and "Config.__init__" in text))
+
+
 @pytest.mark.parametrize("name", sorted(TRAINERS))
 def test_trainer_trains_exactly_the_hft_selection(name, tmp_path):
     tokenizer = build_tokenizer()
     model = chat_model(tokenizer)
     before = snapshot(model)
-    trainer = TRAINERS[name](model, tokenizer, tmp_path)
+    try:
+        trainer = TRAINERS[name](model, tokenizer, tmp_path)
+    except (AttributeError, ModuleNotFoundError, TypeError) as exc:
+        if not _older_trl() or not _absent_in_this_trl(exc):
+            raise
+        pytest.skip(f"{name} (or the arguments used here) is not in trl {trl.__version__}: {exc}")
     assert trainable(trainer.model) == selection(trainer.model)
     trainer.train()
     assert changed(before, model) == selection(trainer.model)

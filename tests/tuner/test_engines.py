@@ -13,7 +13,7 @@ from torch import nn
 
 from peft_hft import HFTConfig
 from peft_hft.format.keys import diff_key
-from peft_hft.integrations.distributed import save_adapter, selection_fingerprint, unwrap_peft_model, verify_ranks_agree
+from peft_hft.integrations.distributed import save_adapter, selection_digest, unwrap_peft_model, verify_ranks_agree
 from peft_hft.tuner import engines
 from peft_hft.tuner.layer import HFTLayer, find_ledger
 
@@ -147,9 +147,9 @@ def test_fingerprint_covers_selection_and_base_values():
     a = get_peft_model(tiny_model("llama"), HFTConfig(seed=0))
     same = get_peft_model(tiny_model("llama"), HFTConfig(seed=0))
     other_weights = get_peft_model(tiny_model("llama", seed=1), HFTConfig(seed=0))
-    assert selection_fingerprint(a) == selection_fingerprint(same) == selection_fingerprint(other_weights)
-    assert selection_fingerprint(a, check_values=True) == selection_fingerprint(same, check_values=True)
-    assert selection_fingerprint(a, check_values=True) != selection_fingerprint(other_weights, check_values=True)
+    assert selection_digest(a) == selection_digest(same) == selection_digest(other_weights)
+    assert selection_digest(a, check_values=True) == selection_digest(same, check_values=True)
+    assert selection_digest(a, check_values=True) != selection_digest(other_weights, check_values=True)
     verify_ranks_agree(a, check_values=True)  # one process: nothing to compare, no error
 
 

@@ -182,6 +182,7 @@ def _patch_save_pretrained(peft_model_cls: type) -> None:
 
         if not hft_configs(self) or os.path.isfile(save_directory) or not kwargs.get("is_main_process", True):
             return original(self, save_directory, safe_serialization, selected_adapters, *args, **kwargs)
+        encoding = kwargs.pop("diff_encoding", None)  # this save only (HFTConfig.diff_encoding for every save)
         for name in selected_adapters if selected_adapters is not None else list(self.peft_config):
             validate_adapter_name(name)  # a name is a sub-directory: it must stay inside save_directory
         if not safe_serialization:
@@ -199,7 +200,7 @@ def _patch_save_pretrained(peft_model_cls: type) -> None:
             args = (False, *args[1:])
         else:
             kwargs["save_embedding_layers"] = False
-        with atomic_save(save_directory) as staging:
+        with atomic_save(save_directory) as staging, _encoding_for_save(self, names, encoding):
             _carry_model_cards(Path(save_directory), staging)
             original(self, str(staging), True, selected_adapters, *args, **kwargs)
             for name in names:  # never publish a pair that the reader would refuse
@@ -209,6 +210,27 @@ def _patch_save_pretrained(peft_model_cls: type) -> None:
 
     setattr(save_pretrained, _PATCH_MARKER, True)
     peft_model_cls.save_pretrained = save_pretrained
+
+
+@contextlib.contextmanager
+def _encoding_for_save(peft_model: Any, names: list[str], encoding: Optional[str]) -> Iterator[None]:
+    """``save_pretrained(..., diff_encoding=...)``: the HFT adapters ``names`` are saved in ``encoding`` (recorded in
+    their saved config); their configs return to their own setting afterwards."""
+    if encoding is None:
+        yield
+        return
+    from ..format.encoding import parse_encoding
+
+    parse_encoding(encoding)  # a bad name fails before anything is written
+    configs = {n: peft_model.peft_config[n] for n in names if hasattr(peft_model.peft_config[n], "diff_encoding")}
+    before = {n: c.diff_encoding for n, c in configs.items()}
+    for config in configs.values():
+        config.diff_encoding = encoding
+    try:
+        yield
+    finally:
+        for n, config in configs.items():
+            config.diff_encoding = before[n]
 
 
 def _carry_model_cards(target: Path, staging: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ..format.encoding import EncodingError, parse_encoding
 from ..utils import FLOAT_DTYPES
 from .peft_type import hft_peft_type
 
@@ -62,6 +63,14 @@ class HFTConfig(PeftConfig):
             bit-exactly, and training resumes from the master) and each tensor's own dtype otherwise.
             ``"bfloat16"`` halves the file of a bf16 adapter (the diff of the bf16 weight; a reload reproduces all
             but a few elements, which are one ulp off, see docs/concepts.md) or of an fp32 adapter.
+        diff_encoding: How the diffs are stored (docs/adapter-format.md, "Encodings"). ``None`` (default) resolves
+            at save time to ``"exact"`` for bf16/fp16 tensors (lossless: the trained weights as int8 counts of ulp
+            steps from the base, with the rare larger moves stored apart; about a quarter of fp32 diffs; a trainable
+            reload seeds the fp32 masters from the weights) and to ``"float"`` otherwise (or when ``diff_dtype`` is
+            set). ``"float"`` stores plain diffs (``diff_dtype``; for bf16 tensors with masters, fp32 diffs that carry
+            the masters, so training resumes from them exactly). Lossy, explicit: ``"int8"``/``"int4"``
+            (blockwise, ``"int4:128"`` for blocks of 128), ``"dare:0.9"`` (drop 90% and rescale, seeded),
+            ``"sign"`` (one bit and a scale per row). The resolved value is saved in ``adapter_config.json``.
         fp32_master_weights: ``True`` (default) keeps an fp32 master value of every trained bf16/fp16 tensor, which
             the optimizer steps while the model computes, saves and merges in its own dtype; without it, updates
             smaller than half a bf16 ulp (about 0.2% of a weight) round away, which at lr 1e-5 is most of them. Costs
@@ -107,6 +116,10 @@ class HFTConfig(PeftConfig):
         default="cpu", metadata={"help": "Where the original values of trained tensors are kept."}
     )
     diff_dtype: Optional[str] = field(default=None, metadata={"help": f"Dtype of saved diffs, one of {DIFF_DTYPES}."})
+    diff_encoding: Optional[str] = field(
+        default=None, metadata={"help": "How diffs are stored: exact (default for bf16/fp16), float, int8, int4, "
+                                        "dare:P, sign."}
+    )
     fp32_master_weights: bool = field(
         default=True, metadata={"help": "Keep fp32 master values of trained bf16/fp16 tensors for the optimizer."}
     )
@@ -150,6 +163,11 @@ class HFTConfig(PeftConfig):
                 f"HFTConfig.diff_dtype must be None (the default) or one of {DIFF_DTYPES}, "
                 f"got {self.diff_dtype!r}."
             )
+        if self.diff_encoding is not None:
+            try:
+                parse_encoding(self.diff_encoding)
+            except EncodingError as exc:
+                raise ValueError(f"HFTConfig.diff_encoding: {exc}") from None
         if not isinstance(self.fp32_master_weights, bool):
             raise ValueError(
                 f"HFTConfig.fp32_master_weights must be True or False, got {self.fp32_master_weights!r}."

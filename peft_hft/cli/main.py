@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "half-reset": "peft_hft.cli.half_reset",
     "bench": "peft_hft.cli.bench",
     "to-lora": "peft_hft.cli.to_lora",
+    "compress": "peft_hft.cli.compress",
     "sft": "peft_hft.cli.sft",
     "dpo": "peft_hft.cli.dpo",
 }

@@ -67,11 +67,97 @@ def train_phase() -> None:
         print(f"seed {seed}: trained in {record['seconds']:.0f} s, final loss {record['loss'][-1]:.3f}", flush=True)
 
 
+def held_out_batches(b, rows: int = 16, length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """Wikipedia passages that are not among the perplexity set's scored rows: the text for the KL divergence."""
+    from peft_hft.bench.tasks import wikipedia_rows
+
+    scored = {r.get("text") for spec in b.specs for r in spec.rows}
+    texts = [r["text"] for r in wikipedia_rows() if r["text"] not in scored][:rows]
+    out = []
+    for i in range(0, len(texts), 8):
+        enc = b.tokenizer(texts[i:i + 8], return_tensors="pt", padding=True, truncation=True, max_length=length)
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
+
+
+@torch.no_grad()
+def log_probs(model, batches) -> list[torch.Tensor]:
+    return [torch.log_softmax(model(**batch).logits.float(), dim=-1) for batch in batches]
+
+
+def mean_kl(reference: list[torch.Tensor], other: list[torch.Tensor], batches) -> float:
+    """Mean over real tokens of KL(reference || other)."""
+    total, count = 0.0, 0
+    for p, q, batch in zip(reference, other, batches, strict=True):
+        kl = (p.exp() * (p - q)).sum(-1)
+        mask = batch["attention_mask"].bool()
+        total += float(kl[mask].sum())
+        count += int(mask.sum())
+    return total / count
+
+
+def eval_phase() -> None:
+    from peft import PeftModel
+
+    from peft_hft.bench.evaluate import evaluate
+    from peft_hft.format.reader import read_adapter
+    from peft_hft.ops.compress import compress_adapter
+    from peft_hft.ops.merge import merge_checkpoint
+    from peft_hft.resources.default_model import default_model_path
+
+    b = bench()
+    base_dir = default_model_path()
+    base_bytes = sum(p.numel() * p.element_size() for p in b.base_model.parameters())  # the bf16 model
+    specs = [b.specs[1], *b.specs[2:]]  # test split and Wikipedia
+    batches = held_out_batches(b)
+    results_path = OUT / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for seed in SEEDS:
+        reference_dir = OUT / f"seed{seed}" / "float"
+        if not (reference_dir / "adapter_config.json").is_file():
+            continue
+        reference_model = PeftModel.from_pretrained(copy.deepcopy(b.base_model), reference_dir)
+        reference = log_probs(reference_model, batches)
+        reference_weights = {k: v.clone() for k, v in reference_model.get_base_model().state_dict().items()}
+        del reference_model
+        for spec in ENCODINGS:
+            key = f"{seed}/{spec}"
+            if key in results:
+                continue
+            directory = reference_dir if spec == "float" else OUT / f"seed{seed}" / spec.replace(":", "_")
+            if spec != "float" and not directory.is_dir():
+                compress_adapter(reference_dir, directory, spec, base=base_dir, progress=False)
+            adapter = read_adapter(directory, load=False)
+            stored = adapter.stored_bytes()
+            trained = sum(int(torch.Size(adapter.shape_of(n)).numel()) for n in adapter.diffs)
+            adapter.close()
+            start = time.perf_counter()
+            model = PeftModel.from_pretrained(copy.deepcopy(b.base_model), directory)
+            load_seconds = time.perf_counter() - start
+            weights = model.get_base_model().state_dict()
+            identical = all(torch.equal(weights[k], v) for k, v in reference_weights.items())
+            row = {"seed": seed, "encoding": spec, "bytes": (directory / "adapter_model.safetensors").stat().st_size,
+                   "tensor_bytes": stored, "trained_parameters": trained, "base_bytes": base_bytes,
+                   "load_seconds": load_seconds, "weights_identical_to_float": identical}
+            if identical and f"{seed}/float" in results:  # the same bf16 weights: the same scores, no need to re-run
+                previous = results[f"{seed}/float"]
+                row.update(scores=previous["scores"], kl=0.0, scores_copied_from="float")
+            else:
+                row["kl"] = mean_kl(reference, log_probs(model, batches), batches)
+                row["scores"] = evaluate(model, b.tokenizer, specs, b.protocol.eval_batch_size, "bf16")
+            del model
+            merged = OUT / "merged"
+            start = time.perf_counter()
+            merge_checkpoint(base_dir, directory, merged, dtype="bfloat16", overwrite=True, progress=False)
+            row["merge_seconds"] = time.perf_counter() - start
+            results[key] = row
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            print(json.dumps({k: v for k, v in row.items()}), flush=True)
+
+
 if __name__ == "__main__":
     phase = sys.argv[1] if len(sys.argv) > 1 else "train"
     if phase == "train":
         train_phase()
     else:
-        from importlib import import_module  # noqa: F401 - the eval phase lives below once written
-
-        eval_phase()  # noqa: F821
+        eval_phase()

@@ -271,3 +271,122 @@ def test_a_state_dict_handed_over_directly_is_checked_once_there(encoded):
     with pytest.raises(AdapterFormatError, match="outside the tensor"):
         set_peft_model_state_dict(peft_model, state)
     assert math.isfinite(1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Every reading path decodes an encoded adapter
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_adapters(tmp_path_factory):
+    """A tiny bf16 chat model on disk (with tokenizer) and its adapter in two encodings, naming that base."""
+    from tiny_tokenizer import build_tokenizer, chat_model
+
+    root = tmp_path_factory.mktemp("paths")
+    tokenizer = build_tokenizer()
+    model = chat_model(tokenizer).to(torch.bfloat16)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    peft_model = get_peft_model(model, HFTConfig(seed=0, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name in peft_model.peft_config["default"].selected_parameters:
+            param = model.get_parameter(name)
+            param.data = (param.data.view(torch.int16) + 3).view(torch.bfloat16)
+    peft_model.peft_config["default"].base_model_name_or_path = str(root / "base")
+    for encoding in ("exact", "int4"):
+        peft_model.save_pretrained(root / encoding, diff_encoding=encoding)
+    return root
+
+
+def reference_weights(root, encoding: str) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16)
+    return weights(PeftModel.from_pretrained(base, root / encoding).get_base_model())
+
+
+def same_weights(model, expected: dict[str, torch.Tensor]) -> bool:
+    state = model.state_dict()
+    return all(torch.equal(state[k], v) for k, v in expected.items() if k in state) and bool(state)
+
+
+@pytest.mark.parametrize("encoding", ["exact", "int4"])
+def test_auto_peft_model_and_transformers_load_adapter_decode(chat_adapters, encoding):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    expected = reference_weights(chat_adapters, encoding)
+    base = weights(AutoModelForCausalLM.from_pretrained(chat_adapters / "base", dtype=torch.bfloat16))
+    assert any(not torch.equal(base[k], v) for k, v in expected.items())
+    auto = AutoPeftModelForCausalLM.from_pretrained(chat_adapters / encoding, dtype=torch.bfloat16)
+    assert same_weights(auto.get_base_model(), expected)
+    model = AutoModelForCausalLM.from_pretrained(chat_adapters / "base", dtype=torch.bfloat16)
+    model.load_adapter(str(chat_adapters / encoding))
+    assert same_weights(model, expected)
+
+
+@pytest.mark.parametrize("encoding", ["exact", "int4"])
+def test_lm_eval_peft_argument_and_merge_decode(chat_adapters, encoding, tmp_path):
+    """lm-eval's HFLM with ``peft=`` (what ``lm_eval --model_args pretrained=...,peft=...`` builds) and
+    ``peft-hft merge`` give the weights PeftModel.from_pretrained gives."""
+    from lm_eval.models.huggingface import HFLM
+
+    expected = reference_weights(chat_adapters, encoding)
+    lm = HFLM(pretrained=str(chat_adapters / "base"), peft=str(chat_adapters / encoding), dtype="bfloat16",
+              device="cpu", batch_size=1)
+    assert same_weights(lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model, expected)
+    merge_checkpoint(chat_adapters / "base", chat_adapters / encoding, tmp_path / "merged", progress=False)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(torch.equal(merged[k], v) for k, v in expected.items() if k in merged)
+
+
+def test_continual_history_reads_encoded_stages(chat_adapters):
+    from transformers import AutoModelForCausalLM
+
+    from peft_hft.continual import read_diffs
+
+    base = AutoModelForCausalLM.from_pretrained(chat_adapters / "base", dtype=torch.bfloat16)
+    for encoding in ("exact", "int4"):
+        expected = reference_weights(chat_adapters, encoding)
+        diffs = read_diffs(chat_adapters / encoding, base)
+        for name, diff in diffs.items():
+            assert torch.equal((base.get_parameter(name).float() + diff).to(torch.bfloat16), expected[name]), name
+    with pytest.raises(AdapterFormatError, match="against the base"):
+        read_diffs(chat_adapters / "exact")
+
+
+@pytest.mark.parametrize("encoding", ["float", "exact", "int4"])
+def test_every_tensor_is_checked_exactly_once_per_load(encoding, tmp_path, monkeypatch):
+    """Validate once: the reader checks each stored diff's values once; the tuner trusts what the reader returned."""
+    import peft_hft.format.reader as reader
+    import peft_hft.tuner.model as tuner_model
+
+    model, peft_model = trained(torch.bfloat16)
+    peft_model.save_pretrained(tmp_path / "adapter", diff_encoding=encoding)
+    selected = peft_model.peft_config["default"].selected_parameters
+    calls: list[str] = []
+    original = reader.check_parts
+
+    def counting(encoding, name, parts, shape, where, key=None):
+        calls.append(name)
+        return original(encoding, name, parts, shape, where, key)
+
+    monkeypatch.setattr(reader, "check_parts", counting)
+    monkeypatch.setattr(tuner_model, "check_parts", counting)
+    finite_calls = []
+    all_finite = reader._all_finite
+    monkeypatch.setattr(reader, "_all_finite", lambda t: finite_calls.append(t.numel()) or all_finite(t))
+    PeftModel.from_pretrained(tiny_model("llama", dtype=torch.bfloat16), tmp_path / "adapter")
+    assert sorted(calls) == sorted(selected)  # once per tensor, all in the reader
+    assert len(finite_calls) == (len(selected) if encoding == "float" else 0)
+    # a state dict handed to set_peft_model_state_dict directly is checked in the tuner instead: still once
+    from peft import set_peft_model_state_dict
+
+    state = {k: v.clone() for k, v in load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS).items()}
+    calls.clear()
+    fresh = get_peft_model(tiny_model("llama", dtype=torch.bfloat16), HFTConfig(seed=0, diff_encoding=encoding))
+    fresh.peft_config["default"].base_fingerprint = json.loads(
+        (tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["base_fingerprint"]
+    set_peft_model_state_dict(fresh, state)
+    assert sorted(calls) == sorted(selected)

@@ -9,13 +9,15 @@ perplexity (the forgetting benchmark's lm-eval sets), the mean per-token KL dive
 held-out text, bytes on disk, load time and ``peft-hft merge`` time.
 
     python benchmarks/bench_adapter_encodings.py train   # trains and saves the reference adapters (cached)
-    python benchmarks/bench_adapter_encodings.py eval    # encodes, scores, writes results.json and a PNG
+    python benchmarks/bench_adapter_encodings.py eval    # encodes, scores, writes results.json
+    python benchmarks/bench_adapter_encodings.py load    # load time vs safetensors.load_file + copy (load.json)
 
 Results go to $OUT (default outputs/bench_adapter_encodings/); SEEDS (default "0,1,2") picks the seeds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -34,7 +36,7 @@ ENCODINGS = ["float", "exact", "int8", "int4", "dare:0.9", "dare:0.99", "sign"]
 def protocol():
     from peft_hft.bench.protocol import Protocol
 
-    return Protocol(methods=["hft"], seeds=SEEDS, loss="completion", full_lr_grid=[LR], retention=["wikipedia"],
+    return Protocol(methods=["hft"], seeds=[0, 1, 2], loss="completion", full_lr_grid=[LR], retention=["wikipedia"],
                     retention_limits={"wikipedia": 150})
 
 
@@ -155,9 +157,52 @@ def eval_phase() -> None:
             print(json.dumps({k: v for k, v in row.items()}), flush=True)
 
 
+def load_phase(repeats: int = 3) -> None:
+    """Load time of the SmolLM2 adapter (seed 0) against ``safetensors.torch.load_file`` of the same file plus the copy
+    of every tensor into the model (the floor any loader pays), best of ``repeats``, base model already in memory."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    import peft_hft
+    from peft_hft.format.keys import parameter_name_of
+    from peft_hft.resources.default_model import load_default_model
+
+    base, _ = load_default_model()
+    base.to(torch.bfloat16)
+    rows = {}
+    for spec in ("float", "exact"):
+        directory = OUT / "seed0" / (spec if spec == "float" else spec)
+        path = directory / "adapter_model.safetensors"
+        plain, ours, checked = [], [], []
+        for _ in range(repeats):
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            tensors = load_file(path)
+            for key, tensor in tensors.items():
+                name = parameter_name_of(key)
+                if name is not None:
+                    model.get_parameter(name).data.copy_(tensor)
+            plain.append(time.perf_counter() - start)
+            del model, tensors
+            for timings, skip in ((ours, True), (checked, False)):
+                model = copy.deepcopy(base)
+                start = time.perf_counter()
+                with peft_hft.skip_base_check() if skip else contextlib.nullcontext():
+                    PeftModel.from_pretrained(model, directory)
+                timings.append(time.perf_counter() - start)
+                del model
+        rows[spec] = {"file_bytes": path.stat().st_size, "load_file_plus_copy": min(plain),
+                      "from_pretrained_skip_base_check": min(ours), "from_pretrained_with_base_check": min(checked),
+                      "ratio": min(ours) / min(plain), "ratio_with_base_check": min(checked) / min(plain)}
+        print(json.dumps({spec: rows[spec]}), flush=True)
+    (OUT / "load.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
 if __name__ == "__main__":
     phase = sys.argv[1] if len(sys.argv) > 1 else "train"
     if phase == "train":
         train_phase()
+    elif phase == "load":
+        load_phase()
     else:
         eval_phase()

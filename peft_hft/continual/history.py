@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..format.encoding import apply_diff
 from ..format.fingerprint import digest
 from ..format.keys import ADAPTER_WEIGHTS
 from ..format.reader import read_adapter
-from ..format.encoding import apply_diff
 from ..tuner.layer import find_ledger
 from ..tuner.selection import canonical_parameter_names
 from ..utils import atomic_directory, atomic_write
@@ -110,7 +110,8 @@ def apply_diffs(model: nn.Module, diffs: Mapping[str, torch.Tensor], weight: flo
     """Add ``weight * diff`` to the named parameters of ``model``, in float32, written back in each tensor's dtype.
 
     With ``weight=1`` this is exactly the arithmetic of loading an HFT adapter (``HFTLayer.set_diffs``, and
-    :func:`peft_hft.format.encoding.apply_diff`, which does the work), which is what makes the runner's folded model and a
+    :func:`peft_hft.format.encoding.apply_diff`, which does the work), which is what makes the runner's folded model
+    and a
     history rebuilt from disk bit-identical.
     """
     if find_ledger(model) is not None:

@@ -60,7 +60,7 @@ class EncodingError(ValueError):
 def apply_diff(base: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype, consume: bool = False) -> torch.Tensor:
     """``base + diff`` in ``dtype``: ``(base.to(dtype).float() + diff.float()).to(dtype)``; the ledger, the streaming
     merge and the continual history all compute it here, so they agree by construction. With ``consume`` a float32
-    ``base`` is added to in place (the streaming merge: the peak stays at two tensors); otherwise it is never changed."""
+    ``base`` is added to in place (the streaming merge: the peak stays at two tensors); else it is never changed."""
     total = base.to(dtype).float()
     if total.data_ptr() == base.data_ptr() and not consume:
         total = total.clone()

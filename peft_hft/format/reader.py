@@ -35,12 +35,11 @@ import json
 import os
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
-
-import weakref
 
 import torch
 

@@ -126,6 +126,6 @@ def _encode_all(source: AdapterFile, checkpoint: Optional[Checkpoint], target, p
             parts = target.encode(name, reference, tuned, diff)
         for part, tensor in parts.items():
             out[part_key(name, part)] = tensor.contiguous()
-    for name, key in source.full.items():
+    for key in source.full.values():
         out[key] = source.read(key)
     return out

@@ -8,10 +8,10 @@ writes the result atomically (see :mod:`peft_hft.format.checkpoint`).
 The result equals loading the base with ``from_pretrained(base, dtype=<output dtype>)``, applying the adapter,
 ``merge_and_unload()`` and ``save_pretrained()``, tensor for tensor: each merged value is
 ``(base.to(dtype).float() + diff.float()).to(dtype)``, exactly as the HFT ledger computes it (both call
-:func:`peft_hft.format.encoding.apply_diff`; encoded diffs are decoded against each streamed base tensor). Tensors the adapter does
-not touch are copied (cast when ``dtype`` is given). Tied weights are handled through the model's own tying (built on
-the meta device from ``config.json``): a diff of ``model.embed_tokens.weight`` also applies to ``lm_head.weight`` when
-the checkpoint stores both; a tied checkpoint that stores only one of them gets the diff once.
+:func:`peft_hft.format.encoding.apply_diff`; encoded diffs are decoded against each streamed base tensor). Tensors
+the adapter does not touch are copied (cast when ``dtype`` is given). Tied weights are handled through the model's
+own tying (built on the meta device from ``config.json``): a diff of ``model.embed_tokens.weight`` also applies to
+``lm_head.weight`` when the checkpoint stores both; a tied checkpoint that stores only one of them gets the diff once.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from ..format.checkpoint import (
     parameter_aliases,
     read_tensor,
 )
+from ..format.encoding import apply_diff
 from ..format.fingerprint import (
     BaseMismatchError,
     Mismatch,
@@ -42,7 +43,6 @@ from ..format.fingerprint import (
     describe_base,
     mismatch_error,
 )
-from ..format.encoding import apply_diff
 from ..format.keys import INDEX_NAME
 from ..format.reader import AdapterFile, read_adapter
 from ..utils import FLOAT_DTYPES, atomic_directory, float_dtype, listing, refuse_output_overlap
@@ -157,7 +157,9 @@ def _merge(adapter_file: AdapterFile, base: PathLike, output: PathLike, out_dtyp
     shapes = {name: adapter_file.shape_of(name) for name in diffs}
     encoding = adapter_file.encoding
     checkpoint = Checkpoint.open(base, base_revision)
-    refuse_output_overlap(output, {"BASE directory": checkpoint.source.directory, "ADAPTER directory": adapter_file.directory})
+    refuse_output_overlap(
+        output, {"BASE directory": checkpoint.source.directory, "ADAPTER directory": adapter_file.directory}
+    )
     fingerprint = adapter_file.config.get("base_fingerprint") if verify and not base_check_skipped() else None
     targets = _targets(checkpoint, diffs, parameter_aliases(meta_model(checkpoint.source.directory)))
     _check_shapes(checkpoint, shapes, targets, fingerprint)

@@ -30,7 +30,7 @@ import torch
 OUT = Path(os.environ.get("OUT") or "outputs/bench_adapter_encodings")
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "0,1,2").split(",")]
 LR = 3e-4
-ENCODINGS = ["float", "exact", "int8", "int4", "dare:0.9", "dare:0.99", "sign"]
+ENCODINGS = ["float", "exact", "int4", "int8", "dare:0.9", "sign", "dare:0.99"]
 
 
 def protocol():
@@ -157,6 +157,35 @@ def eval_phase() -> None:
             print(json.dumps({k: v for k, v in row.items()}), flush=True)
 
 
+def steps_phase() -> None:
+    """The distribution of the exact update in bf16 ulp steps, per seed (what the "exact" encoding stores)."""
+    from peft_hft.format.encoding import _steps_of  # noqa: PLC2701 - the measurement is of that very function
+    from peft_hft.format.reader import read_adapter
+    from peft_hft.resources.default_model import load_default_model
+
+    base, _ = load_default_model()
+    base.to(torch.bfloat16)
+    out = {}
+    edges = [0, 1, 2, 4, 8, 16, 32, 64, 127, 128, 1024, 2**15]
+    for seed in SEEDS:
+        directory = OUT / f"seed{seed}" / "float"
+        if not (directory / "adapter_config.json").is_file():
+            continue
+        counts = torch.zeros(len(edges), dtype=torch.int64)
+        total = 0
+        with read_adapter(directory, load=False) as adapter:
+            for name in adapter.diffs:
+                b = base.get_parameter(name).detach()
+                tuned = (b.float() + adapter.diff(name).float()).to(torch.bfloat16)
+                steps = _steps_of(b, tuned).abs().reshape(-1)
+                total += steps.numel()
+                for k, edge in enumerate(edges):
+                    counts[k] += int((steps <= edge).sum())
+        out[seed] = {"elements": total, "share_at_most": {str(e): int(c) / total for e, c in zip(edges, counts)}}
+        print(json.dumps({seed: out[seed]}), flush=True)
+    (OUT / "steps.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
 def load_phase(repeats: int = 3) -> None:
     """Load time of the SmolLM2 adapter (seed 0) against ``safetensors.torch.load_file`` of the same file plus the copy
     of every tensor into the model (the floor any loader pays), best of ``repeats``, base model already in memory."""
@@ -204,5 +233,7 @@ if __name__ == "__main__":
         train_phase()
     elif phase == "load":
         load_phase()
+    elif phase == "steps":
+        steps_phase()
     else:
         eval_phase()

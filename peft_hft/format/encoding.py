@@ -339,14 +339,22 @@ def _steps_of(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     return _ordered(tuned.view(view).to(wide), width) - _ordered(base.view(view).to(wide), width)
 
 
-def _from_steps(base: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _from_steps(base: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 18) -> torch.Tensor:
+    """``base`` moved by ``steps`` ulps, in chunks so that the integer temporaries stay small (the streaming merge's
+    peak is then set by the tensor itself, not by a dozen int32 copies of it)."""
     view = _INT_VIEW[dtype]
     wide = torch.int64 if view == torch.int32 else torch.int32
     width = 32 if view == torch.int32 else 16
-    order = _ordered(base.contiguous().view(view).to(wide), width) + steps.to(wide)
     limit = (1 << (width - 1)) - 1
-    order.clamp_(-limit, limit)  # out-of-range steps give NaN patterns, refused by the finiteness check
-    return _unordered(order, width).to(view).view(dtype)
+    bits = base.contiguous().view(view).reshape(-1)
+    flat_steps = steps.reshape(-1)
+    out = torch.empty_like(bits)
+    for start in range(0, bits.numel(), chunk):
+        part = slice(start, start + chunk)
+        order = _ordered(bits[part].to(wide), width) + flat_steps[part].to(wide)
+        order.clamp_(-limit, limit)  # out-of-range steps give NaN patterns, refused by the finiteness check
+        out[part] = _unordered(order, width).to(view)
+    return out.view(dtype).reshape(base.shape)
 
 
 def _encode_exact(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -107,6 +107,10 @@ def eval_phase() -> None:
     from peft_hft.ops.merge import merge_checkpoint
     from peft_hft.resources.default_model import default_model_path
 
+    if not (OUT / "load.json").is_file():
+        load_phase()
+    deadline_file = OUT / "deadline"  # a Unix time after which no new row is started (keeps a shared run short)
+    deadline = float(deadline_file.read_text()) if deadline_file.is_file() else float("inf")
     b = bench()
     base_dir = default_model_path()
     base_bytes = sum(p.numel() * p.element_size() for p in b.base_model.parameters())  # the bf16 model
@@ -126,6 +130,9 @@ def eval_phase() -> None:
             key = f"{seed}/{spec}"
             if key in results:
                 continue
+            if time.time() > deadline:
+                print(f"deadline reached: {key} and later rows not run", flush=True)
+                return
             directory = reference_dir if spec == "float" else OUT / f"seed{seed}" / spec.replace(":", "_")
             if spec != "float" and not directory.is_dir():
                 compress_adapter(reference_dir, directory, spec, base=base_dir, progress=False)
@@ -181,7 +188,8 @@ def steps_phase() -> None:
                 total += steps.numel()
                 for k, edge in enumerate(edges):
                     counts[k] += int((steps <= edge).sum())
-        out[seed] = {"elements": total, "share_at_most": {str(e): int(c) / total for e, c in zip(edges, counts)}}
+        shares = {str(e): int(c) / total for e, c in zip(edges, counts, strict=True)}
+        out[seed] = {"elements": total, "share_at_most": shares}
         print(json.dumps({seed: out[seed]}), flush=True)
     (OUT / "steps.json").write_text(json.dumps(out, indent=1) + "\n")
 

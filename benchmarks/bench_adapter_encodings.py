@@ -235,6 +235,64 @@ def load_phase(repeats: int = 3) -> None:
     (OUT / "load.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def report_phase() -> None:
+    """The table (markdown, to stdout) and the size/quality PNG from results.json (whatever rows finished)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads((OUT / "results.json").read_text()) if (OUT / "results.json").is_file() else {}
+    by_encoding: dict[str, list[dict]] = {}
+    for row in results.values():
+        by_encoding.setdefault(row["encoding"], []).append(row)
+    lines = ["| encoding | seeds | bytes on disk | share of the bf16 base | bytes per trained parameter "
+             "| new-task acc (pts vs float) | Wikipedia ppl (% vs float) | mean token KL to float | load (s) | merge (s) |",
+             "|" + "---|" * 10]
+    points = []
+    for spec in ENCODINGS:
+        rows = by_encoding.get(spec, [])
+        if not rows:
+            continue
+        def mean(values):
+            return sum(values) / len(values)
+        acc, ppl = [], []
+        for row in rows:
+            ref = results.get(f"{row['seed']}/float")
+            if ref is None:
+                continue
+            test_key = next(k for k in row["scores"] if k.endswith("_test"))
+            acc.append(100 * (row["scores"][test_key]["acc"] - ref["scores"][test_key]["acc"]))
+            wiki, wiki_ref = row["scores"]["wikipedia"], ref["scores"]["wikipedia"]
+            metric = next(k for k in ("word_perplexity", "perplexity") if k in wiki)
+            ppl.append(100 * (wiki[metric] / wiki_ref[metric] - 1))
+        share = mean([r["bytes"] / r["base_bytes"] for r in rows])
+        lines.append(
+            f"| `{spec}` | {','.join(str(r['seed']) for r in rows)} | {mean([r['bytes'] for r in rows]) / 1e6:.1f} MB "
+            f"| {100 * share:.1f}% | {mean([r['tensor_bytes'] / r['trained_parameters'] for r in rows]):.3f} "
+            f"| {mean(acc):+.1f} | {mean(ppl):+.2f} | {mean([r['kl'] for r in rows]):.2e} "
+            f"| {mean([r['load_seconds'] for r in rows]):.1f} | {mean([r['merge_seconds'] for r in rows]):.1f} |"
+        )
+        points.append((spec, share, mean([r["kl"] for r in rows]), mean(ppl) if ppl else float("nan")))
+    print("\n".join(lines))
+    if points:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for spec, share, kl, ppl in points:
+            axes[0].scatter(100 * share, max(kl, 1e-7))
+            axes[0].annotate(spec, (100 * share, max(kl, 1e-7)))
+            axes[1].scatter(100 * share, ppl)
+            axes[1].annotate(spec, (100 * share, ppl))
+        axes[0].set_yscale("log")
+        axes[0].set_ylabel("mean token KL to the float adapter (1e-7 = identical)")
+        axes[1].set_ylabel("Wikipedia perplexity vs the float adapter (%)")
+        for ax in axes:
+            ax.set_xlabel("adapter bytes on disk, % of the bf16 base model")
+            ax.grid(alpha=0.3)
+        fig.suptitle("HFT adapter encodings, SmolLM2-135M-Instruct (bf16), completion SFT on sarcasm")
+        fig.tight_layout()
+        fig.savefig(OUT / "encodings.png", dpi=120)
+
+
 if __name__ == "__main__":
     phase = sys.argv[1] if len(sys.argv) > 1 else "train"
     if phase == "train":
@@ -243,5 +301,7 @@ if __name__ == "__main__":
         load_phase()
     elif phase == "steps":
         steps_phase()
+    elif phase == "report":
+        report_phase()
     else:
         eval_phase()

@@ -247,7 +247,8 @@ def report_phase() -> None:
     for row in results.values():
         by_encoding.setdefault(row["encoding"], []).append(row)
     lines = ["| encoding | seeds | bytes on disk | share of the bf16 base | bytes per trained parameter "
-             "| new-task acc (pts vs float) | Wikipedia ppl (% vs float) | mean token KL to float | load (s) | merge (s) |",
+             "| new-task acc (pts vs float) | Wikipedia ppl (% vs float) | mean token KL to float "
+             "| load (s) | merge (s) |",
              "|" + "---|" * 10]
     points = []
     for spec in ENCODINGS:

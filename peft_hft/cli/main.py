@@ -52,6 +52,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "peft_hft.cli.scale",
         "the alpha dial: an HFT adapter whose diffs are alpha times IN's (base + alpha x diff, exact task arithmetic)",
     ),
+    "compress": Subcommand(
+        "peft_hft.cli.compress",
+        "re-encode an HFT adapter: lossless 'exact' steps, or lossy int8/int4/dare/sign (atomic)",
+    ),
     "sft": Subcommand(
         "peft_hft.cli.sft",
         "supervised fine-tuning with HFT through TRL's sft script (TRL's arguments, YAML --config, --hft_*)",

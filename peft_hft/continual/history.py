@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..format.encoding import apply_diff
 from ..format.fingerprint import digest
 from ..format.keys import ADAPTER_WEIGHTS
 from ..format.reader import read_adapter
-from ..ops.merge import apply_diff
 from ..tuner.layer import find_ledger
 from ..tuner.selection import canonical_parameter_names
 from ..utils import atomic_directory, atomic_write, check_output
@@ -97,7 +97,16 @@ def read_diffs(adapter_dir: Union[str, os.PathLike], model: Optional[nn.Module] 
 
     Read with the package's one strict reader, so a damaged stage is refused exactly as ``from_pretrained`` would.
     """
-    diffs = read_adapter(adapter_dir, what="stage adapter").diff_tensors()
+    adapter = read_adapter(adapter_dir, what="stage adapter")
+    bases = None
+    if model is not None and adapter.encoding.kind == "exact":  # exact steps count from the model's own values
+        names = dict(zip(adapter.diffs, canonical_parameter_names(model, list(adapter.diffs)), strict=True))
+        ledger = find_ledger(model)  # a model with the adapter still applied: its base values are in the ledger
+        bases = {
+            name: ledger.original(names[name]) if ledger is not None else model.get_parameter(names[name]).detach()
+            for name in adapter.diffs
+        }
+    diffs = adapter.diff_tensors(bases)
     if model is not None:
         diffs = dict(zip(canonical_parameter_names(model, list(diffs)), diffs.values(), strict=True))
     return diffs
@@ -108,7 +117,8 @@ def apply_diffs(model: nn.Module, diffs: Mapping[str, torch.Tensor], weight: flo
     """Add ``weight * diff`` to the named parameters of ``model``, in float32, written back in each tensor's dtype.
 
     With ``weight=1`` this is exactly the arithmetic of loading an HFT adapter (``HFTLayer.set_diffs``, and
-    :func:`peft_hft.ops.merge.apply_diff`, which does the work), which is what makes the runner's folded model and a
+    :func:`peft_hft.format.encoding.apply_diff`, which does the work), which is what makes the runner's folded model
+    and a
     history rebuilt from disk bit-identical.
     """
     if find_ledger(model) is not None:

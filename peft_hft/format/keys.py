@@ -35,3 +35,22 @@ def parameter_name_of(key: str) -> Optional[str]:
         return None
     module = match.group("module")
     return f"{module}.{match.group('attr')}" if module else match.group("attr")
+
+
+# Encoded diffs (see encoding.py) store auxiliary parts beside the main tensor, under `<diff key>.<part>`.
+PART_NAMES = ("exc_idx", "exc_val", "scales", "mask")
+_PART_KEY_RE = re.compile(rf"^(?P<diff>.+)\.(?P<part>{'|'.join(PART_NAMES)})$")
+
+
+def part_key(parameter_name: str, part: str) -> str:
+    """Checkpoint key of an encoded diff's part (``""``: the main tensor, :func:`diff_key`)."""
+    return diff_key(parameter_name) + (f".{part}" if part else "")
+
+
+def split_part_key(key: str) -> Optional[tuple[str, str]]:
+    """``(parameter name, part)`` of an encoded diff's part key; ``None`` for other keys (main diffs included)."""
+    match = _PART_KEY_RE.match(key)
+    if match is None:
+        return None
+    name = parameter_name_of(match.group("diff"))
+    return None if name is None else (name, match.group("part"))

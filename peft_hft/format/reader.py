@@ -33,6 +33,7 @@ import contextlib
 import json
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,9 @@ import torch
 
 from ..utils import FLOAT_DTYPES, OptOut, PathLike, dtype_name, listing
 from .checkpoint import Source, TensorEntry, is_repo_id, read_header, read_tensor, resolve
+from .encoding import Encoding, EncodingError, parse_encoding
 from .fingerprint import FingerprintError, validate_fingerprint
-from .keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, parameter_name_of
+from .keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, parameter_name_of, split_part_key
 from .writer import directory_lock
 
 PEFT_TYPE = "HFT"
@@ -52,6 +54,10 @@ ALLOW_NON_FINITE_ENV = "PEFT_HFT_ALLOW_NON_FINITE"
 TENSOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 _allow_non_finite = OptOut("peft_hft_allow_non_finite", ALLOW_NON_FINITE_ENV)
+# Tensors whose values this reader has checked (id -> tensor, weakly): a loader handed them trusts them, so every byte
+# of an adapter is checked exactly once per load (see is_validated).
+_validated: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_validated_config: dict[int, Mapping[str, Any]] = {}  # id -> the adapter_config.json the tensor was read with
 
 
 class AdapterFormatError(ValueError):
@@ -164,6 +170,16 @@ def validate_config(config: dict[str, Any], path: Path) -> None:
         raise AdapterFormatError(
             f"{path}: 'diff_dtype' must be null or one of {FLOAT_DTYPES}, got {_short(diff_dtype)}."
         )
+    try:
+        encoding = parse_encoding(kwargs.get("diff_encoding"))
+    except EncodingError as exc:
+        raise AdapterFormatError(f"{path}: {exc}") from exc
+    if not encoding.lossless and kwargs.get("base_fingerprint") is None and encoding.needs_declared_shape:
+        raise AdapterFormatError(
+            f"{path}: diff_encoding {encoding.spec!r} stores packed tensors whose shapes only the base_fingerprint "
+            "declares, and this adapter has none. Fix: re-encode the adapter with peft-hft compress from an adapter "
+            "saved by peft-hft."
+        )
     for check in _config_checks:
         try:
             with warnings.catch_warnings():
@@ -202,15 +218,20 @@ class AdapterFile:
 
     Use it as a context manager when reading lazily (``load=False``): the weights file stays open, so every tensor
     comes from the very file that was validated even if a new save replaces it meanwhile.
+
+    ``diffs`` maps each trained tensor to the key of its (main) stored tensor; an encoded adapter
+    (``diff_encoding``, see :mod:`peft_hft.format.encoding`) also stores parts beside it (``parts``). Decode with
+    :meth:`value` (the tuned tensor from a base) or :meth:`diff`.
     """
 
     source: Source
     directory: Path
     config: dict[str, Any]
     entries: dict[str, TensorEntry]  # checkpoint key -> where the tensor lies
-    diffs: dict[str, str]  # parameter name -> checkpoint key of its diff
+    diffs: dict[str, str]  # parameter name -> checkpoint key of its diff (the main tensor of an encoded diff)
     full: dict[str, str]  # parameter name -> checkpoint key of its tuned value, saved in full (documented extra)
     tensors: Optional[dict[str, torch.Tensor]] = None  # checkpoint key -> tensor, when read with load=True
+    parts: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {part ("" = main): key}
     _handle: Optional[BinaryIO] = field(default=None, repr=False)
 
     @property
@@ -221,19 +242,55 @@ class AdapterFile:
     def weights_path(self) -> Path:
         return self.directory / ADAPTER_WEIGHTS
 
+    @property
+    def encoding(self) -> Encoding:
+        return parse_encoding(self.config.get("diff_encoding"))
+
     def read(self, key: str) -> torch.Tensor:
         """One tensor by checkpoint key (from memory, or from the file validated by :func:`read_adapter`)."""
         if self.tensors is not None:
             return self.tensors[key]
         return read_tensor(self.entries[key], self._handle)
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The declared shape of trained tensor ``name`` (the fingerprint's record, else the stored diff's shape)."""
+        return declared_shape(name, self.entries[self.diffs[name]].shape, self.config)
+
+    def read_parts(self, name: str, check: bool = False) -> dict[str, torch.Tensor]:
+        """The stored tensors of ``name``'s diff by part (``""`` = main); ``check`` checks their values (for readers
+        opened with ``check_values=False``, which check each diff as they use it: still once)."""
+        parts = {part: self.read(key) for part, key in self.parts.get(name, {"": self.diffs[name]}).items()}
+        if check:
+            check_parts(self.encoding, name, parts, self.shape_of(name), self.weights_path, key=self.diffs[name])
+        return parts
+
+    def diff(self, name: str, base: Optional[torch.Tensor] = None, check: bool = False) -> torch.Tensor:
+        """``tuned - base`` of ``name`` (float32 for encoded diffs; ``"exact"`` needs ``base``)."""
+        parts = self.read_parts(name, check)
+        if self.encoding.kind == "float":
+            return parts[""]
+        return self.encoding.diff(parts, self.shape_of(name), base)
+
+    def value(self, name: str, base: torch.Tensor, dtype: torch.dtype, check: bool = False) -> torch.Tensor:
+        """The tuned tensor ``name`` in ``dtype``, rebuilt from ``base`` (any dtype)."""
+        return self.encoding.value(self.read_parts(name, check), self.shape_of(name), base, dtype)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor by checkpoint key, as PEFT's ``load_peft_weights`` returns them."""
         return {key: self.read(key) for key in self.entries}
 
-    def diff_tensors(self) -> dict[str, torch.Tensor]:
-        """``parameter name -> diff``."""
-        return {name: self.read(key) for name, key in self.diffs.items()}
+    def diff_tensors(self, bases: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """``parameter name -> diff`` (an ``"exact"`` adapter needs ``bases``: parameter name -> base tensor)."""
+        if self.encoding.kind == "exact" and bases is None:
+            raise AdapterFormatError(
+                f"{self.weights_path} stores exact steps from the base (diff_encoding 'exact'); its diffs exist only "
+                "against the base tensors. Fix: pass the base model (or load the adapter with PeftModel)."
+            )
+        return {name: self.diff(name, None if bases is None else bases[name]) for name in self.diffs}
+
+    def stored_bytes(self) -> int:
+        """Bytes of tensor data in the weights file."""
+        return sum(entry.nbytes for entry in self.entries.values())
 
     def close(self) -> None:
         if self._handle is not None:
@@ -245,6 +302,47 @@ class AdapterFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def declared_shape(name: str, stored: tuple[int, ...], config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The shape the fingerprint records for ``name``, else the shape of its stored (main) tensor."""
+    record = ((config.get("base_fingerprint") or {}).get("tensors") or {}).get(name)
+    return tuple(record["shape"]) if record is not None else tuple(stored)
+
+
+def is_validated(tensor: torch.Tensor) -> bool:
+    """True if ``tensor`` was returned by :func:`read_adapter` after its values were checked (the tuner then skips
+    its own checks: one validation pass per load)."""
+    return _validated.get(id(tensor)) is tensor
+
+
+def validated_config(tensor: torch.Tensor) -> Optional[Mapping[str, Any]]:
+    """The ``adapter_config.json`` object a validated ``tensor`` was read with (its encoding and declared shapes,
+    which a loader's in-memory config may not know, e.g. Trainer's resume into a fresh config), else ``None``."""
+    return _validated_config.get(id(tensor)) if is_validated(tensor) else None
+
+
+def _mark_validated(tensor: torch.Tensor, config: Mapping[str, Any]) -> None:
+    key = id(tensor)
+    _validated[key] = tensor
+    _validated_config[key] = config
+    weakref.finalize(tensor, _validated_config.pop, key, None)
+
+
+def check_parts(encoding: Encoding, name: str, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...],
+                where: Any, key: Optional[str] = None) -> None:
+    """Check the values of one stored diff (NaN/Inf, and for encoded diffs indices, counts and scales); raise an
+    :class:`AdapterFormatError` naming the tensor (``key``: its checkpoint key). The one value check every reading
+    path runs, once per tensor."""
+    if encoding.kind == "float":
+        check_finite(key or name, parts[""], where)
+        return
+    problem = encoding.check_values(dict(parts), shape)
+    if problem:
+        raise AdapterFormatError(
+            f"{where}: the encoded diff of {name} ({encoding.spec!r}) holds {problem}; decoding it would give wrong "
+            "weights. The file is damaged or was written by another tool. Fix: use the adapter as peft-hft wrote it."
+        )
 
 
 def locate(
@@ -340,14 +438,14 @@ def read_adapter(
             entries, _ = read_header(weights_path)
         except ValueError as exc:
             raise AdapterFormatError(f"{label}: {exc} Fix: copy or download the adapter again.") from exc
-        diffs, full = check_tensors({k: (e.dtype, e.shape) for k, e in entries.items()}, config, weights_path)
+        diffs, full, parts = check_tensors({k: (e.dtype, e.shape) for k, e in entries.items()}, config, weights_path)
         handle = open(weights_path, "rb")
+        adapter = AdapterFile(source, directory, config, entries, diffs, full, None, parts)
         try:
-            tensors = _read_values(entries, handle, weights_path, load, check_values)
+            adapter.tensors = _read_values(adapter, handle, load, check_values)
         except BaseException:
             handle.close()
             raise
-    adapter = AdapterFile(source, directory, config, entries, diffs, full, tensors)
     if load:
         handle.close()
     else:
@@ -357,8 +455,11 @@ def read_adapter(
 
 def check_tensors(
     layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], config: Mapping[str, Any], where: Any
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Check the keys, dtypes and shapes of an adapter's tensors against its config; ``(diffs, full)`` by name.
+) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, str]]]:
+    """Check the keys, dtypes and shapes of an adapter's tensors against its config; ``(diffs, full, parts)`` by name.
+
+    ``parts`` maps each trained tensor to its stored tensors by part (``""``: the main tensor; more for the encodings
+    of :mod:`peft_hft.format.encoding`, whose dtypes and shapes :meth:`Encoding.check_layout` checks here).
 
     ``layout`` maps checkpoint keys to ``(dtype, shape)`` (from a safetensors header, or from a state dict handed to
     ``set_peft_model_state_dict``); ``config`` holds at least ``selected_parameters``, ``trainable_token_indices`` and
@@ -368,10 +469,16 @@ def check_tensors(
     """
     selected = set(config.get("selected_parameters") or ())
     in_full_allowed = config.get("trainable_token_indices") is not None
+    encoding = parse_encoding(config.get("diff_encoding"))
     diffs: dict[str, str] = {}
     full: dict[str, str] = {}
+    parts: dict[str, dict[str, str]] = {}
     foreign, unselected, disallowed_full, twice = [], [], [], []
     for key in layout:
+        split = split_part_key(key) if encoding.parts else None
+        if split is not None and split[0] in selected and split[1] in encoding.parts:
+            parts.setdefault(split[0], {})[split[1]] = key
+            continue
         name = parameter_name_of(key)
         if name is not None:
             if name in diffs:
@@ -380,6 +487,7 @@ def check_tensors(
                 unselected.append(key)
             else:
                 diffs[name] = key
+                parts.setdefault(name, {})[""] = key
             continue
         plain = key.removeprefix(PEFT_KEY_PREFIX)
         if key.startswith(PEFT_KEY_PREFIX) and plain in selected:
@@ -412,14 +520,35 @@ def check_tensors(
             f"{where} does not match its {ADAPTER_CONFIG}: " + "; ".join(problems) + ". The file is damaged, was "
             "edited, or belongs to another adapter. Fix: use the adapter as save_pretrained wrote it."
         )
+    stray = sorted(key for name, by_part in parts.items() if name not in diffs for key in by_part.values())
+    if stray:
+        raise AdapterFormatError(
+            f"{where}: encoded parts {listing(stray)} belong to no stored diff. The file is damaged. Fix: use the "
+            "adapter as peft-hft wrote it."
+        )
+    plain_keys = set(full.values()) | (set(diffs.values()) if encoding.kind == "float" else set())
     bad_dtype = [
-        f"{key} ({dtype_name(dtype)})" for key, (dtype, _) in layout.items() if dtype not in TENSOR_DTYPES
+        f"{key} ({dtype_name(dtype)})"
+        for key, (dtype, _) in layout.items()
+        if key in plain_keys and dtype not in TENSOR_DTYPES
     ]
     if bad_dtype:
         raise AdapterFormatError(
             f"{where} holds tensors that are not float32/bfloat16/float16/float64: {listing(sorted(bad_dtype))}. "
             "Diffs of float weights are floats; the file is damaged or not an HFT adapter."
         )
+    if encoding.kind != "float":
+        wrong_parts = []
+        for name in sorted(diffs):
+            shape = declared_shape(name, layout[diffs[name]][1], config) if config.get("base_fingerprint") else None
+            problem = encoding.check_layout({p: tuple(layout[k]) for p, k in parts[name].items()}, shape)
+            if problem:
+                wrong_parts.append(f"{name}: {problem}")
+        if wrong_parts:
+            raise AdapterFormatError(
+                f"{where} does not hold what its diff_encoding {encoding.spec!r} stores: {listing(wrong_parts)}. The "
+                "file is damaged or was edited. Fix: use the adapter as peft-hft wrote it."
+            )
     fingerprint = config.get("base_fingerprint")
     if fingerprint is not None:
         records = fingerprint["tensors"]
@@ -441,13 +570,14 @@ def check_tensors(
             f"{name}: {tuple(layout[key][1])} stored vs {tuple(records[name]['shape'])} recorded"
             for name, key in diffs.items()
             if name in records and tuple(layout[key][1]) != tuple(records[name]["shape"])
+            and not encoding.needs_declared_shape
         ]
         if wrong:
             raise AdapterFormatError(
                 f"{where}: diff shapes differ from the base tensors recorded in the base_fingerprint: "
                 f"{listing(wrong)}. The file is damaged or belongs to another adapter."
             )
-    return diffs, full
+    return diffs, full, parts
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -471,21 +601,36 @@ def check_finite(key: str, tensor: torch.Tensor, where: Any) -> None:
 
 
 def _read_values(
-    entries: Mapping[str, TensorEntry], handle: BinaryIO, path: Path, keep: bool, finite: bool
+    adapter: AdapterFile, handle: BinaryIO, keep: bool, finite: bool
 ) -> Optional[dict[str, torch.Tensor]]:
-    """Read every tensor once (in file order); keep them if ``keep``; refuse non-finite values if ``finite``."""
-    tensors: dict[str, torch.Tensor] = {}
+    """Read every tensor once (diff by diff, in file order); keep them if ``keep``; check their values if ``finite``
+    (:func:`check_parts`), and mark the kept ones as checked (:func:`is_validated`)."""
     if not keep and not finite:
         return None
-    for entry in sorted(entries.values(), key=lambda e: e.start):
-        try:
-            tensor = read_tensor(entry, handle)
-        except ValueError as exc:
-            raise AdapterFormatError(f"{exc} Fix: copy or download the adapter again.") from exc
+    tensors: dict[str, torch.Tensor] = {}
+    path = adapter.weights_path
+    groups = [(name, by_part) for name, by_part in adapter.parts.items() if name in adapter.diffs]
+    groups += [(name, {"": key}) for name, key in adapter.full.items()]
+    groups.sort(key=lambda group: adapter.entries[group[1][""]].start)
+    encoding = adapter.encoding
+    for name, by_part in groups:
+        parts = {}
+        for part, key in by_part.items():
+            try:
+                parts[part] = read_tensor(adapter.entries[key], handle)
+            except ValueError as exc:
+                raise AdapterFormatError(f"{exc} Fix: copy or download the adapter again.") from exc
         if finite:
-            check_finite(entry.key, tensor, path)
+            is_full = name in adapter.full and adapter.full[name] == by_part[""]
+            check_parts(
+                parse_encoding(None) if is_full else encoding, name, parts,
+                tuple(parts[""].shape) if is_full else adapter.shape_of(name), path, key=by_part[""],
+            )
         if keep:
-            tensors[entry.key] = tensor
+            for part, key in by_part.items():
+                tensors[key] = parts[part]
+                if finite:
+                    _mark_validated(parts[part], adapter.config)
     return tensors if keep else None
 
 
@@ -494,7 +639,11 @@ __all__ = [
     "AdapterFormatError",
     "allow_non_finite",
     "check_finite",
+    "check_parts",
     "check_tensors",
+    "declared_shape",
+    "is_validated",
+    "validated_config",
     "is_hft_config",
     "load_config_json",
     "non_finite_allowed",

@@ -197,7 +197,22 @@ def _base_model_name(peft_model: Any, configs: Mapping[str, Any]) -> Optional[st
     return getattr(base, "name_or_path", None) or None
 
 
-def _diff_sizes(peft_model: Any, configs: Mapping[str, Any]) -> dict[str, int]:
+def _diff_sizes(peft_model: Any, configs: Mapping[str, Any], directory: Optional[os.PathLike | str] = None
+                ) -> dict[str, int]:
+    """Tensor bytes of each adapter: from the weights file just saved in ``directory`` (any ``diff_encoding``), else
+    estimated from the dtypes."""
+    from ..format.checkpoint import read_header
+    from ..format.keys import ADAPTER_WEIGHTS
+
+    sizes = {}
+    for name in configs:
+        path = Path(directory or "", "" if name == "default" else name, ADAPTER_WEIGHTS)
+        if directory is not None and path.is_file():
+            sizes[name] = sum(entry.nbytes for entry in read_header(path)[0].values())
+    return {**_estimated_sizes(peft_model, {n: c for n, c in configs.items() if n not in sizes}), **sizes}
+
+
+def _estimated_sizes(peft_model: Any, configs: Mapping[str, Any]) -> dict[str, int]:
 
     from ..tuner.layer import find_ledger
 
@@ -222,7 +237,8 @@ def write_hft_card(peft_model: Any, directory: os.PathLike | str, repo_id: Optio
     if not configs:
         return None
     return update_model_card(
-        directory, configs, repo_id, _base_model_name(peft_model, configs), extra_tags, _diff_sizes(peft_model, configs)
+        directory, configs, repo_id, _base_model_name(peft_model, configs), extra_tags,
+        _diff_sizes(peft_model, configs, directory),
     )
 
 

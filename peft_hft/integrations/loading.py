@@ -125,6 +125,7 @@ def _load_peft_weights(original):
 
 def _save_pretrained(original):
     def save_hft(self, save_directory, safe_serialization=True, selected_adapters=None, *args, **kwargs):
+        encoding = kwargs.pop("diff_encoding", None)  # this save only (HFTConfig.diff_encoding for every save)
         for name in selected_adapters if selected_adapters is not None else list(self.peft_config):
             validate_adapter_name(name)  # a name is a sub-directory: it must stay inside save_directory
         if not safe_serialization:
@@ -142,7 +143,7 @@ def _save_pretrained(original):
             args = (False, *args[1:])
         else:
             kwargs["save_embedding_layers"] = False
-        with atomic_save(save_directory) as staging:
+        with atomic_save(save_directory) as staging, _encoding_for_save(self, names, encoding):
             _carry_model_cards(Path(save_directory), staging)
             original(self, str(staging), True, selected_adapters, *args, **kwargs)
             for name in names:  # never publish a pair that the reader would refuse
@@ -156,6 +157,27 @@ def _save_pretrained(original):
         return save_hft(self, save_directory, *args, **kwargs)
 
     return save_pretrained
+
+
+@contextlib.contextmanager
+def _encoding_for_save(peft_model: Any, names: list[str], encoding: Optional[str]) -> Iterator[None]:
+    """``save_pretrained(..., diff_encoding=...)``: the HFT adapters ``names`` are saved in ``encoding`` (recorded in
+    their saved config); their configs return to their own setting afterwards."""
+    if encoding is None:
+        yield
+        return
+    from ..format.encoding import parse_encoding
+
+    parse_encoding(encoding)  # a bad name fails before anything is written
+    configs = {n: peft_model.peft_config[n] for n in names if hasattr(peft_model.peft_config[n], "diff_encoding")}
+    before = {n: c.diff_encoding for n, c in configs.items()}
+    for config in configs.values():
+        config.diff_encoding = encoding
+    try:
+        yield
+    finally:
+        for n, config in configs.items():
+            config.diff_encoding = before[n]
 
 
 def _carry_model_cards(target: Path, staging: Path) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..format.checkpoint import Checkpoint, PathLike, meta_model, parameter_aliases
+from ..format.encoding import parse_encoding
 from ..format.fingerprint import BaseMismatchError, check_fingerprint, combined_digest
 from ..format.reader import read_adapter
 from ..utils import check_output, dtype_name
@@ -40,6 +41,16 @@ class AdapterInfo:
         return sum(nbytes for _, _, nbytes in self.tensors.values())
 
     @property
+    def encoding(self) -> str:
+        return parse_encoding(self.config.get("diff_encoding")).spec
+
+    @property
+    def bytes_per_parameter(self) -> Optional[float]:
+        """Stored bytes per trained parameter (4 for fp32 diffs, about 1 for ``"exact"``, 0.53 for ``"int4"``)."""
+        params = sum(math.prod(shape) for _, shape, _ in self.tensors.values())
+        return self.tensor_bytes / params if params else None
+
+    @property
     def fingerprint(self) -> Optional[dict[str, Any]]:
         return self.config.get("base_fingerprint")
 
@@ -57,6 +68,9 @@ class AdapterInfo:
             "selected_tensors": len(self.tensors),
             "selected_parameters": sum(math.prod(shape) for _, shape, _ in self.tensors.values()),
             "selection": {k: self.config.get(k) for k in ("strategy", "ratio", "seed", "diff_dtype")},
+            "encoding": self.encoding,
+            "lossless": parse_encoding(self.encoding).lossless,
+            "bytes_per_parameter": self.bytes_per_parameter,
             "tensor_bytes": self.tensor_bytes,
             "file_bytes": self.file_bytes,
             "bytes_by_dtype": self.bytes_by_dtype(),
@@ -83,8 +97,13 @@ def inspect_adapter(
     # The strict reader: a damaged adapter (config, header, dtypes, keys, values) is an error, not a report.
     with read_adapter(adapter, revision=revision, load=False) as files:
         pass
+    # per trained tensor: the dtype of its main stored tensor, its declared shape, the bytes of all its parts
     tensors = {
-        name: (dtype_name(files.entries[key].dtype), files.entries[key].shape, files.entries[key].nbytes)
+        name: (
+            dtype_name(files.entries[key].dtype),
+            files.shape_of(name),
+            sum(files.entries[k].nbytes for k in files.parts.get(name, {"": key}).values()),
+        )
         for name, key in files.diffs.items()
     }
     fingerprint = files.config.get("base_fingerprint")
@@ -164,6 +183,8 @@ def format_info(info: AdapterInfo, list_tensors: bool = False) -> str:
         f"  selection     {len(info.tensors)} tensors, {d['selected_parameters']:,} parameters ({strategy})",
         f"  diffs         {_mb(info.tensor_bytes)} of tensor data ({by_dtype}); file {_mb(info.file_bytes)} "
         f"(header {info.file_bytes - info.tensor_bytes:,} B)",
+        f"  encoding      {info.encoding} ({'lossless' if d['lossless'] else 'lossy'}), "
+        f"{info.bytes_per_parameter or 0:.3f} bytes per trained parameter",
     ]
     if info.base_bytes:
         share = f"{100 * info.tensor_bytes / info.base_bytes:.1f}%"

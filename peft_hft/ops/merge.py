@@ -7,10 +7,11 @@ writes the result atomically (see :mod:`peft_hft.format.checkpoint`).
 
 The result equals loading the base with ``from_pretrained(base, dtype=<output dtype>)``, applying the adapter,
 ``merge_and_unload()`` and ``save_pretrained()``, tensor for tensor: each merged value is
-``(base.to(dtype).float() + diff.float()).to(dtype)``, exactly as the HFT ledger computes it. Tensors the adapter does
-not touch are copied (cast when ``dtype`` is given). Tied weights are handled through the model's own tying (built on
-the meta device from ``config.json``): a diff of ``model.embed_tokens.weight`` also applies to ``lm_head.weight`` when
-the checkpoint stores both; a tied checkpoint that stores only one of them gets the diff once.
+``(base.to(dtype).float() + diff.float()).to(dtype)``, exactly as the HFT ledger computes it (both call
+:func:`peft_hft.format.encoding.apply_diff`; encoded diffs are decoded against each streamed base tensor). Tensors
+the adapter does not touch are copied (cast when ``dtype`` is given). Tied weights are handled through the model's
+own tying (built on the meta device from ``config.json``): a diff of ``model.embed_tokens.weight`` also applies to
+``lm_head.weight`` when the checkpoint stores both; a tied checkpoint that stores only one of them gets the diff once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..format.checkpoint import (
     parameter_aliases,
     read_tensor,
 )
+from ..format.encoding import apply_diff
 from ..format.fingerprint import (
     BaseMismatchError,
     Mismatch,
@@ -42,7 +44,7 @@ from ..format.fingerprint import (
     mismatch_error,
 )
 from ..format.keys import INDEX_NAME
-from ..format.reader import AdapterFile, check_finite, read_adapter
+from ..format.reader import AdapterFile, read_adapter
 from ..utils import FLOAT_DTYPES, atomic_directory, check_output, float_dtype, listing, refuse_output_overlap
 
 # Files of a model directory that are weights (rewritten or dropped), not configuration to copy.
@@ -59,15 +61,6 @@ class MergeResult:
     bytes_written: int
     verified: bool
     base_check: str  # what was checked, in words
-
-
-def apply_diff(base: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``base + diff`` in ``dtype``, computed as the HFT ledger does for a model loaded in ``dtype``:
-    ``(base.to(dtype).float() + diff.float()).to(dtype)``. ``base`` is consumed (added to in place when it is
-    already float32), which keeps the peak at two tensors."""
-    total = base.to(dtype).float()
-    total.add_(diff.float())
-    return total.to(dtype)
 
 
 def output_dtype(entry: TensorEntry, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -100,13 +93,13 @@ def _targets(
 
 
 def _check_shapes(
-    checkpoint: Checkpoint, diffs: dict[str, TensorEntry], targets: dict[str, str], fingerprint: Optional[dict]
+    checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], targets: dict[str, str], fingerprint: Optional[dict]
 ) -> None:
-    """Compare shapes from the headers alone, before anything is read or written."""
+    """Compare shapes from the headers alone (the declared shapes of encoded diffs), before anything is read."""
     problems = [
-        f"  - {key}: {checkpoint.entries[key].shape} in the checkpoint vs {diffs[name].shape} in the adapter"
+        f"  - {key}: {checkpoint.entries[key].shape} in the checkpoint vs {shapes[name]} in the adapter"
         for key, name in targets.items()
-        if diffs[name].shape != checkpoint.entries[key].shape
+        if tuple(shapes[name]) != tuple(checkpoint.entries[key].shape)
     ]
     if problems:
         base = describe_base(fingerprint) if fingerprint else "another base model"
@@ -162,12 +155,14 @@ def _merge(adapter_file: AdapterFile, base: PathLike, output: PathLike, out_dtyp
             "then PeftModel.from_pretrained(...).merge_and_unload()."
         )
     diffs = {name: adapter_file.entries[key] for name, key in adapter_file.diffs.items()}
+    shapes = {name: adapter_file.shape_of(name) for name in diffs}
+    encoding = adapter_file.encoding
     checkpoint = Checkpoint.open(base, base_revision)
     inputs = {"BASE directory": checkpoint.source.directory, "ADAPTER directory": adapter_file.directory}
     refuse_output_overlap(output, inputs)
     fingerprint = adapter_file.config.get("base_fingerprint") if verify and not base_check_skipped() else None
     targets = _targets(checkpoint, diffs, parameter_aliases(meta_model(checkpoint.source.directory)))
-    _check_shapes(checkpoint, diffs, targets, fingerprint)
+    _check_shapes(checkpoint, shapes, targets, fingerprint)
 
     records = (fingerprint or {}).get("tensors", {})
     mismatches: list[Mismatch] = []
@@ -193,10 +188,13 @@ def _merge(adapter_file: AdapterFile, base: PathLike, output: PathLike, out_dtyp
                             if reason is not None:
                                 mismatches.append(Mismatch(name, reason))
                             verified.add(name)
-                        diff = adapter_file.read(adapter_file.diffs[name])
-                        check_finite(adapter_file.diffs[name], diff, adapter_file.weights_path)
-                        tensor = apply_diff(tensor, diff, target)
-                        del diff
+                        # each diff is read and checked once, here, and decoded against the streamed base tensor
+                        parts = adapter_file.read_parts(name, check=True)
+                        if encoding.kind == "float":
+                            tensor = apply_diff(tensor, parts[""], target, consume=True)
+                        else:
+                            tensor = encoding.value(parts, adapter_file.shape_of(name), tensor, target)
+                        del parts
                     elif tensor.dtype != target:
                         tensor = tensor.to(target)
                     writer.write(key, tensor)

@@ -307,7 +307,7 @@ def adapter_to_lora(
     check_output(output, overwrite, {"ADAPTER": adapter, "--base": base})
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-    config_path = Path(str(adapter)) / ADAPTER_CONFIG  # a local adapter of another method: name it (Hub ids: the reader)
+    config_path = Path(str(adapter)) / ADAPTER_CONFIG  # name a local adapter of another method
     peft_type = str(load_config_json(config_path)["peft_type"]).split(".")[-1] if config_path.is_file() else None
     if peft_type is not None and peft_type != "HFT":
         raise ValueError(

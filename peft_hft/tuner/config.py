@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ..format.encoding import EncodingError, parse_encoding
 from ..utils import FLOAT_DTYPES
 from .peft_type import hft_peft_type
 from .precision import MASTER_WEIGHTS, resolve_master_weights
@@ -93,6 +94,11 @@ FIELD_RULES: dict[str, FieldRule] = {
         f"None or one of {_choices(MASTER_WEIGHTS)} ('fp32' is the default; 'kahan' keeps 2 bytes per trained "
         "parameter, 'stochastic_rounding' none)",
     ),
+    "diff_encoding": FieldRule(
+        _optional(lambda v: isinstance(v, str)),
+        "None (the default: 'exact' for bf16/fp16 tensors) or an encoding name such as 'float', 'int8', 'int4', "
+        "'dare:0.9' or 'sign'",
+    ),
     "fp32_master_weights": FieldRule(_optional(lambda v: isinstance(v, bool)), "None, True or False"),
     "init_weights": FieldRule(lambda v: isinstance(v, bool), "True or False"),
     "modules_to_save": FieldRule(_optional(_is_names), "None or a list of module names"),
@@ -169,6 +175,14 @@ class HFTConfig(PeftConfig):
             themselves (DeepSpeed bf16/ZeRO never gets a second copy either way; FSDP2 with fp32 parameters needs
             none); it warns when a low-precision model is trained so.
             No effect on fp32 models, which keep no masters. Measurements: docs/benchmarks.md ("Master values").
+        diff_encoding: How the diffs are stored (docs/adapter-format.md, "Encodings"). ``None`` (default) resolves
+            at save time to ``"exact"`` for bf16/fp16 tensors (lossless: the trained weights as int8 counts of ulp
+            steps from the base, with the rare larger moves stored apart; about a quarter of fp32 diffs; a trainable
+            reload seeds the fp32 masters from the weights) and to ``"float"`` otherwise (or when ``diff_dtype`` is
+            set). ``"float"`` stores plain diffs (``diff_dtype``; for bf16 tensors with masters, fp32 diffs that carry
+            the masters, so training resumes from them exactly). Lossy, explicit: ``"int8"``/``"int4"``
+            (blockwise, ``"int4:128"`` for blocks of 128), ``"dare:0.9"`` (drop 90% and rescale, seeded),
+            ``"sign"`` (one bit and a scale per row). The resolved value is saved in ``adapter_config.json``.
         fp32_master_weights: The older spelling, kept working: ``True`` means ``master_weights="fp32"``, ``False``
             means ``"none"``. If both are given and contradict each other, ``master_weights`` wins (with a warning).
             After construction it reads ``master_weights == "fp32"``.
@@ -218,6 +232,10 @@ class HFTConfig(PeftConfig):
         metadata={"help": f"What keeps small updates of trained bf16/fp16 tensors, one of {MASTER_WEIGHTS} "
                           "(None: from fp32_master_weights, default 'fp32')."},
     )
+    diff_encoding: Optional[str] = field(
+        default=None, metadata={"help": "How diffs are stored: exact (default for bf16/fp16), float, int8, int4, "
+                                        "dare:P, sign."}
+    )
     fp32_master_weights: Optional[bool] = field(
         default=None, metadata={"help": "Older spelling of master_weights: True = 'fp32', False = 'none'."}
     )
@@ -259,6 +277,11 @@ class HFTConfig(PeftConfig):
                 f"HFTConfig.ratio must be in (0, 1], got {self.ratio}. Use ratio=0.5 for the paper's setting, or "
                 "ratio=1.0 to train every tensor."
             )
+        if self.diff_encoding is not None:
+            try:
+                parse_encoding(self.diff_encoding)
+            except EncodingError as exc:
+                raise ValueError(f"HFTConfig.diff_encoding: {exc}") from None
         self.master_weights = resolve_master_weights(self.master_weights, self.fp32_master_weights)
         self.fp32_master_weights = self.master_weights == "fp32"
         if str(getattr(self.task_type, "value", self.task_type)) in _WRAPPED_HEAD_TASKS:

@@ -32,6 +32,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..format.encoding import apply_diff
 from ..utils import listing
 from . import engines
 from .precision import MasterValues, is_low_precision
@@ -658,30 +659,45 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             )
 
     def set_diffs(self, adapter: str, diffs: dict[str, torch.Tensor]) -> None:
-        """Give ``adapter`` the values ``base + diff`` (checked with :meth:`check_diffs` first)."""
+        """Give ``adapter`` the values ``base + diff`` (checked with :meth:`check_diffs` first).
+
+        A float32 diff of a bf16/fp16 tensor carries the exact value of a trainable adapter whose masters keep exact
+        values (``"fp32"``, ``"kahan"``): it seeds them.
+        """
         self.check_diffs(adapter, diffs)
+        record = self.hft_adapters[adapter]
+        values, precise = {}, {}
+        for name, diff in diffs.items():
+            base = self.original(name)
+            values[name] = apply_diff(base, diff, base.dtype)
+            if diff.dtype == torch.float32 and is_low_precision(base) and record.keeps_exact_values and (
+                record.requires_grad
+            ):
+                precise[name] = base.float() + diff.to(base.device).float()  # the exact value: keep it
+        self.set_values(adapter, values, precise)
+
+    def set_values(
+        self, adapter: str, values: dict[str, torch.Tensor], precise: Optional[dict[str, torch.Tensor]] = None
+    ) -> None:
+        """Give ``adapter`` the tuned ``values`` (in each tensor's dtype; names and shapes checked with
+        :meth:`check_diffs`); ``precise`` optionally holds fp32 masters to seed for them."""
+        self.check_diffs(adapter, values)
         applied = self._applied
         if adapter in applied:
-            self._check_unsharded(list(diffs), f"load diffs into the applied HFT adapter {adapter!r}")
+            self._check_unsharded(list(values), f"load diffs into the applied HFT adapter {adapter!r}")
         for a in applied:
             if a != adapter:
                 self._capture(a, applied)
         record = self.hft_adapters[adapter]
-        precise = {}
-        for name, diff in diffs.items():
+        for name, value in values.items():
             base = self.original(name)
-            value = base.float() + diff.to(base.device).float()
-            record.values[name] = value.to(base.dtype)
-            if diff.dtype == torch.float32 and is_low_precision(base) and record.keeps_exact_values and (
-                record.requires_grad
-            ):
-                precise[name] = value  # a float32 diff carries the exact value of a bf16 tensor: keep it
+            record.values[name] = value.to(device=base.device, dtype=base.dtype)
         record.values_current = True
         if adapter in applied:
             # force a rewrite of the adapter's tensors
             self._applied = tuple(a for a in applied if a != adapter)
             self._transition(applied)
-            for name, value in precise.items():
+            for name, value in (precise or {}).items():
                 if self._contributors(name, applied) == [adapter]:
                     self.masters.seed(name, value, self._param(name), record.master_weights)
 

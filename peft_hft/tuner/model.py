@@ -14,8 +14,17 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..format.keys import PEFT_KEY_PREFIX, diff_key, parameter_name_of
-from ..format.reader import check_finite, check_tensors, register_config_check
+from ..format.encoding import default_encoding, parse_encoding
+from ..format.keys import PEFT_KEY_PREFIX, diff_key, parameter_name_of, part_key
+from ..format.reader import (
+    check_finite,
+    check_parts,
+    check_tensors,
+    declared_shape,
+    is_validated,
+    register_config_check,
+    validated_config,
+)
 from ..utils import float_dtype, listing
 from .base_check import record_base, verify_base
 from .combine import CombinationType, add_weighted_adapter
@@ -237,9 +246,8 @@ class HFTModel(BaseTuner):
                     if is_full_value(state_dict[key], ledger.root.get_parameter(name)):
                         live[name] = state_dict[key]
                     break
-        dtype = float_dtype(config.diff_dtype, "HFTConfig.diff_dtype")
-        out = {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
-        refuse_non_finite(out, adapter_name)
+        out = encoded_state_dict(ledger, adapter_name, config, live)
+        refuse_non_finite({k: v for k, v in out.items() if v.is_floating_point()}, adapter_name)
         for name in saved_in_full(ledger, adapter_name, config):
             # TRL sets trainable_token_indices when it extended the vocabulary (a chat template with new tokens). The
             # base values of the new rows were drawn at random in this process, so diffs alone cannot rebuild them:
@@ -273,34 +281,97 @@ class HFTModel(BaseTuner):
         ledger = find_ledger(model)
         if ledger is None or adapter_name not in ledger.hft_adapters:
             raise ValueError(f"No HFT adapter named {adapter_name!r} was injected; cannot load its diffs.")
-        # The same checks as for a file (keys, dtypes, shapes recorded in the fingerprint, finite values), for state
-        # dicts handed to set_peft_model_state_dict directly; nothing but diffs (and the documented full tensors) is
-        # ever passed on to PEFT's load_state_dict, which would write it into the model.
-        layout = {key: (value.dtype, tuple(value.shape)) for key, value in state_dict.items()}
-        diff_keys, full_keys = check_tensors(
-            layout,
-            {
-                "selected_parameters": list(ledger.hft_adapters[adapter_name].params),
-                "trainable_token_indices": config.trainable_token_indices,
-                "base_fingerprint": config.base_fingerprint,
-            },
-            f"The checkpoint of HFT adapter {adapter_name!r}",
-        )
-        for key, value in state_dict.items():
-            check_finite(key, value, f"The checkpoint of HFT adapter {adapter_name!r}")
-        diffs = {name: state_dict[key] for name, key in diff_keys.items()}
+        where = f"The checkpoint of HFT adapter {adapter_name!r}"
+        # Tensors from the reader come with the config they were read with: their encoding is the file's, whatever
+        # the in-memory config says (Trainer resumes a checkpoint into a fresh config, for instance).
+        trusted = bool(state_dict) and all(is_validated(value) for value in state_dict.values())
+        file_config = validated_config(next(iter(state_dict.values()))) if trusted else None
+        settings = {
+            "selected_parameters": list(ledger.hft_adapters[adapter_name].params),
+            "trainable_token_indices": config.trainable_token_indices,
+            "base_fingerprint": config.base_fingerprint,
+            "diff_encoding": (file_config or {}).get("diff_encoding", getattr(config, "diff_encoding", None)),
+        }
+        if file_config is not None and file_config.get("base_fingerprint") is not None and not config.base_fingerprint:
+            settings["base_fingerprint"] = file_config["base_fingerprint"]
+        try:
+            encoding = parse_encoding(settings["diff_encoding"])
+            # Keys, dtypes and shapes (header facts, cheap) are sorted out here for every state dict. The values were
+            # checked by the reader when the tensors come from it (PeftModel.from_pretrained, load_adapter,
+            # transformers' load_adapter): the tuner trusts them. A state dict handed to set_peft_model_state_dict
+            # directly gets the reader's value checks here instead: once either way.
+            layout = {key: (value.dtype, tuple(value.shape)) for key, value in state_dict.items()}
+            diff_keys, full_keys, part_keys = check_tensors(layout, settings, where)
+            shapes = {n: declared_shape(n, layout[k][1], settings) for n, k in diff_keys.items()}
+            if not trusted:
+                for name, by_part in part_keys.items():
+                    parts = {part: state_dict[key] for part, key in by_part.items()}
+                    check_parts(encoding, name, parts, shapes[name], where, key=by_part[""])
+                for key in full_keys.values():
+                    check_parts(parse_encoding(None), key, {"": state_dict[key]}, layout[key][1], where, key=key)
+        except ValueError:
+            rollback_adapter(model, adapter_name)
+            raise
+        if getattr(config, "diff_encoding", None) is None and encoding.kind != "float":
+            config.diff_encoding = encoding.spec  # saved again as it was loaded
+        names = list(diff_keys)
+        canonical = canonical_parameter_names(ledger.root, names)
+        rename = dict(zip(names, canonical, strict=True)) if len(canonical) == len(names) else {n: n for n in names}
         full = {name: state_dict[key] for name, key in full_keys.items()}
-        canonical = canonical_parameter_names(ledger.root, list(diffs))
-        if len(canonical) == len(diffs):
-            diffs = dict(zip(canonical, diffs.values(), strict=True))
-        for name, value in full.items():
-            base = ledger.original(name)
-            # a tensor of the wrong shape is passed through unchanged, for check_diffs to report
-            diffs[name] = value if value.shape != base.shape else value.to(base.device).float() - base.float()
-        ledger.check_diffs(adapter_name, diffs)
-        verify_base(ledger, config, adapter_name)
-        ledger.set_diffs(adapter_name, diffs)
+        try:
+            # names and shapes against the model first (meta tensors: nothing is decoded yet), then the base
+            declared = {rename[n]: torch.empty(shapes[n], device="meta") for n in names}
+            declared.update({n: torch.empty(v.shape, device="meta") for n, v in full.items()})
+            ledger.check_diffs(adapter_name, declared)
+            verify_base(ledger, config, adapter_name)
+            if encoding.kind == "float":
+                diffs = {rename[n]: state_dict[k] for n, k in diff_keys.items()}
+                for name, value in full.items():
+                    base = ledger.original(name)
+                    diffs[name] = value.to(base.device).float() - base.float()
+                ledger.set_diffs(adapter_name, diffs)
+            else:
+                values = {}
+                for name, by_part in part_keys.items():
+                    if rename[name] in full:
+                        continue  # the tuned value in full replaces it
+                    base = ledger.original(rename[name])
+                    parts = {part: state_dict[key] for part, key in by_part.items()}
+                    values[rename[name]] = encoding.value(parts, shapes[name], base, base.dtype)
+                for name, value in full.items():
+                    base = ledger.original(name)
+                    values[name] = value.to(device=base.device, dtype=base.dtype)
+                ledger.set_values(adapter_name, values)
+        except ValueError:
+            rollback_adapter(model, adapter_name)
+            raise
         return {}
+
+
+def encoded_state_dict(
+    ledger: HFTLayer, adapter_name: str, config: HFTConfig, live: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of ``adapter_name``'s diffs in ``config.diff_encoding`` (``None``: ``"exact"`` for
+    bf16/fp16 tensors, float diffs otherwise; the resolved encoding is recorded in the config)."""
+    params = ledger.hft_adapters[adapter_name].params
+    spec = config.diff_encoding
+    if spec is None:
+        spec = default_encoding({ledger.original(n).dtype for n in params}, config.diff_dtype)
+    encoding = parse_encoding(spec)
+    config.diff_encoding = encoding.spec
+    if encoding.kind == "float":
+        dtype = float_dtype(config.diff_dtype, "HFTConfig.diff_dtype")
+        return {diff_key(name): diff for name, diff in ledger.diffs(adapter_name, dtype, live).items()}
+    # the lossy encodings start from the precise update (the fp32 master's diff); "exact" from the weights themselves
+    diffs = ledger.diffs(adapter_name, torch.float32, live) if not encoding.lossless else {}
+    out = {}
+    for name in params:
+        base = ledger.original(name).detach().to("cpu")
+        tuned = ledger.current_value(adapter_name, name, live.get(name)).detach().to("cpu", base.dtype)
+        diff = diffs.get(name)
+        for part, tensor in encoding.encode(name, base, tuned, diff if diff is not None else tuned).items():
+            out[part_key(name, part)] = tensor.contiguous()
+    return out
 
 
 def rollback_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -25,7 +25,7 @@ import peft_hft
 from peft_hft.cli.main import SUBCOMMANDS, main
 from peft_hft.format.keys import parameter_name_of
 
-TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "scale", "sft", "dpo"}
+TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "scale", "compress", "sft", "dpo"}
 
 
 @dataclass
@@ -120,6 +120,30 @@ def test_inspect_reports_the_selection(checkpoints):
     assert info["fingerprint"]["tensors"] == info["selected_tensors"]
     missing = peft_hft_cli("inspect", str(checkpoints / "no-such-adapter"))
     assert missing.returncode == 1 and "error:" in missing.stderr
+
+
+def test_compress_re_encodes_and_inspect_reports_it(checkpoints, tmp_path):
+    out = tmp_path / "int4"
+    result = peft_hft_cli("compress", str(checkpoints / "adapter"), str(out), "--encoding", "int4", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "'int4'" in result.stdout and "bytes per trained parameter" in result.stdout
+    assert json.loads((out / "adapter_config.json").read_text())["diff_encoding"] == "int4"
+    info = json.loads(peft_hft_cli("inspect", str(out), "--base", str(checkpoints / "base"), "--json").stdout)
+    plain = json.loads(peft_hft_cli("inspect", str(checkpoints / "adapter"), "--json").stdout)
+    assert info["encoding"] == "int4" and not info["lossless"] and plain["encoding"] == "float" and plain["lossless"]
+    assert info["selected_parameters"] == plain["selected_parameters"]
+    assert 0.5 < info["bytes_per_parameter"] < 0.6 and plain["bytes_per_parameter"] == 4.0
+    assert info["tensor_bytes"] < 0.15 * plain["tensor_bytes"]
+    assert info["size_ratio"] == pytest.approx(info["tensor_bytes"] / info["base_bytes"])
+    merged = peft_hft_cli("merge", str(checkpoints / "base"), str(out), str(tmp_path / "m"), "--quiet")
+    assert merged.returncode == 0, merged.stderr
+    # the output guard: OUT inside the input is refused before anything is written; an unknown encoding too
+    inside = peft_hft_cli("compress", str(checkpoints / "adapter"), str(checkpoints / "adapter" / "x"), "--encoding",
+                          "int8")
+    assert inside.returncode == 1 and "ADAPTER directory" in inside.stderr
+    assert not (checkpoints / "adapter" / "x").exists()
+    bad = peft_hft_cli("compress", str(checkpoints / "adapter"), str(tmp_path / "b"), "--encoding", "int3")
+    assert bad.returncode == 1 and "Unknown diff_encoding" in bad.stderr and not (tmp_path / "b").exists()
 
 
 def test_diff_extracts_every_changed_tensor(checkpoints, tmp_path):

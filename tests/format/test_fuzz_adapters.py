@@ -306,3 +306,88 @@ def test_the_fuzzed_adapter_itself_loads(setting):
     assert any(not torch.equal(state[k], base_state[k]) for k in state)
     model.unload()
 
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Encoded adapters (diff_encoding): the same properties for their parts
+# ------------------------------------------------------------------------------------------------------------------
+
+ENCODED_EXAMPLES = 50
+
+
+@pytest.fixture(scope="module", params=["exact", "int4", "dare:0.9", "sign"])
+def encoded_setting(request, tmp_path_factory):
+    """As ``setting``, for a bf16 adapter saved in one of the encodings (the weights moved by a few ulps)."""
+    root = tmp_path_factory.mktemp("fuzz-encoded")
+    model = tiny_model("llama", layers=1, dtype=torch.bfloat16)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    with torch.no_grad():
+        for name in peft_model.peft_config["default"].selected_parameters:
+            param = model.get_parameter(name)
+            param.data = (param.data.view(torch.int16) + 2).view(torch.bfloat16)
+    good = root / "good"
+    peft_model.save_pretrained(good, diff_encoding=request.param)
+    base = peft_model.unload()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in base_state.items())
+    base_state["requires_grad"] = {n: p.requires_grad for n, p in base.named_parameters()}
+    return good, base, base_state, root / "cases"
+
+
+PART_EDITS = st.one_of(
+    TENSOR_EDITS,
+    st.tuples(st.just("int-value"), st.integers(0, 100),
+              st.tuples(st.integers(0, 10**6), st.sampled_from([-1, 0, 1, 7, 127, -128, 255, 2**31 - 1, 10**12]))),
+    st.tuples(st.just("resize"), st.integers(0, 100), st.integers(-3, 3)),
+)
+
+
+def edit_parts(case: Path, edit) -> None:
+    path = case / ADAPTER_WEIGHTS
+    tensors = load_file(path)
+    keys = sorted(tensors)
+    kind, what, value = edit
+    if kind not in ("int-value", "resize"):
+        if kind in ("value", "dtype", "shape"):
+            t = tensors[keys[what % len(keys)]]
+            if t.numel() == 0 or (kind == "value" and not t.dtype.is_floating_point):
+                return  # nothing to edit there (an empty part; a float value in an integer part)
+        names = [parameter_of(k) for k in keys]
+        edit_tensors(case, edit, names, names)
+        return
+    key = keys[what % len(keys)]
+    t = tensors[key].clone()
+    if kind == "int-value":
+        at, number = value
+        flat = t.view(-1)
+        if flat.numel():
+            if t.dtype.is_floating_point:
+                flat[at % flat.numel()] = float(number)
+            else:
+                info = torch.iinfo(t.dtype) if t.dtype != torch.bool else None
+                flat[at % flat.numel()] = number if info is None else max(info.min, min(info.max, number))
+        tensors[key] = t
+    else:
+        flat = t.reshape(-1)
+        grown = torch.cat([flat, flat[: max(value, 0)]]) if value >= 0 else flat[: max(0, flat.numel() + value)]
+        tensors[key] = grown.contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def parameter_of(key: str) -> str:
+    return key.removeprefix(PEFT_KEY_PREFIX).replace(".hft_diff.", ".").split(".exc_")[0].removesuffix(".scales") \
+        .removesuffix(".mask")
+
+
+@settings(max_examples=ENCODED_EXAMPLES, derandomize=True, **_COMMON)
+@given(edit=PART_EDITS)
+def test_encoded_part_edits(encoded_setting, edit):
+    attempt(encoded_setting, lambda case: edit_parts(case, edit))
+
+
+def test_the_encoded_adapters_themselves_load(encoded_setting):
+    good, base, base_state, _ = encoded_setting
+    model = PeftModel.from_pretrained(base, good)
+    state = model.get_base_model().state_dict()
+    assert any(not torch.equal(state[k], base_state[k]) for k in state)
+    model.unload()

@@ -56,10 +56,11 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def saved(request, tmp_path):
-    """(adapter directory, logits of a clean load of it, dtype): an adapter that changes the outputs, saved normally."""
+    """(adapter directory, logits of a clean load of it, dtype): an adapter that changes the outputs, saved with plain
+    float diffs (the encoded formats' damage cases are in test_encodings.py)."""
     dtype = request.param
     model = tiny_model("llama", dtype=dtype)
-    peft_model = get_peft_model(model, HFTConfig(init_weights=False, seed=0))
+    peft_model = get_peft_model(model, HFTConfig(init_weights=False, seed=0, diff_encoding="float"))
     path = tmp_path / "adapter"
     peft_model.save_pretrained(path)
     tuned = logits(PeftModel.from_pretrained(tiny_model("llama", dtype=dtype), path))

@@ -177,3 +177,23 @@ def test_other_peft_methods_keep_the_original_push_to_hub(hub):
     assert json.loads(files["adapter_config.json"])["peft_type"] == "LORA"
     metadata, text = card_of(files["README.md"])
     assert "hft" not in (metadata.get("tags") or []) and "peft-hft" not in text
+
+
+def test_an_encoded_adapter_round_trips_through_the_hub(hub, published, tmp_path):
+    """push_to_hub(..., diff_encoding="int4") uploads the encoded adapter; PeftModel and peft-hft merge read it back
+    from the Hub with the weights of a local load of the same files, and the card gives its real size."""
+    model, _ = published
+    model.push_to_hub("user/hft-adapter-int4", diff_encoding="int4")
+    uploaded = {op["path"]: op["bytes"] for op in hub.last_commit("user/hft-adapter-int4").operations}
+    assert json.loads(uploaded["adapter_config.json"])["diff_encoding"] == "int4"
+    model.save_pretrained(tmp_path / "local", diff_encoding="int4")
+    assert uploaded["adapter_model.safetensors"] == (tmp_path / "local" / "adapter_model.safetensors").read_bytes()
+    local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_REPO), tmp_path / "local")
+    remote = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_REPO), "user/hft-adapter-int4")
+    assert torch.equal(logits(local), logits(remote))
+    assert not torch.equal(logits(remote), logits(AutoModelForCausalLM.from_pretrained(BASE_REPO)))
+    _, text = card_of(uploaded["README.md"])
+    from peft_hft.format.checkpoint import read_header
+
+    size = sum(e.nbytes for e in read_header(tmp_path / "local" / "adapter_model.safetensors")[0].values())
+    assert f"{size / 1e6:,.1f} MB of diffs" in text

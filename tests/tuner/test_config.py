@@ -57,6 +57,7 @@ WRONG_TYPES = {
     "calibration": ["snr", [1]],
     "originals_device": ["gpu", None, 0],
     "diff_dtype": ["int8", 16, True],
+    "diff_encoding": [8, ["int8"], True],
     "master_weights": ["fp16", True, 4],
     "fp32_master_weights": ["yes", 1],
     "init_weights": ["no", 0, None],

@@ -44,7 +44,7 @@ def train(model, steps: int = STEPS, lr: float = LR, autocast: bool = False, see
 
 
 def saved_diffs(peft_model, tmp_path, name: str = "adapter") -> dict[str, torch.Tensor]:
-    peft_model.save_pretrained(tmp_path / name)
+    peft_model.save_pretrained(tmp_path / name, diff_encoding="float")  # plain diffs (the default for bf16: exact steps)
     return {k: v.float() for k, v in load_file(tmp_path / name / "adapter_model.safetensors").items()}
 
 
@@ -123,9 +123,9 @@ def test_reload_and_merge_round_trips_stay_bf16(tmp_path):
     with torch.no_grad():
         tuned = peft_model(**inputs).logits
     trained = {n: p.detach().clone() for n, p in peft_model.get_base_model().named_parameters()}
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.save_pretrained(tmp_path / "adapter", diff_encoding="float")
     loaded = PeftModel.from_pretrained(base(), tmp_path / "adapter")
-    # the default diff of a bf16 tensor with a master is float32 (master - original): the reload is bit-exact
+    # the float diff of a bf16 tensor with a master is float32 (master - original): the reload is bit-exact
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["diff_dtype"] is None
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert {v.dtype for v in saved.values()} == {torch.float32}

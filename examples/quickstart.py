@@ -13,7 +13,7 @@ elsewhere (emulated bf16 is 7-28x slower). Multiple-choice items are scored with
 once, every answer after it: lm-eval's acc and acc_norm, see peft_hft.bench.shared_context); Wikipedia perplexity
 with lm-eval.
 
-    python examples/quickstart.py                    # HFT: about 3 minutes on 2 CPU cores (README, "Quickstart")
+    python examples/quickstart.py                    # HFT: about 4.5 minutes on 2 CPU cores in fp32 (README)
     python examples/quickstart.py --compare-fft      # + full fine-tuning on the same batches
     python examples/quickstart.py --strategy wanda   # HFT's structure, tensors chosen by peft_hft.calibrate
 """

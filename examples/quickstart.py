@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mmlu", type=int, default=100, help="MMLU questions of the retention probe")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast for training and scoring; auto: bf16 where the hardware has native bf16, else fp32")
+    p.add_argument("--retention-every", type=int, default=10,
+                   help="measure KL to the base and Wikipedia perplexity every N steps while training (0: off)")
     p.add_argument("--output-dir", default="outputs/quickstart")
     return p.parse_args()
 
@@ -136,7 +138,15 @@ def plot(results: dict, majority: float, path: Path) -> None:
 def fine_tune(model, batches, args, precision: str, desc: str, callbacks=()) -> dict:
     """The training phase: the benchmark's loop (AdamW, warm-up then linear decay) on the fixed batches.
     ``callbacks`` are ``transformers.TrainerCallback`` objects (e.g. one that tracks retention while training)."""
-    return train(model, batches, args.lr, warmup=0.1, precision=precision, desc=desc, callbacks=callbacks)
+    training_args = None
+    if callbacks:  # what the callbacks see: where to write their files, and the autocast the loop trains under
+        from transformers import TrainingArguments
+
+        training_args = TrainingArguments(output_dir=args.output_dir, max_steps=len(batches), learning_rate=args.lr,
+                                          bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
+                                          report_to=[], save_strategy="no")
+    return train(model, batches, args.lr, warmup=0.1, precision=precision, desc=desc, callbacks=callbacks,
+                 training_args=training_args)
 
 
 def main(callbacks=()) -> None:
@@ -165,7 +175,9 @@ def main(callbacks=()) -> None:
         config = hft_config(args, base, tokenizer, batches)
         model = get_peft_model(base, config)
         model.print_trainable_parameters()
-        run = fine_tune(model, batches, args, precision, "HFT fine-tuning", callbacks)
+        retention = peft_hft.RetentionCallback(every=args.retention_every, tokenizer=tokenizer, print_metrics=True)
+        watch = [retention] if args.retention_every > 0 else []
+        run = fine_tune(model, batches, args, precision, "HFT fine-tuning", [*watch, *callbacks])
     timings = {"HFT": run["seconds"]}
     peft_hft.plot_selection(model, out / "selection.png")
     with phases("score after"):
@@ -201,6 +213,7 @@ def main(callbacks=()) -> None:
         "train_seconds": timings, "phase_seconds": phases.seconds, "total_seconds": sum(phases.seconds.values()),
         "phase_cpu_seconds": phases.cpu_seconds, "wall_seconds": time.perf_counter() - started,
         "reload_max_abs_logit_difference": reload_gap, "calibration": config.calibration,
+        "retention_during_training": retention.history, "retention_seconds_per_measurement": retention.seconds,
     }
     atomic_write(out / "results.json", (json.dumps(record, indent=1) + "\n").encode())
     before = results["base model"]
@@ -221,6 +234,11 @@ def main(callbacks=()) -> None:
               f"{100 * (fft['wikipedia_ppl'] / before['wikipedia_ppl'] - 1):+.1f}%, MMLU {fft['mmlu_acc_norm']:.1f}%")
     print(f"adapter    : {adapter_dir} ({adapter_mib:.1f} MiB of diffs); reloaded into a fresh base model, max "
           f"|logit difference| = {reload_gap:.1e}")
+    if retention.history:
+        last = retention.history[-1]
+        print(f"while training: KL to the base {last['retention/kl_to_base']:.4f} nats/token, Wikipedia perplexity "
+              f"{last['retention/ppl_increase_pct']:+.1f}% after step {last['step']} (measured every "
+              f"{args.retention_every} steps; plot {out / 'retention.png'})")
     print(f"plot       : {out / 'quickstart.png'}  (selection map: {out / 'selection.png'})")
     spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.seconds.items())
     print(f"time       : {record['wall_seconds'] / 60:.1f} min in {precision} ({spent}); {out / 'results.json'}")

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the scaled diffs (default: IN's; float32 keeps bf16 products unrounded)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (once it is complete)")
     parser.add_argument("--revision", help="revision of IN when it is a Hub repo id")
+    parser.add_argument("--base", help="base checkpoint; needed when IN stores exact steps (diff_encoding 'exact', "
+                        "the default for bf16/fp16 models)")
+    parser.add_argument("--base-revision", help="revision of --base when it is a Hub repo id")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -23,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from ..ops.scale import scale_adapter
 
     result = scale_adapter(args.adapter, args.output, args.alpha, diff_dtype=args.diff_dtype,
-                           overwrite=args.overwrite, progress=not args.quiet, revision=args.revision)
+                           overwrite=args.overwrite, progress=not args.quiet, revision=args.revision,
+                           base=args.base, base_revision=args.base_revision)
     print(f"Scaled {result.tensors} diffs by {result.alpha:g} into {result.output} ({result.bytes_written / 1e6:,.1f} "
           f"MB; base + {result.total_alpha:g} x the original fine-tune's diff).")
     return 0

@@ -94,7 +94,9 @@ def compress_adapter(
         )
 
 
-def _base_tensor(source: AdapterFile, checkpoint: Optional[Checkpoint], name: str) -> Optional[torch.Tensor]:
+def base_tensor(source: AdapterFile, checkpoint: Optional[Checkpoint], name: str) -> Optional[torch.Tensor]:
+    """The base value of ``name`` from ``checkpoint`` (None without one), checked against the adapter's shape and in
+    the dtype its fingerprint records: what decoding an ``"exact"`` adapter counts its steps from."""
     if checkpoint is None:
         return None
     if name not in checkpoint.entries:
@@ -116,7 +118,7 @@ def _encode_all(source: AdapterFile, checkpoint: Optional[Checkpoint], target, p
                 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name in tqdm(list(source.diffs), desc=f"Encoding ({target.spec})", disable=not progress):
-        base = _base_tensor(source, checkpoint, name)
+        base = base_tensor(source, checkpoint, name)
         if target.kind == "float":
             parts = {"": source.diff(name, base, check=True).contiguous()}
         else:

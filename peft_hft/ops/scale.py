@@ -37,12 +37,13 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..format.checkpoint import PathLike, SafetensorsWriter
+from ..format.checkpoint import Checkpoint, PathLike, SafetensorsWriter
 from ..format.keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, diff_key
 from ..format.reader import read_adapter
 from ..integrations.hub import update_model_card
 from ..tuner.model import config_from_dict
 from ..utils import atomic_directory, float_dtype, listing
+from .compress import base_tensor
 
 SCALING_KEY = "scaling"
 
@@ -70,6 +71,8 @@ def scale_adapter(
     overwrite: bool = False,
     progress: bool = True,
     revision: Optional[str] = None,
+    base: Optional[PathLike] = None,
+    base_revision: Optional[str] = None,
 ) -> ScaleResult:
     """Write the HFT adapter ``base + alpha * (adapter's diff)`` to ``output`` (see the module docstring).
 
@@ -80,6 +83,9 @@ def scale_adapter(
         diff_dtype: Dtype of the scaled diffs (default: each input diff's dtype); ``"float32"`` keeps the product
             unrounded for bf16 diffs.
         overwrite: Replace ``output`` if it exists (once the new one is complete).
+        base: The base checkpoint, needed when the adapter stores ``diff_encoding="exact"`` (steps counted from the
+            base values: the default for bf16/fp16 models). Every encoding is decoded to its diffs first; the output
+            stores plain (``"float"``) diffs, in ``diff_dtype`` or the decoded dtype (float32 for encoded inputs).
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
@@ -93,7 +99,15 @@ def scale_adapter(
                 "they cannot be scaled. Fix: scale in memory with add_weighted_adapter([name], [alpha], "
                 "adapter_name=...) on the loaded model, then save_pretrained."
             )
+        if source.encoding.kind == "exact" and base is None:
+            raise ValueError(
+                f"The adapter {source.source.name} stores its update as exact steps from the base model's values "
+                "(diff_encoding 'exact'), so scaling it needs the base. Fix: pass the base checkpoint (--base DIR, "
+                "the model the adapter was trained on)."
+            )
+        checkpoint = Checkpoint.open(base, base_revision) if base is not None else None
         config = json.loads(json.dumps(source.config))
+        config["diff_encoding"] = "float"
         previous = config.get(SCALING_KEY) or {}
         total = alpha * float(previous.get("alpha", 1.0))
         config[SCALING_KEY] = {
@@ -103,15 +117,20 @@ def scale_adapter(
         if dtype is not None:
             config["diff_dtype"] = diff_dtype
         names = list(source.diffs)
-        layout = [(diff_key(n), dtype or source.entries[source.diffs[n]].dtype, source.entries[source.diffs[n]].shape)
-                  for n in names]
+        encoded = source.encoding.kind != "float"
+        layout = [(diff_key(n), dtype or (torch.float32 if encoded else source.entries[source.diffs[n]].dtype),
+                   source.shape_of(n)) for n in names]
         written = 0
         inputs = {"ADAPTER directory": source.directory}
+        if checkpoint is not None:
+            inputs["BASE directory"] = checkpoint.source.directory
         with atomic_directory(output, overwrite=overwrite, inputs=inputs) as staging:
             with SafetensorsWriter(staging / ADAPTER_WEIGHTS, layout, {"format": "pt"}) as writer:
                 by_key = {diff_key(n): n for n in names}
                 for key in tqdm(writer.order, desc=f"Scaling by {alpha:g}", disable=not progress):
-                    scaled = scale_diff(source.read(source.diffs[by_key[key]]), alpha, dtype)
+                    name = by_key[key]
+                    diff = source.diff(name, base_tensor(source, checkpoint, name), check=True)
+                    scaled = scale_diff(diff, alpha, dtype or (torch.float32 if encoded else diff.dtype))
                     writer.write(key, scaled.contiguous())
                     written += scaled.numel() * scaled.element_size()
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -294,57 +294,51 @@ class HFTModel(BaseTuner):
         }
         if file_config is not None and file_config.get("base_fingerprint") is not None and not config.base_fingerprint:
             settings["base_fingerprint"] = file_config["base_fingerprint"]
-        try:
-            encoding = parse_encoding(settings["diff_encoding"])
-            # Keys, dtypes and shapes (header facts, cheap) are sorted out here for every state dict. The values were
-            # checked by the reader when the tensors come from it (PeftModel.from_pretrained, load_adapter,
-            # transformers' load_adapter): the tuner trusts them. A state dict handed to set_peft_model_state_dict
-            # directly gets the reader's value checks here instead: once either way.
-            layout = {key: (value.dtype, tuple(value.shape)) for key, value in state_dict.items()}
-            diff_keys, full_keys, part_keys = check_tensors(layout, settings, where)
-            shapes = {n: declared_shape(n, layout[k][1], settings) for n, k in diff_keys.items()}
-            if not trusted:
-                for name, by_part in part_keys.items():
-                    parts = {part: state_dict[key] for part, key in by_part.items()}
-                    check_parts(encoding, name, parts, shapes[name], where, key=by_part[""])
-                for key in full_keys.values():
-                    check_parts(parse_encoding(None), key, {"": state_dict[key]}, layout[key][1], where, key=key)
-        except ValueError:
-            rollback_adapter(model, adapter_name)
-            raise
-        if getattr(config, "diff_encoding", None) is None and encoding.kind != "float":
-            config.diff_encoding = encoding.spec  # saved again as it was loaded
+        # Nothing below changes the model before every check has passed; a loader's own failure handling
+        # (unchanged_on_failure) removes an adapter it added, and an existing adapter keeps its values.
+        encoding = parse_encoding(settings["diff_encoding"])
+        # Keys, dtypes and shapes (header facts, cheap) are sorted out here for every state dict. The values were
+        # checked by the reader when the tensors come from it (PeftModel.from_pretrained, load_adapter,
+        # transformers' load_adapter): the tuner trusts them. A state dict handed to set_peft_model_state_dict
+        # directly gets the reader's value checks here instead: once either way.
+        layout = {key: (value.dtype, tuple(value.shape)) for key, value in state_dict.items()}
+        diff_keys, full_keys, part_keys = check_tensors(layout, settings, where)
+        shapes = {n: declared_shape(n, layout[k][1], settings) for n, k in diff_keys.items()}
+        if not trusted:
+            for name, by_part in part_keys.items():
+                parts = {part: state_dict[key] for part, key in by_part.items()}
+                check_parts(encoding, name, parts, shapes[name], where, key=by_part[""])
+            for key in full_keys.values():
+                check_parts(parse_encoding(None), key, {"": state_dict[key]}, layout[key][1], where, key=key)
         names = list(diff_keys)
         canonical = canonical_parameter_names(ledger.root, names)
         rename = dict(zip(names, canonical, strict=True)) if len(canonical) == len(names) else {n: n for n in names}
         full = {name: state_dict[key] for name, key in full_keys.items()}
-        try:
-            # names and shapes against the model first (meta tensors: nothing is decoded yet), then the base
-            declared = {rename[n]: torch.empty(shapes[n], device="meta") for n in names}
-            declared.update({n: torch.empty(v.shape, device="meta") for n, v in full.items()})
-            ledger.check_diffs(adapter_name, declared)
-            verify_base(ledger, config, adapter_name)
-            if encoding.kind == "float":
-                diffs = {rename[n]: state_dict[k] for n, k in diff_keys.items()}
-                for name, value in full.items():
-                    base = ledger.original(name)
-                    diffs[name] = value.to(base.device).float() - base.float()
-                ledger.set_diffs(adapter_name, diffs)
-            else:
-                values = {}
-                for name, by_part in part_keys.items():
-                    if rename[name] in full:
-                        continue  # the tuned value in full replaces it
-                    base = ledger.original(rename[name])
-                    parts = {part: state_dict[key] for part, key in by_part.items()}
-                    values[rename[name]] = encoding.value(parts, shapes[name], base, base.dtype)
-                for name, value in full.items():
-                    base = ledger.original(name)
-                    values[name] = value.to(device=base.device, dtype=base.dtype)
-                ledger.set_values(adapter_name, values)
-        except ValueError:
-            rollback_adapter(model, adapter_name)
-            raise
+        # names and shapes against the model first (meta tensors: nothing is decoded yet), then the base
+        declared = {rename[n]: torch.empty(shapes[n], device="meta") for n in names}
+        declared.update({n: torch.empty(v.shape, device="meta") for n, v in full.items()})
+        ledger.check_diffs(adapter_name, declared)
+        verify_base(ledger, config, adapter_name)
+        if encoding.kind == "float":
+            diffs = {rename[n]: state_dict[k] for n, k in diff_keys.items()}
+            for name, value in full.items():
+                base = ledger.original(name)
+                diffs[name] = value.to(base.device).float() - base.float()
+            ledger.set_diffs(adapter_name, diffs)
+        else:
+            values = {}
+            for name, by_part in part_keys.items():
+                if rename[name] in full:
+                    continue  # the tuned value in full replaces it
+                base = ledger.original(rename[name])
+                parts = {part: state_dict[key] for part, key in by_part.items()}
+                values[rename[name]] = encoding.value(parts, shapes[name], base, base.dtype)
+            for name, value in full.items():
+                base = ledger.original(name)
+                values[name] = value.to(device=base.device, dtype=base.dtype)
+            ledger.set_values(adapter_name, values)
+        if getattr(config, "diff_encoding", None) is None and encoding.kind != "float":
+            config.diff_encoding = encoding.spec  # saved again as it was loaded
         return {}
 
 

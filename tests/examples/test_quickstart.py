@@ -48,7 +48,7 @@ def test_phases_record_wall_and_cpu_seconds_per_phase(quickstart, capsys):
     assert "[score before:" in capsys.readouterr().out
 
 
-def test_the_training_step_takes_trainer_callbacks(quickstart):
+def test_the_training_step_takes_trainer_callbacks(quickstart, tmp_path):
     import torch
     from tiny_models import batch
     from transformers import TrainerCallback
@@ -61,7 +61,37 @@ def test_the_training_step_takes_trainer_callbacks(quickstart):
 
     batches = [{**b, "labels": b["input_ids"]} for b in (batch(seed=i) for i in range(3))]
     callback = Steps()
-    run = quickstart.fine_tune(tiny_model("llama", layers=2), batches, SimpleNamespace(lr=1e-3), "fp32", "t",
-                               callbacks=[callback])
+    run = quickstart.fine_tune(tiny_model("llama", layers=2), batches, SimpleNamespace(lr=1e-3, output_dir=str(tmp_path)),
+                               "fp32", "t", callbacks=[callback])
     assert callback.steps == [1, 2, 3] and run["precision"] == "fp32" and len(run["loss"]) == 3
     assert all(torch.isfinite(torch.tensor(run["loss"])))
+
+
+def test_the_demo_watches_retention_while_training(quickstart, tmp_path):
+    """The demo's RetentionCallback, driven by its training step: KL 0 at step 0, measured every N steps and at the
+    last, perplexity increase consistent with the perplexity, and the PNG beside the other outputs."""
+    import math
+
+    import torch
+    from tiny_tokenizer import build_tokenizer, chat_model
+
+    import peft_hft
+
+    tokenizer = build_tokenizer()
+    model = chat_model(tokenizer)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    texts = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning"]
+    retention = peft_hft.RetentionCallback(every=2, texts=texts, tokenizer=tokenizer)
+    ids = torch.tensor([tokenizer(texts[0]).input_ids])
+    quickstart.fine_tune(model, [{"input_ids": ids, "labels": ids}] * 3, SimpleNamespace(lr=5e-2,
+                         output_dir=str(tmp_path)), "fp32", "t", callbacks=[retention])
+    steps = [h["step"] for h in retention.history]
+    assert steps == [0, 2, 3]
+    assert retention.history[0]["retention/kl_to_base"] == 0.0
+    assert retention.history[-1]["retention/kl_to_base"] > 0
+    base_ppl = retention.history[0]["retention/ppl"]
+    for h in retention.history:
+        assert math.isclose(h["retention/ppl_increase_pct"], 100 * (h["retention/ppl"] / base_ppl - 1), rel_tol=1e-6,
+                            abs_tol=1e-9)
+    assert (tmp_path / "retention.png").read_bytes()[:8] == PNG_SIGNATURE

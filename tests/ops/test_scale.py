@@ -16,9 +16,10 @@ from peft_hft.format.keys import parameter_name_of
 from peft_hft.format.reader import AdapterFormatError
 
 
-def _adapter(tmp_path, dtype=torch.float32, diff_dtype=None):
+def _adapter(tmp_path, dtype=torch.float32, diff_dtype=None, diff_encoding="float"):
     model = tiny_model("llama", dtype=dtype)
-    peft_model = get_peft_model(model, HFTConfig(seed=0, init_weights=False, diff_dtype=diff_dtype))
+    config = HFTConfig(seed=0, init_weights=False, diff_dtype=diff_dtype, diff_encoding=diff_encoding)
+    peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(tmp_path / "in")
     return tmp_path / "in"
 
@@ -113,3 +114,23 @@ def test_guards_refuse_before_writing(tmp_path):
         scale_adapter(source, tmp_path / "out", 0.5, progress=False)
     assert not (tmp_path / "out").exists() and not (source / "scaled").exists()
     assert peft_hft.scale_adapter is scale_adapter
+
+
+def test_an_exact_encoded_adapter_is_scaled_against_its_base(tmp_path):
+    """bf16 models save exact ulp steps by default: scale decodes them against the base (refused without it) and
+    writes float32 diffs equal to alpha x (tuned - base), computed by hand."""
+    source = _adapter(tmp_path, torch.bfloat16, diff_encoding=None)
+    assert json.loads((source / "adapter_config.json").read_text())["diff_encoding"] == "exact"
+    with pytest.raises(ValueError, match="needs the base"):
+        scale_adapter(source, tmp_path / "out", 0.5, progress=False)
+    assert not (tmp_path / "out").exists()
+    base_dir = tmp_path / "base"
+    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(base_dir)
+    scale_adapter(source, tmp_path / "out", 0.5, progress=False, base=base_dir)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["diff_encoding"] == "float"
+    tuned, base = _weights(source, torch.bfloat16), dict(tiny_model("llama", dtype=torch.bfloat16).named_parameters())
+    scaled = _diffs(tmp_path / "out")
+    assert scaled and all(v.dtype == torch.float32 for v in scaled.values())
+    for name, diff in scaled.items():
+        expected = 0.5 * (tuned[name].float() - base[name].detach().float())
+        assert torch.equal(diff, expected), name

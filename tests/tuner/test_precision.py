@@ -460,9 +460,10 @@ def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values():
 
 
 def test_kahan_and_stochastic_rounding_reload_and_resume(tmp_path):
-    """Kahan saves float32 diffs (weight + error) and a trainable reload continues from them; stochastic rounding saves
-    bf16 diffs of the weights, which reload bit-exactly where they fit."""
-    peft_model = get_peft_model(base(), HFTConfig(seed=0, master_weights="kahan"))
+    """With float diffs, Kahan saves float32 diffs (weight + error) and a trainable reload continues from them;
+    stochastic rounding saves bf16 diffs of the weights, which reload bit-exactly where they fit. (The default
+    "exact" encoding stores the bf16 weights only: resuming from it restarts the compensation at zero.)"""
+    peft_model = get_peft_model(base(), HFTConfig(seed=0, master_weights="kahan", diff_encoding="float"))
     train(peft_model, steps=3)
     ledger = find_ledger(peft_model)
     peft_model.save_pretrained(tmp_path / "kahan")
@@ -478,7 +479,7 @@ def test_kahan_and_stochastic_rounding_reload_and_resume(tmp_path):
             resumed_ledger.masters.value(name, resumed.get_base_model().get_parameter(name)),
             ledger.masters.value(name, peft_model.get_base_model().get_parameter(name)), rtol=1e-6, atol=1e-9,
         )
-    stochastic = get_peft_model(base(), HFTConfig(seed=0, master_weights="stochastic_rounding"))
+    stochastic = get_peft_model(base(), HFTConfig(seed=0, master_weights="stochastic_rounding", diff_encoding="float"))
     train(stochastic, steps=3)
     stochastic.save_pretrained(tmp_path / "sr")
     assert {v.dtype for v in load_file(tmp_path / "sr" / "adapter_model.safetensors").values()} == {BF16}

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from .format.fingerprint import BaseMismatchError, skip_base_check
 from .integrations.registration import register
+from .ops.estimate_memory import estimate_memory
 from .tuner.config import HFTConfig
 from .tuner.importance import calibrate, importance_scores
 from .tuner.layer import HFTLayer
 from .tuner.model import HFTModel
+from .tuner.quantize_frozen import quantize_frozen
 from .tuner.summary import memory_report, plot_selection, selection_summary
 
 __version__ = "0.1.0"
@@ -28,9 +30,11 @@ __all__ = [
     "HFTLayer",
     "HFTModel",
     "calibrate",
+    "estimate_memory",
     "importance_scores",
     "memory_report",
     "plot_selection",
+    "quantize_frozen",
     "selection_summary",
     "skip_base_check",
     "__version__",

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "to-lora": "peft_hft.cli.to_lora",
     "sft": "peft_hft.cli.sft",
     "dpo": "peft_hft.cli.dpo",
+    "estimate-memory": "peft_hft.cli.estimate_memory",
 }
 
 # Errors that are the user's input, not a bug: printed as one message, without a traceback.

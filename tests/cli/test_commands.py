@@ -25,7 +25,7 @@ import peft_hft
 from peft_hft.cli.main import SUBCOMMANDS, main
 from peft_hft.format.keys import parameter_name_of
 
-TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "sft", "dpo"}
+TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "sft", "dpo", "estimate-memory"}
 
 
 @dataclass
@@ -235,3 +235,20 @@ def test_sft_refuses_lora_options_and_lists_hft_options(trl_inputs, tmp_path):
     assert all(flag in helped.stdout for flag in ("--hft_ratio", "--hft_seed", "--hft_strategy", "--learning_rate",
                                                   "--model_name_or_path"))
     assert "--hft_selected_parameters" not in helped.stdout and "--hft_base_fingerprint" not in helped.stdout
+
+
+def test_estimate_memory_prints_json_per_method_and_writes_nothing(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = peft_hft_cli("estimate-memory", str(checkpoints / "base" / "config.json"), "--json", "--batch-size", "2",
+                          "--seq-len", "16", "--methods", "fft,lora,freeze,hft", "--lora-rank", "2")
+    assert result.returncode == 0, result.stderr
+    methods = json.loads(result.stdout)["methods"]
+    assert list(methods) == ["fft", "lora", "freeze", "hft"]
+    assert all(m["total_bytes"] == sum(m["components"].values()) > 0 for m in methods.values())
+    assert methods["freeze"]["total_bytes"] < methods["hft"]["total_bytes"] < methods["fft"]["total_bytes"]
+    assert methods["lora"]["total_bytes"] < methods["fft"]["total_bytes"]
+    assert list(tmp_path.iterdir()) == []
+    table = peft_hft_cli("estimate-memory", str(checkpoints / "base"), "--seq-len", "16", "--unit", "MiB")
+    assert table.returncode == 0 and "hft-low-memory" in table.stdout and "hft / fft" in table.stdout
+    bad = peft_hft_cli("estimate-memory", str(checkpoints / "base"), "--methods", "qlora")
+    assert bad.returncode == 1 and "Unknown method" in bad.stderr and "hft-low-memory" in bad.stderr

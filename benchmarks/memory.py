@@ -202,7 +202,7 @@ def measure_training_peak(load_model, variant: str, batches, gradient_checkpoint
 
 
 def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: int, gradient_checkpointing: bool,
-                          variants=None, seed: int = 0) -> list[dict]:
+                          variants=None, seed: int = 0, device: str = "cpu") -> list[dict]:
     """Measured peak and ``estimate_memory`` for each variant, on the model of ``model_dir`` (weights loaded if the
     directory has them, else random weights from its config)."""
     from pathlib import Path
@@ -218,26 +218,28 @@ def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: 
     def load():
         torch.manual_seed(seed)
         if has_weights:
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).to(device)
 
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(3):
         ids = torch.randint(3, config.vocab_size, (batch_size, seq_len), generator=generator)
-        batches.append({"input_ids": ids, "labels": ids})
+        batches.append({"input_ids": ids.to(device), "labels": ids.to(device)})
     estimate = estimate_memory(model_dir, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                                gradient_checkpointing=gradient_checkpointing, methods=names)
     rows = []
     for name in names:
-        measured = measure_training_peak(load, name, batches, gradient_checkpointing)
+        measured = measure_training_peak(load, name, batches, gradient_checkpointing, device)
         method = estimate.methods[name]
         rows.append({
             "variant": name, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
             "measured_bytes": measured["peak_bytes"], "estimated_bytes": method.total_bytes,
             "ratio": method.total_bytes / measured["peak_bytes"], "components": method.components,
-            "peak_phase": method.peak_phase,
+            "peak_phase": method.peak_phase, "device": device,
         })
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -254,9 +256,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off")
     parser.add_argument("--variants", default=None, help=f"comma-separated (default: {','.join(TRAINING_VARIANTS)})")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (torch.cuda.max_memory_allocated)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON (last line)")
     args = parser.parse_args(argv)
-    if os.environ.get("MKL_DISABLE_FAST_MM") != "1":
+    if args.device == "cpu" and os.environ.get("MKL_DISABLE_FAST_MM") != "1":
         os.environ["MKL_DISABLE_FAST_MM"] = "1"
         os.execv(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
     model = args.model
@@ -269,11 +272,12 @@ def main(argv=None) -> None:
     rows = []
     for dtype in args.dtype or ["float32"]:
         for ckpt in checkpointing:
-            rows += compare_with_estimate(model, dtype, args.batch_size, args.seq_len, ckpt, variants)
+            rows += compare_with_estimate(model, dtype, args.batch_size, args.seq_len, ckpt, variants,
+                                          device=args.device)
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"{model}, batch {args.batch_size} x {args.seq_len}")
+    print(f"{model}, batch {args.batch_size} x {args.seq_len}, {args.device}")
     print(f"{'variant':<18}{'dtype':<10}{'ckpt':<6}{'measured MiB':>14}{'estimated MiB':>15}{'est/meas':>10}")
     for r in rows:
         print(f"{r['variant']:<18}{r['dtype']:<10}{'on' if r['gradient_checkpointing'] else 'off':<6}"

@@ -161,7 +161,8 @@ def default_recipes(lora_rank: int = 16) -> dict[str, TrainingRecipe]:
     hft = TrainingRecipe("hft", master, description=f"HFT, default HFTConfig() ({master} masters, AdamW)")
     recipes = {
         "fft": TrainingRecipe("all", "fp32", description="full fine-tuning, fp32 masters, AdamW"),
-        "lora": TrainingRecipe("lora", "none", description=f"LoRA r{lora_rank}, all linear layers, fp32 adapter, AdamW"),
+        "lora": TrainingRecipe("lora", "none",
+                               description=f"LoRA r{lora_rank}, all linear layers, fp32 adapter, AdamW"),
         "freeze": TrainingRecipe("hft", "none", description="plain freezing of the tensors HFT freezes, no masters"),
         "hft": hft,
     }
@@ -512,7 +513,9 @@ def estimate_memory(
     for n in names:
         recipe = table[n]
         if recipe.master_weights not in MASTER_WEIGHTS:
-            raise ValueError(f"{n}: unknown master_weights {recipe.master_weights!r}; use one of {list(MASTER_WEIGHTS)}.")
+            raise ValueError(
+                f"{n}: unknown master_weights {recipe.master_weights!r}; use one of {list(MASTER_WEIGHTS)}."
+            )
         if recipe.optimizer not in OPTIMIZERS:
             raise ValueError(f"{n}: unknown optimizer {recipe.optimizer!r}; use one of {list(OPTIMIZERS)}.")
         if recipe.quantize_frozen not in (None, *FROZEN_QUANTIZATION):
@@ -535,7 +538,9 @@ def estimate_memory(
     runs: dict[tuple, tuple[nn.Module, _PassMemory]] = {}  # methods that train alike share one meta run
     for n in tqdm(names, desc="Estimating", unit="method", disable=len(names) < 4):
         recipe = table[n]
-        checkpointing = gradient_checkpointing if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
+        checkpointing = (
+            gradient_checkpointing if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
+        )
         key = (recipe.trained, checkpointing, recipe.step_in_backward)
         if key not in runs:
             model_n = _prepare(_load_meta_model(source, weight_dtype), recipe, selection, lora_rank, checkpointing)
@@ -561,20 +566,26 @@ def format_estimate(estimate: MemoryEstimate, unit: str = "GiB") -> str:
             m.peak_phase + (" (ckpt)" if m.gradient_checkpointing else ""),
         ])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list) -> str:
+        return "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
+                         for i, (x, w) in enumerate(zip(cells, widths, strict=True)))
+
     lines = [
         f"Peak training memory of one step ({unit}): {estimate.model_type} from {estimate.model}, {estimate.dtype} "
         f"weights, batch {estimate.batch_size} x {estimate.seq_len} tokens, gradient checkpointing "
         f"{'on' if estimate.gradient_checkpointing else 'off'}",
-        "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))),
+        line(header),
     ]
     for r in rows:
-        lines.append("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths))))
+        lines.append(line(r))
     if fft is not None and "hft" in estimate.methods:
         lines.append(f"hft / fft = {estimate.methods['hft'].total_bytes / fft.total_bytes:.2f}")
     hft = estimate.methods.get("hft")
     if hft is not None and hft.host_bytes:
-        lines.append(f"HFT also keeps the originals of its trained tensors in host memory: {hft.host_bytes / scale:.2f} "
-                     f"{unit} (not in the totals; HFTConfig(originals_device='device') puts them on the device).")
+        lines.append(f"HFT also keeps the originals of its trained tensors in host memory: "
+                     f"{hft.host_bytes / scale:.2f} {unit} (not in the totals; "
+                     "HFTConfig(originals_device='device') puts them on the device).")
     lines.append("Activations at the peak; the fp32 logits of the loss are included. Allocator overhead is not "
                  "(budget ~5-10% more on CUDA).")
     return "\n".join(lines)

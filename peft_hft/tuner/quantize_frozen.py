@@ -21,6 +21,7 @@ is NF4. Load the adapter onto the full-precision base instead.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Optional
 
 import torch
@@ -33,7 +34,7 @@ NF4_BLOCK_SIZE = 64  # elements per absmax block (QLoRA's and torchao's default)
 NF4_SCALER_BLOCK_SIZE = 256  # block scales per double-quantization group (torchao's default, reduced to divide)
 
 
-def quantizable_weights(model: nn.Module, selection: "set[str] | list[str]", layers_pattern: Optional[str] = None
+def quantizable_weights(model: nn.Module, selection: Collection[str], layers_pattern: Optional[str] = None
                         ) -> list[str]:
     """Names of the frozen ``nn.Linear`` weights inside the transformer blocks of ``model``: those not in
     ``selection`` (the trained tensors) that NF4 can hold (element count divisible by the block size)."""

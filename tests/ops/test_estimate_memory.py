@@ -30,12 +30,13 @@ TOLERANCE = 0.10
 MEASURED: dict[tuple[str, str, bool], float] = {
     **{(v, "float32", False): TOLERANCE for v in ("fft", "lora", "freeze", "hft")},
     **{(v, "bfloat16", False): TOLERANCE for v in ("lora", "hft", "hft-no-masters", "hft-nf4-frozen")},
-    **{(v, "bfloat16", True): TOLERANCE for v in ("fft", "hft", "freeze")},
-    # bf16 full fine-tuning on the CPU without checkpointing: after backward passes that need the weight gradient of
-    # every matrix in bf16, oneDNN/MKL hold 10-14 MB in buffers outside any tensor (partly released by
-    # ONEDNN_PRIMITIVE_CACHE_CAPACITY=0): CPU library state, not training state, and a large share of a small model
-    # (+12% here). With checkpointing the peak is the optimizer step and agrees within 1%.
+    **{(v, "bfloat16", True): TOLERANCE for v in ("hft", "freeze")},
+    # bf16 full fine-tuning on the CPU: after backward passes that need the weight gradient of every matrix in bf16,
+    # oneDNN/MKL often hold about 10 MB in buffers outside any tensor (partly released by
+    # ONEDNN_PRIMITIVE_CACHE_CAPACITY=0; not in every run): CPU library state, not training state, roughly constant,
+    # so a large share only of a small model (up to +12% here, 0.6% on SmolLM2-135M).
     ("fft", "bfloat16", False): 0.15,
+    ("fft", "bfloat16", True): 0.15,
 }
 
 

@@ -1,10 +1,19 @@
-"""Peak memory of a block of PyTorch work, on CUDA or on the CPU.
+"""Peak memory of a block of PyTorch work, on CUDA or on the CPU, and of a training step per method.
 
 CUDA has ``torch.cuda.max_memory_allocated``. The CPU has no such counter, and the peak resident set size of a
 process also counts start-up and model loading. Instead, ``PeakMemory`` samples the bytes currently allocated by
 glibc's malloc (``mallinfo2``: arena plus mmapped chunks, over all threads) after every PyTorch operation, through a
 ``TorchDispatchMode``; the maximum is the peak to operator granularity. Sampling slows the work down, so measure
 memory and time in separate runs.
+
+Intel MKL (torch's CPU BLAS) keeps the scratch buffers of its matrix products allocated for reuse, which the
+sampler counts as held memory (tens of MB on a small model, growing with the matrices). Set
+``MKL_DISABLE_FAST_MM=1`` before the process starts to measure what the training state itself needs;
+``python benchmarks/memory.py`` does so by re-executing itself.
+
+``python benchmarks/memory.py [--model DIR] [--dtype bfloat16] [--gradient-checkpointing]`` measures the peak of one
+training step of each method in :data:`TRAINING_VARIANTS` and puts it beside ``peft-hft estimate-memory``'s
+estimate (the default model is the embedded SmolLM2-135M-Instruct: run it under the shared lock).
 """
 
 from __future__ import annotations
@@ -70,3 +79,210 @@ class PeakMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.peak = max(self.peak, self._now())
         return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The peak of one training step, per method: what `peft-hft estimate-memory` is tested against
+# ------------------------------------------------------------------------------------------------------------------
+
+LORA_TARGETS = "all-linear"
+
+
+def _hft(model, **config):
+    from peft import get_peft_model
+
+    from peft_hft import HFTConfig
+
+    return get_peft_model(model, HFTConfig(**config))
+
+
+def _fft(model):
+    """Full fine-tuning; a bf16/fp16 model gets fp32 masters of every tensor (HFT with ratio 1 is exactly that)."""
+    if model.dtype in (torch.bfloat16, torch.float16):
+        return _hft(model, ratio=1.0)
+    return model.requires_grad_(True)
+
+
+def _freeze(model):
+    from peft_hft import HFTConfig
+    from peft_hft.tuner.selection import resolve_selection
+
+    selection = resolve_selection(model, HFTConfig())
+    model.requires_grad_(False)
+    for name in selection:
+        model.get_parameter(name).requires_grad_(True)
+    return model
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+
+
+def _hft_nf4_frozen(model):
+    from peft_hft import quantize_frozen
+
+    model = _hft(model)
+    quantize_frozen(model)
+    return model
+
+
+def fused_adamw(params):
+    """transformers' default optimizer (``optim="adamw_torch_fused"``): no temporaries in the step."""
+    return torch.optim.AdamW(params, lr=1e-5, fused=True)
+
+
+# name (as `estimate-memory` calls the method) -> (model -> trainable model, params -> optimizer).
+# Options that exist on other branches add their rows here, e.g.
+#   "hft-kahan": (lambda m: _hft(m, master_weights="kahan"), fused_adamw),
+#   "hft-adamw8bit": (_hft, lambda ps: torchao.optim.AdamW8bit(ps, lr=1e-5)),
+TRAINING_VARIANTS = {
+    "fft": (_fft, fused_adamw),
+    "lora": (_lora, fused_adamw),
+    "freeze": (_freeze, fused_adamw),
+    "hft": (_hft, fused_adamw),
+    "hft-no-masters": (lambda m: _hft(m, fp32_master_weights=False), fused_adamw),
+    "hft-nf4-frozen": (_hft_nf4_frozen, fused_adamw),
+}
+
+
+def training_step(model, optimizer, batch) -> None:
+    """One step as Trainer takes it: forward with labels, backward, optimizer step, gradients set to None."""
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def originals_store_bytes(model) -> int:
+    """Bytes HFT keeps in host memory for the originals of its trained tensors (0 for other methods)."""
+    from peft_hft.tuner.layer import find_ledger
+
+    ledger = find_ledger(model)
+    return 0 if ledger is None else sum(ledger.originals_bytes().values())
+
+
+def measure_training_peak(load_model, variant: str, batches, gradient_checkpointing: bool = False,
+                          device: str = "cpu") -> dict:
+    """Peak bytes of one training step of ``variant``, counted from before the model was loaded.
+
+    ``load_model()`` returns the base model on ``device``. The first step creates the optimizer state and HFT's
+    masters; the second is measured. On the CPU, HFT's originals (host memory, on the CPU the same memory) are
+    subtracted, as ``estimate-memory`` reports them apart.
+    """
+    import gc
+
+    make_model, make_optimizer = TRAINING_VARIANTS[variant]
+
+    def allocated() -> int:
+        gc.collect()
+        return torch.cuda.memory_allocated() if device.startswith("cuda") else cpu_allocated_bytes()
+
+    model = load_model()
+    # counted from "nothing but the weights": whatever loading left behind (Python objects, init scratch) is not part
+    # of training memory
+    base = allocated() - sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = make_model(model)
+    model.train()
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    training_step(model, optimizer, batches[0])
+    gc.collect()
+    with PeakMemory(device) as peak:
+        for batch in batches[1:]:
+            training_step(model, optimizer, batch)
+    store = originals_store_bytes(model) if not device.startswith("cuda") else 0
+    result = {"variant": variant, "peak_bytes": peak.peak - base - store, "originals_store_bytes": store}
+    del model, optimizer
+    gc.collect()
+    return result
+
+
+def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: int, gradient_checkpointing: bool,
+                          variants=None, seed: int = 0, device: str = "cpu") -> list[dict]:
+    """Measured peak and ``estimate_memory`` for each variant, on the model of ``model_dir`` (weights loaded if the
+    directory has them, else random weights from its config)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peft_hft import estimate_memory
+
+    names = list(variants or TRAINING_VARIANTS)
+    has_weights = any(Path(model_dir).glob("*.safetensors"))
+    config = AutoConfig.from_pretrained(model_dir)
+
+    def load():
+        torch.manual_seed(seed)
+        if has_weights:
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).to(device)
+
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(3, config.vocab_size, (batch_size, seq_len), generator=generator)
+        batches.append({"input_ids": ids.to(device), "labels": ids.to(device)})
+    estimate = estimate_memory(model_dir, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+                               gradient_checkpointing=gradient_checkpointing, methods=names)
+    rows = []
+    for name in names:
+        measured = measure_training_peak(load, name, batches, gradient_checkpointing, device)
+        method = estimate.methods[name]
+        rows.append({
+            "variant": name, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
+            "measured_bytes": measured["peak_bytes"], "estimated_bytes": method.total_bytes,
+            "ratio": method.total_bytes / measured["peak_bytes"], "components": method.components,
+            "peak_phase": method.peak_phase, "device": device,
+        })
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(description="Measured peak training memory beside estimate-memory's estimate.")
+    parser.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
+    parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="repeatable")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--variants", default=None, help=f"comma-separated (default: {','.join(TRAINING_VARIANTS)})")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (torch.cuda.max_memory_allocated)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON (last line)")
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and os.environ.get("MKL_DISABLE_FAST_MM") != "1":
+        os.environ["MKL_DISABLE_FAST_MM"] = "1"
+        os.execv(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
+    model = args.model
+    if model is None:
+        from peft_hft.resources.default_model import default_model_path
+
+        model = str(default_model_path())
+    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
+    variants = args.variants.split(",") if args.variants else None
+    rows = []
+    for dtype in args.dtype or ["float32"]:
+        for ckpt in checkpointing:
+            rows += compare_with_estimate(model, dtype, args.batch_size, args.seq_len, ckpt, variants,
+                                          device=args.device)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"{model}, batch {args.batch_size} x {args.seq_len}, {args.device}")
+    print(f"{'variant':<18}{'dtype':<10}{'ckpt':<6}{'measured MiB':>14}{'estimated MiB':>15}{'est/meas':>10}")
+    for r in rows:
+        print(f"{r['variant']:<18}{r['dtype']:<10}{'on' if r['gradient_checkpointing'] else 'off':<6}"
+              f"{r['measured_bytes'] / 2**20:>14.1f}{r['estimated_bytes'] / 2**20:>15.1f}{r['ratio']:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()

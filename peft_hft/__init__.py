@@ -24,11 +24,13 @@ from .integrations.low_memory import (
 )
 from .integrations.registration import register
 from .integrations.retention import RetentionCallback, RetentionProbe
+from .ops.estimate_memory import estimate_memory
 from .ops.scale import scale_adapter
 from .tuner.config import HFTConfig
 from .tuner.importance import calibrate, importance_scores
 from .tuner.layer import HFTLayer
 from .tuner.model import HFTModel
+from .tuner.quantize_frozen import quantize_frozen
 from .tuner.summary import memory_report, plot_selection, selection_summary
 
 __version__ = "0.1.0"
@@ -49,10 +51,12 @@ __all__ = [
     "low_memory_preset",
     "optimizer_in_backward",
     "calibrate",
+    "estimate_memory",
     "importance_scores",
     "memory_report",
     "plot_selection",
     "scale_adapter",
+    "quantize_frozen",
     "selection_summary",
     "skip_base_check",
     "__version__",

@@ -56,6 +56,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "peft_hft.cli.compress",
         "re-encode an HFT adapter: lossless 'exact' steps, or lossy int8/int4/dare/sign (atomic)",
     ),
+    "estimate-memory": Subcommand(
+        "peft_hft.cli.estimate_memory",
+        "estimate the peak training memory of one step (weights, masters, gradients, optimizer state, activations) "
+        "for FFT, LoRA, plain freezing and HFT in each memory option, without loading weights",
+    ),
     "sft": Subcommand(
         "peft_hft.cli.sft",
         "supervised fine-tuning with HFT through TRL's sft script (TRL's arguments, YAML --config, --hft_*)",

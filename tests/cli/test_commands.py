@@ -25,7 +25,8 @@ import peft_hft
 from peft_hft.cli.main import SUBCOMMANDS, main
 from peft_hft.format.keys import parameter_name_of
 
-TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "scale", "compress", "sft", "dpo"}
+TESTED = {"merge", "inspect", "diff", "half-reset", "bench", "to-lora", "scale", "compress", "sft", "dpo",
+          "estimate-memory"}
 
 
 @dataclass
@@ -360,3 +361,20 @@ def test_diff_with_a_directory_as_parameters_file_fails_in_one_line(checkpoints,
                           "--parameters-file", str(tmp_path / "names"))
     one_line_error(result, "Is a directory")
     assert not (tmp_path / "d").exists()
+
+
+def test_estimate_memory_prints_json_per_method_and_writes_nothing(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = peft_hft_cli("estimate-memory", str(checkpoints / "base" / "config.json"), "--json", "--batch-size", "2",
+                          "--seq-len", "16", "--methods", "fft,lora,freeze,hft", "--lora-rank", "2")
+    assert result.returncode == 0, result.stderr
+    methods = json.loads(result.stdout)["methods"]
+    assert list(methods) == ["fft", "lora", "freeze", "hft"]
+    assert all(m["total_bytes"] == sum(m["components"].values()) > 0 for m in methods.values())
+    assert methods["freeze"]["total_bytes"] < methods["hft"]["total_bytes"] < methods["fft"]["total_bytes"]
+    assert methods["lora"]["total_bytes"] < methods["fft"]["total_bytes"]
+    assert list(tmp_path.iterdir()) == []
+    table = peft_hft_cli("estimate-memory", str(checkpoints / "base"), "--seq-len", "16", "--unit", "MiB")
+    assert table.returncode == 0 and "hft-low-memory" in table.stdout and "hft / fft" in table.stdout
+    bad = peft_hft_cli("estimate-memory", str(checkpoints / "base"), "--methods", "qlora")
+    assert bad.returncode == 1 and "Unknown method" in bad.stderr and "hft-low-memory" in bad.stderr

@@ -65,6 +65,7 @@ WRITES: dict[str, list[Writer]] = {
         Writer(lambda p, out: ["bench", "combine", str(p["results"]), "--output", out], ("results",), overwrite=None),
     ],
     "compress": [Writer(lambda p, out: ["compress", str(p["adapter"]), out, "--encoding", "int8"], ("adapter",))],
+    "estimate-memory": [],
     "scale": [Writer(lambda p, out: ["scale", str(p["adapter"]), out, "--alpha", "0.5"], ("adapter",))],
     "sft": [Writer(lambda p, out: ["sft", "--model_name_or_path", str(p["base"]), "--dataset_name", str(p["data"]),
                                    "--output_dir", out, "--use_cpu", "true"], ("base", "data"), overwrite=None)],

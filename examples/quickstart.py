@@ -175,8 +175,9 @@ def main(callbacks=()) -> None:
         config = hft_config(args, base, tokenizer, batches)
         model = get_peft_model(base, config)
         model.print_trainable_parameters()
-        retention = peft_hft.RetentionCallback(every=args.retention_every, tokenizer=tokenizer, print_metrics=True)
-        watch = [retention] if args.retention_every > 0 else []
+        retention = (peft_hft.RetentionCallback(every=args.retention_every, tokenizer=tokenizer, print_metrics=True)
+                     if args.retention_every > 0 else None)
+        watch = [retention] if retention is not None else []
         run = fine_tune(model, batches, args, precision, "HFT fine-tuning", [*watch, *callbacks])
     timings = {"HFT": run["seconds"]}
     peft_hft.plot_selection(model, out / "selection.png")
@@ -213,7 +214,8 @@ def main(callbacks=()) -> None:
         "train_seconds": timings, "phase_seconds": phases.seconds, "total_seconds": sum(phases.seconds.values()),
         "phase_cpu_seconds": phases.cpu_seconds, "wall_seconds": time.perf_counter() - started,
         "reload_max_abs_logit_difference": reload_gap, "calibration": config.calibration,
-        "retention_during_training": retention.history, "retention_seconds_per_measurement": retention.seconds,
+        "retention_during_training": retention.history if retention else [],
+        "retention_seconds_per_measurement": retention.seconds if retention else [],
     }
     atomic_write(out / "results.json", (json.dumps(record, indent=1) + "\n").encode())
     before = results["base model"]
@@ -234,7 +236,7 @@ def main(callbacks=()) -> None:
               f"{100 * (fft['wikipedia_ppl'] / before['wikipedia_ppl'] - 1):+.1f}%, MMLU {fft['mmlu_acc_norm']:.1f}%")
     print(f"adapter    : {adapter_dir} ({adapter_mib:.1f} MiB of diffs); reloaded into a fresh base model, max "
           f"|logit difference| = {reload_gap:.1e}")
-    if retention.history:
+    if retention is not None and retention.history:
         last = retention.history[-1]
         print(f"while training: KL to the base {last['retention/kl_to_base']:.4f} nats/token, Wikipedia perplexity "
               f"{last['retention/ppl_increase_pct']:+.1f}% after step {last['step']} (measured every "

@@ -66,19 +66,29 @@ RESOLVED_PRECISIONS = ("fp32", "bf16")
 EMULATED_BF16_SLOWDOWN = "7-28x"
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (x86: AVX512-BF16 or AMX; elsewhere: what oneDNN reports).
+def cpu_bf16_support() -> str:
+    """How this CPU computes bf16: ``"amx"`` (x86 matrix units, AMX-BF16), ``"avx512_bf16"`` (x86 bf16 dot-product
+    instructions, no matrix units), ``"native"`` (another architecture whose oneDNN reports bf16, e.g. aarch64's BF16
+    extension) or ``"emulated"`` (no bf16 hardware: every bf16 operation goes through fp32 conversions).
 
     ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` alone is too generous on x86: it is true on every AVX-512 CPU,
     also those (Skylake, Cascade Lake) that only emulate bf16. On x86 the CPU's own feature flags decide; on other
-    architectures (aarch64: the BF16 extension) oneDNN's check is the one torch offers.
+    architectures oneDNN's check is the one torch offers.
     """
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i386", "i686", "x86"):
-        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        if all(probe is not None for probe in probes):
-            return any(_safe_probe(probe) for probe in probes)
-    return _safe_probe(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None))
+        amx, avx512_bf16 = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported",
+                                                                         "_is_avx512_bf16_supported"))
+        if amx is not None and avx512_bf16 is not None:
+            return "amx" if _safe_probe(amx) else "avx512_bf16" if _safe_probe(avx512_bf16) else "emulated"
+    return "native" if _safe_probe(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)) else "emulated"
+
+
+# bf16 autocast over fp32 weights pays on a CPU only where its matrix products run much faster than fp32's: with AMX,
+# or on another architecture's bf16 extension (oneDNN's word). With AVX512-BF16 alone the casts of the fp32 weights on
+# every call cost more than the dot products save: measured side by side on a 2-core AVX512-BF16 Xeon (SmolLM2-135M,
+# HFT ratio 0.5), a training step 1.15x and a forward pass 1.4x slower than fp32 (docs/benchmarks.md).
+AVX512_BF16_SLOWDOWN = "1.15-1.4x"
 
 
 def _safe_probe(probe: Any) -> bool:
@@ -106,27 +116,38 @@ def resolve_precision(requested: str = "auto", device: Union[str, torch.device, 
     """Resolve a requested precision (``"auto"``, ``"fp32"`` or ``"bf16"``) on ``device`` (default: CUDA if
     available, else the CPU): the one precision policy of the package, its benchmark and its examples.
 
-    ``"auto"`` is bf16 autocast where the hardware computes bf16 natively (a CUDA GPU with
-    ``torch.cuda.is_bf16_supported()``; a CPU for which :func:`cpu_has_native_bf16` is true) and fp32 everywhere
-    else, because emulated bf16 is 7-28x slower than fp32 on a CPU. An explicit ``"bf16"`` on such hardware is
-    honoured with a warning that says what it costs.
+    ``"auto"`` is bf16 autocast where the hardware computes bf16 natively and fast (a CUDA GPU with
+    ``torch.cuda.is_bf16_supported()``; a CPU with AMX, or another architecture's bf16 extension, see
+    :func:`cpu_bf16_support`) and fp32 everywhere else: emulated bf16 is 7-28x slower than fp32 on a CPU, and with
+    AVX512-BF16 alone it is still 1.15-1.4x slower. An explicit ``"bf16"`` is honoured; where it is emulated, with a
+    warning that says what it costs.
     """
     if requested not in PRECISIONS:
         raise ValueError(f"Unknown precision {requested!r}; choose one of {PRECISIONS} ('auto': from the hardware).")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kind = torch.device(device).type
+    support = None
     if kind == "cuda":
         native, where = torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "this GPU"
     elif kind == "cpu":
-        native, where = cpu_has_native_bf16(), "this CPU"
+        support, where = cpu_bf16_support(), "this CPU"
+        native = support != "emulated"
     else:  # mps, xpu, ...: no policy of ours; bf16 only when asked for
         native, where = False, f"a {kind} device"
+    slower = (f"bf16 instructions (AVX512-BF16) but no AMX: bf16 autocast measured {AVX512_BF16_SLOWDOWN} slower "
+              "than fp32 on such a CPU")
     if requested == "auto":
+        if support == "avx512_bf16":
+            return PrecisionChoice("fp32", requested, kind, f"{where} has {slower}; --precision bf16 forces it")
         if native:
-            reason = f"{where} has native bf16 (autocast, fp32 weights); --precision fp32 forces fp32"
+            units = " (AMX)" if support == "amx" else ""
+            reason = f"{where} has native bf16{units} (autocast, fp32 weights); --precision fp32 forces fp32"
             return PrecisionChoice("bf16", requested, kind, reason)
         return PrecisionChoice("fp32", requested, kind, f"{where} has no native bf16; --precision bf16 forces it")
+    if requested == "bf16" and support == "avx512_bf16":
+        return PrecisionChoice("bf16", requested, kind, f"as requested, but {where} has {slower}; --precision auto "
+                                                        "picks fp32 here")
     if requested == "fp32" or native:
         return PrecisionChoice(requested, requested, kind, "as requested (--precision auto picks from the hardware)")
     if kind == "cpu":

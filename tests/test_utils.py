@@ -32,12 +32,12 @@ def test_a_single_value_has_no_interval_and_no_values_no_mean():
 # ------------------------------------------------------------------------------------------- precision policy
 
 
-def _machine(monkeypatch, *, cuda: bool = False, cuda_bf16: bool = False, cpu_native: bool = False) -> None:
+def _machine(monkeypatch, *, cuda: bool = False, cuda_bf16: bool = False, cpu: str = "emulated") -> None:
     import peft_hft.utils as utils
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: cpu_native)
+    monkeypatch.setattr(utils, "cpu_bf16_support", lambda: cpu)
 
 
 @pytest.mark.parametrize(
@@ -45,9 +45,12 @@ def _machine(monkeypatch, *, cuda: bool = False, cuda_bf16: bool = False, cpu_na
     [
         (dict(cuda=True, cuda_bf16=True), None, "bf16", "this GPU has native bf16"),
         (dict(cuda=True, cuda_bf16=False), None, "fp32", "this GPU has no native bf16"),
-        (dict(cuda=True, cuda_bf16=True, cpu_native=False), "cpu", "fp32", "this CPU has no native bf16"),
-        (dict(cpu_native=True), None, "bf16", "this CPU has native bf16"),
-        (dict(cpu_native=False), None, "fp32", "this CPU has no native bf16; --precision bf16 forces it"),
+        (dict(cuda=True, cuda_bf16=True, cpu="emulated"), "cpu", "fp32", "this CPU has no native bf16"),
+        (dict(cpu="amx"), None, "bf16", "this CPU has native bf16 (AMX)"),
+        (dict(cpu="native"), None, "bf16", "this CPU has native bf16 (autocast"),
+        # bf16 instructions without matrix units: measured slower than fp32, so auto keeps fp32
+        (dict(cpu="avx512_bf16"), None, "fp32", "AVX512-BF16) but no AMX: bf16 autocast measured 1.15-1.4x slower"),
+        (dict(cpu="emulated"), None, "fp32", "this CPU has no native bf16; --precision bf16 forces it"),
     ],
 )
 def test_auto_takes_bf16_only_where_the_hardware_has_it(monkeypatch, machine, device, expected, says):
@@ -64,36 +67,41 @@ def test_an_explicit_precision_is_honoured_and_slow_bf16_warns_with_its_cost(mon
 
     from peft_hft.utils import resolve_precision
 
-    _machine(monkeypatch, cpu_native=False)
+    _machine(monkeypatch, cpu="emulated")
     with pytest.warns(UserWarning, match=r"no native bf16.*7-28x slower than fp32"):
         choice = resolve_precision("bf16")
     assert choice.precision == "bf16" and "--precision auto picks fp32" in choice.reason
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_precision("fp32").precision == "fp32"
-        _machine(monkeypatch, cpu_native=True)
+        _machine(monkeypatch, cpu="amx")
         assert resolve_precision("bf16").precision == "bf16"  # native: no warning
+        _machine(monkeypatch, cpu="avx512_bf16")  # native but slower than fp32: honoured, said, no warning
+        choice = resolve_precision("bf16")
+        assert choice.precision == "bf16" and "measured 1.15-1.4x slower" in choice.reason
+        assert "--precision auto picks fp32 here" in choice.reason
     with pytest.raises(ValueError, match="Unknown precision 'fp16'"):
         resolve_precision("fp16")
 
 
 @pytest.mark.parametrize("arch, flags, oneDNN, expected", [
-    ("x86_64", {"avx512_bf16": True, "amx": False}, True, True),
-    ("x86_64", {"avx512_bf16": False, "amx": True}, True, True),
-    ("x86_64", {"avx512_bf16": False, "amx": False}, True, False),  # AVX-512 without BF16: oneDNN says yes, emulated
-    ("aarch64", {"avx512_bf16": False, "amx": False}, True, True),
-    ("aarch64", {"avx512_bf16": False, "amx": False}, False, False),
+    ("x86_64", {"avx512_bf16": True, "amx": False}, True, "avx512_bf16"),
+    ("x86_64", {"avx512_bf16": True, "amx": True}, True, "amx"),
+    ("x86_64", {"avx512_bf16": False, "amx": True}, True, "amx"),
+    ("x86_64", {"avx512_bf16": False, "amx": False}, True, "emulated"),  # AVX-512 without BF16: oneDNN says yes
+    ("aarch64", {"avx512_bf16": False, "amx": False}, True, "native"),
+    ("aarch64", {"avx512_bf16": False, "amx": False}, False, "emulated"),
 ])
-def test_cpu_native_bf16_probe(monkeypatch, arch, flags, oneDNN, expected):
+def test_cpu_bf16_probe(monkeypatch, arch, flags, oneDNN, expected):
     import platform
 
-    from peft_hft.utils import cpu_has_native_bf16
+    from peft_hft.utils import cpu_bf16_support
 
     monkeypatch.setattr(platform, "machine", lambda: arch)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags["avx512_bf16"], raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flags["amx"], raising=False)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: oneDNN, raising=False)
-    assert cpu_has_native_bf16() is expected
+    assert cpu_bf16_support() == expected
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])

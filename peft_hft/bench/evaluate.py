@@ -1,6 +1,7 @@
 """Score an in-memory model on evaluation sets with lm-eval (``HFLM`` around the live model, local tasks only), or,
-for multiple-choice sets with ``shared_context=True``, with the same metrics at one forward pass per item
-(:mod:`.shared_context`)."""
+with ``packed=True``, with the same metrics computed by the package's batched scorers: one forward pass per
+multiple-choice item (:mod:`.shared_context`) and lm-eval's perplexity windows batched by tokens
+(:mod:`.perplexity`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..utils import resolve_precision
+from .perplexity import perplexity_scores
 from .shared_context import multiple_choice_scores
 from .tasks import EvalSpec, lm_eval_task
 
@@ -38,16 +40,17 @@ def evaluate(
     specs: list[EvalSpec],
     batch_size: int = 16,
     precision: str = "auto",
-    shared_context: bool = False,
+    packed: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Evaluate ``model`` (a transformers model or a PeftModel) on ``specs`` with lm-eval.
 
     Args:
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (from the hardware, see
             :func:`peft_hft.utils.resolve_precision`).
-        shared_context: Score the multiple-choice sets with one forward pass per item (the context once, every
-            answer after it) instead of lm-eval's one request per answer: the same ``acc``/``acc_norm``, 2-4x
-            fewer tokens computed. Perplexity sets always go through lm-eval.
+        packed: Score without lm-eval's request machinery, with the same metrics: multiple-choice sets with one
+            forward pass per item (the context once, every answer after it) instead of one request per answer (the
+            same ``acc``/``acc_norm``, 2-4x fewer tokens computed), perplexity sets with lm-eval's own windows
+            batched by tokens (the same ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``).
 
     Returns:
         ``{spec name: {metric: value}}``, e.g. ``{"mmlu": {"acc": 0.31, "acc_norm": 0.33}}``.
@@ -55,17 +58,17 @@ def evaluate(
     if not specs:
         return {}
     precision = resolve_precision(precision, next(model.parameters()).device).precision
-    if shared_context:
-        results: dict[str, dict[str, float]] = {}
+    if packed:
+        scorers = {"multiple_choice": multiple_choice_scores, "perplexity": perplexity_scores}
+        unknown = [spec.name for spec in specs if spec.kind not in scorers]
+        if unknown:
+            raise ValueError(f"No packed scorer for {unknown}; score them with packed=False (lm-eval).")
         was_training = model.training
         model.eval()
-        for spec in specs:
-            if spec.kind == "multiple_choice":
-                results[spec.name] = multiple_choice_scores(model, tokenizer, spec, batch_size, precision)
-        model.train(was_training)
-        rest = [spec for spec in specs if spec.kind != "multiple_choice"]
-        results.update(evaluate(model, tokenizer, rest, batch_size, precision) if rest else {})
-        return {spec.name: results[spec.name] for spec in specs}
+        try:
+            return {spec.name: scorers[spec.kind](model, tokenizer, spec, batch_size, precision) for spec in specs}
+        finally:
+            model.train(was_training)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tasks are local; make any stray Hub access fail loudly
     try:
         from lm_eval.evaluator import evaluate as lm_eval_evaluate

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from .tasks import RETENTION_TASKS
 
+SCORERS = ("lm-eval", "packed")
+
 
 @dataclass
 class Protocol:
@@ -45,6 +47,10 @@ class Protocol:
         default_factory=lambda: {"wikipedia": 150, "mmlu": 150, "socialiqa": 150}
     )
     eval_batch_size: int = 16
+    # "lm-eval": lm-eval's own requests; "packed": the same metrics from the package's batched scorers (one forward
+    # pass per multiple-choice item, lm-eval's perplexity windows batched by tokens; peft_hft.bench.evaluate, tested
+    # against lm-eval), about half the scoring time. Older results directories ran lm-eval, the default.
+    scorer: str = "lm-eval"
     # Calibration of the importance-ranked HFT methods (peft_hft.calibrate): this many sequences, as batches of
     # ``batch_size``: the first C4 documents of llamafactory's c4_demo.jsonl cut to ``calibration_max_length`` tokens
     # (general text: "wanda", "fisher"), or the run's own first training batches (the new task: "gradient").
@@ -78,6 +84,8 @@ class Protocol:
             raise ValueError(f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}.")
         if self.loss not in LOSS_MODES:
             raise ValueError(f"loss must be one of {LOSS_MODES}, got {self.loss!r}.")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
         if self.calibration_sequences < 1 or self.calibration_max_length < 8:
@@ -130,13 +138,15 @@ def quick_protocol(**overrides: Any) -> Protocol:
 def sweep_protocol(**overrides: Any) -> Protocol:
     """The learn-forget frontier (docs/forgetting.md): FFT, HFT's random half, HFT ranked by spectral SNR and LoRA, each
     at four learning rates spanning "barely learns" to "learns most", 3 seeds, completion loss, interpolations at
-    alpha 0.25 / 0.5 / 0.75, Wikipedia perplexity as the forgetting measure."""
+    alpha 0.25 / 0.5 / 0.75, Wikipedia perplexity as the forgetting measure, scored by the packed scorers (each run is
+    scored four times: the model and three interpolations)."""
     settings: dict[str, Any] = dict(
         methods=["fft", "hft", "hft_snr", "lora"],
         full_lr_grid=[1e-5, 3e-5, 1e-4, 3e-4],
         lora_lr_grid=[1e-4, 3e-4, 1e-3, 3e-3],
         loss="completion",
         retention=["wikipedia"],
+        scorer="packed",
         sweep=True,
     )
     settings.update(overrides)

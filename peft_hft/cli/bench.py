@@ -69,7 +69,9 @@ OPTIONS = {
     "--test-size": ("test_size", int, "new-task test examples (reported score)"),
     "--retention": ("retention", _names, "comma-separated subset of wikipedia,mmlu,quartz,socialiqa"),
     "--retention-limits": ("retention_limits", _limits, "rows per retention set, e.g. wikipedia=250,mmlu=all"),
-    "--eval-batch-size": ("eval_batch_size", int, "lm-eval batch size"),
+    "--eval-batch-size": ("eval_batch_size", int, "scoring batch size"),
+    "--scorer": ("scorer", str, "'lm-eval' (lm-eval's requests) or 'packed' (the same metrics, batched: about half "
+                 "the time; the default of --sweep)"),
     "--alphas": ("alphas", _floats, "with --sweep: factors of the interpolations base + alpha x diff"),
     "--kl-texts": ("kl_texts", int, "held-out C4 documents the KL to the base is measured on"),
     "--kl-top-k": ("kl_top_k", int, "base log-probabilities kept per token for the KL (0: all, exact)"),
@@ -117,7 +119,7 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.quick:
         sweep = {k: v for k, v in sweep_protocol().to_dict().items()
-                 if k in ("sweep", "methods", "loss", "retention")} if args.sweep else {}
+                 if k in ("sweep", "methods", "loss", "retention", "scorer")} if args.sweep else {}
         return quick_protocol(**{**sweep, **overrides})
     protocol = sweep_protocol(**overrides) if args.sweep else Protocol(**overrides)
     if "retention_limits" in overrides:  # a partial list keeps the defaults of the other sets

@@ -211,6 +211,11 @@ def test_settings_added_later_at_their_default_keep_an_older_results_directory(t
     bind(Protocol(), tmp_path)
     with pytest.raises(ValueError, match="calibration_sequences"):
         bind(Protocol(calibration_sequences=8), tmp_path)
+    del stored["scorer"]  # results written before the packed scorer existed were scored by lm-eval
+    (tmp_path / "protocol.json").write_text(json.dumps(stored))
+    bind(Protocol(), tmp_path)
+    with pytest.raises(ValueError, match="scorer"):
+        bind(Protocol(scorer="packed"), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- the quick mode
@@ -356,7 +361,7 @@ def _cpu_bf16(monkeypatch, native: bool) -> None:
     import peft_hft.utils
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(peft_hft.utils, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(peft_hft.utils, "cpu_bf16_support", lambda: "amx" if native else "emulated")
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])

@@ -53,7 +53,7 @@ def test_acc_and_acc_norm_equal_lm_evals(items):
     reference = evaluate(model, tokenizer, [mmlu], batch_size=4, precision="fp32")["mmlu"]
     assert multiple_choice_scores(model, tokenizer, mmlu, 4, "fp32") == pytest.approx(
         {"acc": reference["acc"], "acc_norm": reference["acc_norm"]}, abs=1e-9)
-    both = evaluate(model, tokenizer, [mmlu, specs[1]], batch_size=4, precision="fp32", shared_context=True)
+    both = evaluate(model, tokenizer, [mmlu, specs[1]], batch_size=4, precision="fp32", packed=True)
     assert both["mmlu"] == pytest.approx({"acc": reference["acc"], "acc_norm": reference["acc_norm"]}, abs=1e-9)
     assert list(both) == ["mmlu", "sarcasm"]
 

@@ -129,6 +129,9 @@ def test_sweep_protocol_is_fixed_and_validated():
     assert p.sweep and p.methods == ["fft", "hft", "hft_snr", "lora"] and p.loss == "completion"
     assert len(p.full_lr_grid) >= 3 and len(p.lora_lr_grid) >= 3 and p.seeds == [0, 1, 2]
     assert p.alphas == [0.25, 0.5, 0.75]
+    assert p.scorer == "packed" and Protocol().scorer == "lm-eval"  # results written before the field ran lm-eval
+    with pytest.raises(ValueError, match="scorer must be one of"):
+        Protocol(scorer="fast").validate()
     with pytest.raises(ValueError, match="wikipedia"):
         sweep_protocol(retention=["mmlu"]).validate()
     with pytest.raises(ValueError, match="strictly between"):
@@ -142,7 +145,7 @@ def test_quick_sweep_records_kl_and_interpolations_and_resumes(tmp_path, monkeyp
             "--lora-lr-grid", "1e-2", "--alphas", "0.5", "--kl-texts", "8", "--output", str(tmp_path)]
     assert cli.main(args) == 0
     protocol = json.loads((tmp_path / "protocol.json").read_text())
-    assert protocol["sweep"] is True and protocol["alphas"] == [0.5]
+    assert protocol["sweep"] is True and protocol["alphas"] == [0.5] and protocol["scorer"] == "packed"
     records = sorted((tmp_path / "runs" / "sweep").glob("*.json"))
     assert len(records) == 3 * 2
     for path in records:
@@ -168,4 +171,5 @@ def test_quick_sweep_uses_the_sweep_methods():
     args = cli.build_parser().parse_args(["forgetting", "--quick", "--sweep"])
     p = cli.protocol_from_args(args)
     assert p.sweep and p.methods == ["fft", "hft", "hft_snr", "lora"] and p.model == "tiny" and p.loss == "completion"
+    assert p.scorer == "packed"
     assert cli.protocol_from_args(cli.build_parser().parse_args(["forgetting", "--sweep"])).model == "default"

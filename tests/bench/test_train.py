@@ -7,6 +7,7 @@ import torch
 from tiny_models import batch, tiny_model
 from transformers import TrainerCallback
 
+import peft_hft
 import peft_hft.utils
 from peft_hft.bench.train import train
 
@@ -24,7 +25,7 @@ def _autocast_seen(model) -> list[bool]:
 @pytest.mark.parametrize("native, expected", [(False, "fp32"), (True, "bf16")])
 def test_auto_precision_is_resolved_from_the_cpu_and_recorded(monkeypatch, native, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(peft_hft.utils, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(peft_hft.utils, "cpu_bf16_support", lambda: "amx" if native else "emulated")
     model = tiny_model("llama", layers=2)
     seen = _autocast_seen(model)
     run = train(model, _batches(2), lr=1e-3)
@@ -58,3 +59,56 @@ def test_trainer_callbacks_see_every_step_and_can_stop_the_run():
     assert recorder.events == ["begin", 1, 2, 3, "end"] and len(run["loss"]) == 3
     assert [log["loss"] for log in recorder.logs] == pytest.approx(run["loss"])
     assert [log["step"] for log in recorder.logs] == [1, 2, 3] and recorder.logs[0]["learning_rate"] > 0
+
+
+def _answer_only(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-padded rows of different lengths whose last two real tokens are the only labels (completion loss)."""
+    labels = torch.full_like(b["input_ids"], -100)
+    mask = torch.ones_like(b["input_ids"])
+    for row, length in enumerate([8, 6, 7][: len(labels)]):
+        labels[row, length - 2 : length] = b["input_ids"][row, length - 2 : length]
+        mask[row, length:] = 0
+    return {**b, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("arch, overrides, adapter", [
+    ("llama", {}, None),
+    ("llama", {}, "hft"),
+    ("llama", {}, "lora"),
+    ("gemma2", dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                    final_logit_softcapping=5.0), None),  # a soft cap after the LM head must still apply
+])
+def test_answer_only_loss_skips_the_other_positions_of_the_lm_head_with_the_same_loss_and_gradients(
+        arch, overrides, adapter):
+    from peft import LoraConfig, get_peft_model
+
+    from peft_hft.bench.train import _few_labels, _label_logits_loss
+
+    if arch == "gemma2":
+        from tiny_models import VOCAB
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", num_hidden_layers=2, vocab_size=VOCAB,
+                                                                      **overrides))
+    else:
+        model = tiny_model(arch, layers=2)
+    if adapter == "hft":
+        model = get_peft_model(model, peft_hft.HFTConfig(ratio=0.5, seed=0))
+    elif adapter == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    b = _answer_only(batch(seed=3, size=3, length=8))
+    assert _few_labels(b) and not _few_labels({**b, "labels": b["input_ids"]})
+    seen = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, _a, out: seen.append(out.shape[:-1]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = model(**b).loss
+    expected = torch.autograd.grad(reference, params)
+    loss = _label_logits_loss(model, b)
+    grads = torch.autograd.grad(loss, params)
+    assert seen == [torch.Size([3, 8]), torch.Size([1, 6])]  # 6 labelled tokens went through the head, not 24
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert not head._forward_pre_hooks  # the hook lives for one forward only

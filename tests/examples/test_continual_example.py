@@ -63,7 +63,10 @@ def test_a_resumed_run_must_use_the_same_training_settings(example, tmp_path):
     defaults = example.parse_args([])  # the defaults are the documented four-task run
     assert (defaults.tasks, defaults.steps, defaults.lr, defaults.lora_lr, defaults.lora_alpha, defaults.seeds) == (
         ["sarcasm", "heart_disease", "language", "food"], 30, 3e-4, 1e-3, 8, [0, 1, 2])
-    assert defaults.methods == ["fft", "hft-random", "hft-wanda", "lora"] and defaults.precision == "bf16"
+    from peft_hft.utils import resolve_precision
+
+    assert defaults.methods == ["fft", "hft-random", "hft-wanda", "lora"]
+    assert defaults.precision == resolve_precision("auto").precision  # this machine's, never "auto"
     with pytest.raises(SystemExit):
         example.parse_args(["--methods", "hft-bogus"])
     assert isinstance(args, argparse.Namespace)
@@ -72,7 +75,7 @@ def test_a_resumed_run_must_use_the_same_training_settings(example, tmp_path):
 def _cpu(monkeypatch, native: bool) -> None:
     import peft_hft.utils
 
-    monkeypatch.setattr(peft_hft.utils, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(peft_hft.utils, "cpu_bf16_support", lambda: "amx" if native else "emulated")
 
 
 @pytest.mark.parametrize("native, expected", [(False, "fp32"), (True, "bf16")])

@@ -9,7 +9,7 @@ of the trained tensors), reloads it into a fresh base model and checks that it r
 with the time of each phase.
 
 Precision follows the hardware (`--precision auto`): bf16 autocast where the CPU or GPU computes bf16 natively, fp32
-elsewhere (emulated bf16 is 7-28x slower; with AVX512-BF16 but no AMX still 1.15-1.4x). Scoring computes lm-eval's
+elsewhere (emulated bf16 is 7-28x slower; with AVX512-BF16 but no AMX still 1.2-1.6x). Scoring computes lm-eval's
 metrics without its one-request-per-answer cost: a multiple-choice item is one forward pass (the context once, every
 answer after it, see peft_hft.bench.shared_context), Wikipedia perplexity is lm-eval's windows batched by tokens
 (peft_hft.bench.perplexity); training sends only the answer positions through the LM head.

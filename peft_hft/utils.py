@@ -87,8 +87,9 @@ def cpu_bf16_support() -> str:
 # bf16 autocast over fp32 weights pays on a CPU only where its matrix products run much faster than fp32's: with AMX,
 # or on another architecture's bf16 extension (oneDNN's word). With AVX512-BF16 alone the casts of the fp32 weights on
 # every call cost more than the dot products save: measured side by side on a 2-core AVX512-BF16 Xeon (SmolLM2-135M,
-# HFT ratio 0.5), a training step 1.15x and a forward pass 1.4x slower than fp32 (docs/benchmarks.md).
-AVX512_BF16_SLOWDOWN = "1.15-1.4x"
+# HFT ratio 0.5) in three runs, a training step 1.15-1.6x and a forward pass 1.4-1.6x slower than fp32
+# (docs/benchmarks.md).
+AVX512_BF16_SLOWDOWN = "1.2-1.6x"
 
 
 def _safe_probe(probe: Any) -> bool:
@@ -119,7 +120,7 @@ def resolve_precision(requested: str = "auto", device: Union[str, torch.device, 
     ``"auto"`` is bf16 autocast where the hardware computes bf16 natively and fast (a CUDA GPU with
     ``torch.cuda.is_bf16_supported()``; a CPU with AMX, or another architecture's bf16 extension, see
     :func:`cpu_bf16_support`) and fp32 everywhere else: emulated bf16 is 7-28x slower than fp32 on a CPU, and with
-    AVX512-BF16 alone it is still 1.15-1.4x slower. An explicit ``"bf16"`` is honoured; where it is emulated, with a
+    AVX512-BF16 alone it is still 1.2-1.6x slower. An explicit ``"bf16"`` is honoured; where it is emulated, with a
     warning that says what it costs.
     """
     if requested not in PRECISIONS:

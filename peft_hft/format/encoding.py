@@ -62,10 +62,10 @@ def apply_diff(base: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype, consu
     merge and the continual history all compute it here, so they agree by construction. With ``consume`` a float32
     ``base`` is added to in place (the streaming merge: the peak stays at two tensors); else it is never changed."""
     total = base.to(dtype).float()
+    change = diff.to(total.device).float()
     if total.data_ptr() == base.data_ptr() and not consume:
-        total = total.clone()
-    total.add_(diff.to(total.device).float())
-    return total.to(dtype)
+        return torch.add(total, change).to(dtype)  # one pass into a new tensor, not a copy and then an add
+    return total.add_(change).to(dtype)
 
 
 @dataclass(frozen=True)

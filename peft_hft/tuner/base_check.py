@@ -21,7 +21,7 @@ from ..format.fingerprint import (
     make_fingerprint,
     validate_fingerprint,
 )
-from .selection import canonical_parameter_names
+from .selection import canonical_name_map
 
 
 def cached_revision(repo_id: str) -> Optional[str]:
@@ -79,7 +79,8 @@ def verify_base(ledger, config, adapter_name: str) -> None:
     validate_fingerprint(fingerprint)
     selected = set(ledger.hft_adapters[adapter_name].params)
     recorded = list(fingerprint["tensors"])
-    canonical = {name: canonical_parameter_names(ledger.root, [name])[0] for name in recorded}
+    aliases = canonical_name_map(ledger.root)  # one walk of the model, not one per recorded tensor
+    canonical = {name: aliases.get(name, name) for name in recorded}
     loaders = {
         name: (lambda c=canonical[name]: ledger.original(c)) for name in recorded if canonical[name] in selected
     }

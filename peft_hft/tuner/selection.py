@@ -568,11 +568,18 @@ def validate_selection(model: nn.Module, names: Sequence[str]) -> None:
         raise ValueError(f"selected_parameters lists {', '.join(duplicates)} more than once; list each tensor once.")
 
 
-def canonical_parameter_names(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """Map names of tied parameters to the name ``model.named_parameters()`` lists them under (e.g. ``lm_head.weight``
-    of a tied model to ``model.embed_tokens.weight``), dropping repeats; unknown names pass through unchanged."""
+def canonical_name_map(model: nn.Module) -> dict[str, str]:
+    """Every parameter name of ``model``, tied aliases included, mapped to the name ``model.named_parameters()`` lists
+    it under (e.g. ``lm_head.weight`` of a tied model to ``model.embed_tokens.weight``). One walk of the model: build
+    it once for many names."""
     canonical = {id(p): n for n, p in model.named_parameters()}
-    by_alias = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    return {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def canonical_parameter_names(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Map names of tied parameters to their canonical names (:func:`canonical_name_map`), dropping repeats; unknown
+    names pass through unchanged."""
+    by_alias = canonical_name_map(model)
     out: dict[str, None] = {}
     for name in names:
         out[by_alias.get(name, name)] = None

@@ -1,0 +1,154 @@
+"""Load time of an HFT adapter against the floor: reading the same file and copying its tensors into the model.
+
+``PeftModel.from_pretrained`` of an HFT adapter reads the file through the strict reader (every tensor checked once:
+names, shapes, dtypes, finiteness, the encoding's own bounds), checks the base fingerprint, wraps the selected
+modules and applies the diffs. The floor for any loader of the same bytes is ``safetensors.torch.load_file`` of the
+file plus one copy of every tensor into memory the model owns. Both are timed side by side in one process, rounds
+interleaved, on SmolLM2-135M-Instruct (the embedded default model) with a saved adapter of its default HFT selection
+(the trained tensors moved by seeded noise of a fine-tune's size):
+
+* ``fp32``: the fp32 model, float32 diffs (the default for fp32 bases);
+* ``bf16-exact``: the model in bf16, the default exact encoding of bf16 bases (``diff_encoding="exact"``).
+
+Also timed: the HFT load with the base check skipped (``peft_hft.skip_base_check``), to show what the fingerprint
+costs. The base model is prepared outside the timed region (a deep copy per round).
+
+    python benchmarks/bench_load_time.py                 # results in $OUT or outputs/bench_load_time/
+
+Writes ``load-time.json`` and ``load-time.png``; docs/benchmarks.md holds the figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path(os.environ.get("OUT") or "outputs/bench_load_time")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+
+
+def make_adapter(base: torch.nn.Module, path: Path, encoding: str | None) -> None:
+    """The default HFT selection of ``base`` with every trained tensor moved as a short fine-tune moves it."""
+    from peft import get_peft_model
+
+    import peft_hft
+
+    model = get_peft_model(copy.deepcopy(base), peft_hft.HFTConfig(ratio=0.5, seed=0, diff_encoding=encoding))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            noise = torch.randn(param.shape, generator=g) * 1e-3 * param.float().std()
+            param.add_(noise.to(param.dtype))
+    model.save_pretrained(path)
+
+
+def floor_load(path: Path, targets: dict[str, torch.Tensor]) -> float:
+    """``load_file`` of the adapter file plus a copy of every tensor into preallocated model-side memory."""
+    from safetensors.torch import load_file
+
+    start = time.perf_counter()
+    state = load_file(path / "adapter_model.safetensors")
+    for name, tensor in state.items():
+        targets[name].copy_(tensor)
+    return time.perf_counter() - start
+
+
+def hft_load(base: torch.nn.Module, path: Path, skip_check: bool) -> float:
+    import contextlib
+
+    from peft import PeftModel
+
+    import peft_hft
+
+    model = copy.deepcopy(base)
+    gc.collect()
+    with peft_hft.skip_base_check() if skip_check else contextlib.nullcontext():
+        start = time.perf_counter()
+        loaded = PeftModel.from_pretrained(model, path)
+        seconds = time.perf_counter() - start
+    del loaded, model
+    return seconds
+
+
+def measure(label: str, base: torch.nn.Module, encoding: str | None) -> dict:
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    path = OUT / f"adapter-{label}"
+    if not (path / "adapter_model.safetensors").exists():
+        make_adapter(base, path, encoding)
+    with safe_open(path / "adapter_model.safetensors", "pt") as f:
+        targets = {name: torch.empty_like(f.get_tensor(name)) for name in f.keys()}
+    size = (path / "adapter_model.safetensors").stat().st_size
+    floor_load(path, targets)  # warm-up: the file in the page cache, allocator warm, for every contender alike
+    hft_load(base, path, False)
+    times: dict[str, list[float]] = {"floor": [], "hft": [], "hft_no_base_check": []}
+    for _ in tqdm(range(ROUNDS), desc=f"load time ({label})"):
+        times["floor"].append(floor_load(path, targets))
+        times["hft"].append(hft_load(base, path, False))
+        times["hft_no_base_check"].append(hft_load(base, path, True))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"adapter_bytes": size, "tensors": len(targets), "seconds": times, "median_seconds": median,
+            "hft_over_floor": median["hft"] / median["floor"],
+            "hft_no_base_check_over_floor": median["hft_no_base_check"] / median["floor"]}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results["variants"])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.27
+    for k, (key, name, color) in enumerate([("floor", "load_file + copy (floor)", "lightgray"),
+                                            ("hft", "PeftModel.from_pretrained", "tab:blue"),
+                                            ("hft_no_base_check", "... with skip_base_check", "tab:cyan")]):
+        values = [results["variants"][v]["median_seconds"][key] for v in labels]
+        bars = ax.bar([i + (k - 1) * width for i in range(len(labels))], values, width, label=name, color=color)
+        ax.bar_label(bars, fmt="%.2f s", fontsize=7)
+    for i, v in enumerate(labels):
+        ratio = results["variants"][v]["hft_over_floor"]
+        ax.annotate(f"{ratio:.2f}x the floor", (i, 0), xytext=(0, -28), textcoords="offset points", ha="center",
+                    fontsize=8)
+    ax.set_xticks(range(len(labels)), [f"{v}\n({results['variants'][v]['adapter_bytes'] / 2**20:.0f} MiB)"
+                                       for v in labels], fontsize=8)
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("Loading the SmolLM2-135M HFT adapter vs reading and copying its file", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    from peft_hft.resources.default_model import load_default_model
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    base, _ = load_default_model()
+    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "threads": torch.get_num_threads(), "torch": torch.__version__},
+               "rounds": ROUNDS, "variants": {}}
+    results["variants"]["fp32"] = measure("fp32", base.float(), None)
+    results["variants"]["bf16-exact"] = measure("bf16-exact", copy.deepcopy(base).to(torch.bfloat16), "exact")
+    (OUT / "load-time.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, OUT / "load-time.png")
+    print(f"{'':12}{'adapter MiB':>12}{'floor s':>9}{'HFT s':>8}{'no check s':>11}{'HFT/floor':>10}")
+    for label, r in results["variants"].items():
+        m = r["median_seconds"]
+        print(f"{label:12}{r['adapter_bytes'] / 2**20:12.1f}{m['floor']:9.3f}{m['hft']:8.3f}"
+              f"{m['hft_no_base_check']:11.3f}{r['hft_over_floor']:9.2f}x")
+    print(f"wrote {OUT / 'load-time.json'} and {OUT / 'load-time.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,6 +31,7 @@ caching allocator, fragmentation) is not included; on CUDA budget about 5-10% ab
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -331,6 +332,28 @@ class _PassMemory:
     grads_at_end: int
 
 
+@contextlib.contextmanager
+def _autocast_off_on_meta():
+    """During the meta step, ``torch.is_autocast_enabled("meta")`` answers False instead of raising.
+
+    The rotary embeddings of older transformers (5.1 among them) ask it of their input's device type (``maybe_autocast``), and
+    torch has no autocast for "meta"; on meta tensors autocast is off, so False is the true answer. Restored after the
+    step: nothing outside it sees the change.
+    """
+    original = torch.is_autocast_enabled
+
+    def is_autocast_enabled(*args: Any) -> bool:
+        if args and (args[0] == "meta" or getattr(args[0], "type", None) == "meta"):
+            return False
+        return original(*args)
+
+    torch.is_autocast_enabled = is_autocast_enabled
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled = original
+
+
 def _run_step_on_meta(model: nn.Module, batch_size: int, seq_len: int, drop_gradients: bool) -> _PassMemory:
     """One forward and backward pass of ``model`` (on the meta device) under :class:`_LiveBytes`."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -350,7 +373,7 @@ def _run_step_on_meta(model: nn.Module, batch_size: int, seq_len: int, drop_grad
     handles = [p.register_post_accumulate_grad_hook(on_gradient) for p in params]
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     try:
-        with tracker, warnings.catch_warnings():
+        with tracker, warnings.catch_warnings(), _autocast_off_on_meta():
             warnings.simplefilter("ignore")
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()

@@ -40,6 +40,13 @@ MEASURED: dict[tuple[str, str, bool], float] = {
 }
 
 
+def _runnable(variant: str) -> bool:
+    """Whether this environment can train ``variant`` (the NF4 frozen half needs torchao)."""
+    import importlib.util
+
+    return variant != "hft-nf4-frozen" or importlib.util.find_spec("torchao") is not None
+
+
 def _small_llama(tmp_path: Path, **overrides) -> Path:
     """A config large enough that the training state dominates malloc's bookkeeping (about 4.5M parameters)."""
     spec = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -55,7 +62,7 @@ def measured(tmp_path_factory) -> dict[tuple[str, str, bool], dict]:
     rows = {}
     for dtype in ("float32", "bfloat16"):
         for ckpt in ("off", "on"):
-            variants = sorted({v for v, d, c in MEASURED if d == dtype and c == (ckpt == "on")})
+            variants = sorted({v for v, d, c in MEASURED if d == dtype and c == (ckpt == "on") and _runnable(v)})
             if not variants:
                 continue
             cmd = [sys.executable, str(REPO / "benchmarks" / "memory.py"), "--model", str(model_dir), "--dtype", dtype,
@@ -71,6 +78,8 @@ def measured(tmp_path_factory) -> dict[tuple[str, str, bool], dict]:
 
 @pytest.mark.parametrize("case", sorted(MEASURED), ids=lambda c: f"{c[0]}-{c[1]}-{'ckpt' if c[2] else 'nockpt'}")
 def test_estimate_agrees_with_the_measured_cpu_peak(measured, case):
+    if not _runnable(case[0]):
+        pytest.skip("the NF4 frozen half is quantized with torchao, which is not installed (the dev extra has it)")
     row = measured[case]
     error = row["estimated_bytes"] / row["measured_bytes"] - 1
     print(f"MEASURED {case}: measured {row['measured_bytes'] / 2**20:.2f} MiB, estimated "

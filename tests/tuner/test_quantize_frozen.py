@@ -19,6 +19,7 @@ def _nf4_names(model) -> set[str]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_only_frozen_block_matrices_are_quantized_and_training_reaches_the_trained_half(dtype, tmp_path):
+    pytest.importorskip("torchao", reason="quantize_frozen quantizes with torchao (the dev extra installs it)")
     model = get_peft_model(tiny_model("llama", layers=2, dtype=dtype), HFTConfig(seed=0))
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

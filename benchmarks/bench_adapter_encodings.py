@@ -5,19 +5,20 @@ benchmark's completion setting (sarcasm, compact prompts, 100 AdamW steps of 8, 
 warm-up 10% then linear decay), one run per seed. Each seed's adapter is saved once with ``diff_encoding="float"``
 (fp32 diffs that carry the masters: the uncompressed reference), then re-encoded with ``peft_hft.ops.compress`` into
 every encoding, and each encoded adapter is loaded onto the bf16 base and scored: new-task test accuracy and Wikipedia
-perplexity (the forgetting benchmark's lm-eval sets), the mean per-token KL divergence to the uncompressed adapter on
-held-out text, bytes on disk, load time and ``peft-hft merge`` time.
+perplexity (the forgetting benchmark's sets, lm-eval's metrics from the packed scorers), the mean per-token KL
+divergence to the uncompressed adapter on held-out text, bytes on disk, load time and ``peft-hft merge`` time.
 
     python benchmarks/bench_adapter_encodings.py train   # trains and saves the reference adapters (cached)
     python benchmarks/bench_adapter_encodings.py eval    # encodes, scores, writes results.json
-    python benchmarks/bench_adapter_encodings.py load    # load time vs safetensors.load_file + copy (load.json)
+    python benchmarks/bench_adapter_encodings.py report  # the markdown table and adapter_encodings.png
+
+The load time against the floor (``safetensors.torch.load_file`` + copy) is ``benchmarks/bench_load_time.py``'s.
 
 Results go to $OUT (default outputs/bench_adapter_encodings/); SEEDS (default "0,1,2") picks the seeds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -107,8 +108,6 @@ def eval_phase() -> None:
     from peft_hft.ops.merge import merge_checkpoint
     from peft_hft.resources.default_model import default_model_path
 
-    if not (OUT / "load.json").is_file():
-        load_phase()
     deadline_file = OUT / "deadline"  # a Unix time after which no new row is started (keeps a shared run short)
     deadline = float(deadline_file.read_text()) if deadline_file.is_file() else float("inf")
     b = bench()
@@ -153,7 +152,7 @@ def eval_phase() -> None:
                 row.update(scores=previous["scores"], kl=0.0, scores_copied_from="float")
             else:
                 row["kl"] = mean_kl(reference, log_probs(model, batches), batches)
-                row["scores"] = evaluate(model, b.tokenizer, specs, b.protocol.eval_batch_size, "bf16")
+                row["scores"] = evaluate(model, b.tokenizer, specs, b.protocol.eval_batch_size, "bf16", packed=True)
             del model
             merged = OUT / "merged"
             start = time.perf_counter()
@@ -192,47 +191,6 @@ def steps_phase() -> None:
         out[seed] = {"elements": total, "share_at_most": shares}
         print(json.dumps({seed: out[seed]}), flush=True)
     (OUT / "steps.json").write_text(json.dumps(out, indent=1) + "\n")
-
-
-def load_phase(repeats: int = 3) -> None:
-    """Load time of the SmolLM2 adapter (seed 0) against ``safetensors.torch.load_file`` of the same file plus the copy
-    of every tensor into the model (the floor any loader pays), best of ``repeats``, base model already in memory."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    import peft_hft
-    from peft_hft.format.keys import parameter_name_of
-    from peft_hft.resources.default_model import load_default_model
-
-    base, _ = load_default_model()
-    base.to(torch.bfloat16)
-    rows = {}
-    for spec in ("float", "exact"):
-        directory = OUT / "seed0" / (spec if spec == "float" else spec)
-        path = directory / "adapter_model.safetensors"
-        plain, ours, checked = [], [], []
-        for _ in range(repeats):
-            model = copy.deepcopy(base)
-            start = time.perf_counter()
-            tensors = load_file(path)
-            for key, tensor in tensors.items():
-                name = parameter_name_of(key)
-                if name is not None:
-                    model.get_parameter(name).data.copy_(tensor)
-            plain.append(time.perf_counter() - start)
-            del model, tensors
-            for timings, skip in ((ours, True), (checked, False)):
-                model = copy.deepcopy(base)
-                start = time.perf_counter()
-                with peft_hft.skip_base_check() if skip else contextlib.nullcontext():
-                    PeftModel.from_pretrained(model, directory)
-                timings.append(time.perf_counter() - start)
-                del model
-        rows[spec] = {"file_bytes": path.stat().st_size, "load_file_plus_copy": min(plain),
-                      "from_pretrained_skip_base_check": min(ours), "from_pretrained_with_base_check": min(checked),
-                      "ratio": min(ours) / min(plain), "ratio_with_base_check": min(checked) / min(plain)}
-        print(json.dumps({spec: rows[spec]}), flush=True)
-    (OUT / "load.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def report_phase() -> None:
@@ -298,8 +256,6 @@ if __name__ == "__main__":
     phase = sys.argv[1] if len(sys.argv) > 1 else "train"
     if phase == "train":
         train_phase()
-    elif phase == "load":
-        load_phase()
     elif phase == "steps":
         steps_phase()
     elif phase == "report":

@@ -57,10 +57,16 @@ class EncodingError(ValueError):
     """An encoding name that cannot be parsed, or encoded tensors that do not decode."""
 
 
-def apply_diff(base: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype, consume: bool = False) -> torch.Tensor:
+def apply_diff(
+    base: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype, consume: bool = False, consume_diff: bool = False
+) -> torch.Tensor:
     """``base + diff`` in ``dtype``: ``(base.to(dtype).float() + diff.float()).to(dtype)``; the ledger, the streaming
     merge and the continual history all compute it here, so they agree by construction. With ``consume`` a float32
-    ``base`` is added to in place (the streaming merge: the peak stays at two tensors); else it is never changed."""
+    ``base`` is added to in place (the streaming merge: the peak stays at two tensors); with ``consume_diff`` a
+    float32 ``diff`` is (loading: the tensors just read from the file become the weights, no new memory is touched);
+    else neither is changed. Addition commutes in IEEE arithmetic, so every variant gives the same bits."""
+    if consume_diff and diff.dtype == torch.float32 and diff.device == base.device and diff.shape == base.shape:
+        return diff.add_(base.to(dtype)).to(dtype)
     total = base.to(dtype).float()
     change = diff.to(total.device).float()
     if total.data_ptr() == base.data_ptr() and not consume:
@@ -323,13 +329,17 @@ def encoded_nbytes(parts: dict[str, torch.Tensor]) -> int:
 
 
 def _ordered(bits: torch.Tensor, width: int) -> torch.Tensor:
-    """Float bit patterns (as signed ints, widened to int32/int64) mapped to integers that increase with the value."""
-    sign_mask = (1 << (width - 1)) - 1
-    return torch.where(bits < 0, -(bits & sign_mask), bits)
+    """Float bit patterns (as signed ints of ``width`` bits, possibly widened) mapped to integers that increase with
+    the value: sign and magnitude to two's complement, ``-0`` and ``+0`` both to 0. Branch-free (a conditional
+    negation by the sign mask), so it runs as a few vectorised passes."""
+    sign = bits >> (width - 1)  # 0, or -1 for negative values
+    return (bits & ((1 << (width - 1)) - 1)).bitwise_xor_(sign).sub_(sign)
 
 
 def _unordered(order: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.where(order < 0, (-order) | -(1 << (width - 1)), order)
+    """The inverse of :func:`_ordered` for ``|order| < 2**(width - 1)`` (0 gives ``+0``)."""
+    sign = order >> (width - 1)
+    return (order ^ sign).sub_(sign).bitwise_or_(sign & -(1 << (width - 1)))
 
 
 def _steps_of(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
@@ -339,21 +349,27 @@ def _steps_of(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     return _ordered(tuned.view(view).to(wide), width) - _ordered(base.view(view).to(wide), width)
 
 
-def _from_steps(base: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 18) -> torch.Tensor:
+def _from_steps(base: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 20) -> torch.Tensor:
     """``base`` moved by ``steps`` ulps, in chunks so that the integer temporaries stay small (the streaming merge's
-    peak is then set by the tensor itself, not by a dozen int32 copies of it)."""
+    peak is then set by the tensor itself, not by copies of it).
+
+    A finite base is moved in its own integer width: its largest magnitude leaves more than 127 steps of headroom in
+    every float format, so nothing can overflow. A base holding Inf/NaN patterns is widened and clamped (out-of-range
+    steps then give NaN patterns, refused by the finiteness check): the same bits either way."""
     view = _INT_VIEW[dtype]
-    wide = torch.int64 if view == torch.int32 else torch.int32
     width = 32 if view == torch.int32 else 16
     limit = (1 << (width - 1)) - 1
     bits = base.contiguous().view(view).reshape(-1)
+    narrow = _finite(bits.view(dtype))
+    work = view if narrow else (torch.int64 if view == torch.int32 else torch.int32)
     flat_steps = steps.reshape(-1)
     out = torch.empty_like(bits)
     for start in range(0, bits.numel(), chunk):
         part = slice(start, start + chunk)
-        order = _ordered(bits[part].to(wide), width) + flat_steps[part].to(wide)
-        order.clamp_(-limit, limit)  # out-of-range steps give NaN patterns, refused by the finiteness check
-        out[part] = _unordered(order, width).to(view)
+        order = _ordered(bits[part].to(work), width).add_(flat_steps[part])
+        if not narrow:
+            order.clamp_(-limit, limit)
+        out[part] = _unordered(order, width)
     return out.view(dtype).reshape(base.shape)
 
 

@@ -34,7 +34,7 @@ import json
 import re
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
@@ -58,6 +58,7 @@ _allow_non_finite = OptOut("peft_hft_allow_non_finite", ALLOW_NON_FINITE_ENV)
 # of an adapter is checked exactly once per load (see is_validated).
 _validated: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 _validated_config: dict[int, Mapping[str, Any]] = {}  # id -> the adapter_config.json the tensor was read with
+_handed_over: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # see hand_over
 
 
 class AdapterFormatError(ValueError):
@@ -314,6 +315,20 @@ def is_validated(tensor: torch.Tensor) -> bool:
     """True if ``tensor`` was returned by :func:`read_adapter` after its values were checked (the tuner then skips
     its own checks: one validation pass per load)."""
     return _validated.get(id(tensor)) is tensor
+
+
+def hand_over(tensors: Iterable[torch.Tensor]) -> None:
+    """A loader takes the memory of validated tensors for the model's weights (the tuned values are written into
+    them): they stop counting as validated, and a second load of them is refused (:func:`handed_over`)."""
+    for tensor in tensors:
+        key = id(tensor)
+        if _validated.pop(key, None) is tensor:
+            _handed_over[key] = tensor
+
+
+def handed_over(tensor: torch.Tensor) -> bool:
+    """True if ``tensor`` came from this reader and a load has since written a model's weights into it."""
+    return _handed_over.get(id(tensor)) is tensor
 
 
 def validated_config(tensor: torch.Tensor) -> Optional[Mapping[str, Any]]:
@@ -642,6 +657,8 @@ __all__ = [
     "check_parts",
     "check_tensors",
     "declared_shape",
+    "hand_over",
+    "handed_over",
     "is_validated",
     "validated_config",
     "is_hft_config",

@@ -336,9 +336,9 @@ class _PassMemory:
 def _autocast_off_on_meta():
     """During the meta step, ``torch.is_autocast_enabled("meta")`` answers False instead of raising.
 
-    The rotary embeddings of older transformers (5.1 among them) ask it of their input's device type (``maybe_autocast``), and
-    torch has no autocast for "meta"; on meta tensors autocast is off, so False is the true answer. Restored after the
-    step: nothing outside it sees the change.
+    The rotary embeddings of older transformers (5.1 among them) ask it of their input's device type
+    (``maybe_autocast``), and torch has no autocast for "meta"; on meta tensors autocast is off, so False is the true
+    answer. Restored after the step: nothing outside it sees the change.
     """
     original = torch.is_autocast_enabled
 

@@ -221,6 +221,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         seed: int = 0,
         copy_of: Optional[str] = None,
         master_weights: str = "fp32",
+        share_originals: bool = False,
     ) -> None:
         """Register ``adapter_name`` training ``params``; capture the originals it needs. Atomic on failure.
 
@@ -233,6 +234,11 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         such as the reference adapter TRL makes of a trained one); only tensors that differ from the base are stored.
         ``master_weights`` (``HFTConfig.master_weights``) says what keeps the small updates of the adapter's
         low-precision tensors while it trains (see precision.py).
+
+        ``share_originals`` (an adapter loaded for inference) keeps a base tensor that already lies on its store
+        device by reference instead of copying it: nothing writes into a frozen parameter's storage, and a tensor
+        that becomes trainable later gets its own copy first (``_transition``). Loading then costs no copy of the
+        base tensors. A trainable adapter copies them, so its weights stay where they are (engines may hold them).
         """
         if copy_of is not None and copy_of not in self.hft_adapters:
             raise ValueError(f"Cannot copy unknown HFT adapter {copy_of!r}; available: {sorted(self.hft_adapters)}.")
@@ -262,7 +268,12 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 )
             device = param.device if originals_device == "device" else torch.device("cpu")
             full = engines.full_value(param, name, collective=True)
-            new_originals[name] = self._to_store(full, device, pin=full.is_cuda and device.type == "cpu")
+            if share_originals and full.device == device and engines.sharding_of(param) is None and (
+                engines.owns_storage(full)
+            ):
+                new_originals[name] = full.detach()
+            else:
+                new_originals[name] = self._to_store(full, device, pin=full.is_cuda and device.type == "cpu")
         self._originals.update(new_originals)
         record = _Adapter(
             params=tuple(params), originals_device=originals_device, master_weights=master_weights
@@ -658,22 +669,25 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 + resize_hint
             )
 
-    def set_diffs(self, adapter: str, diffs: dict[str, torch.Tensor]) -> None:
+    def set_diffs(self, adapter: str, diffs: dict[str, torch.Tensor], consume: bool = False) -> None:
         """Give ``adapter`` the values ``base + diff`` (checked with :meth:`check_diffs` first).
 
         A float32 diff of a bf16/fp16 tensor carries the exact value of a trainable adapter whose masters keep exact
-        values (``"fp32"``, ``"kahan"``): it seeds them.
+        values (``"fp32"``, ``"kahan"``): it seeds them. With ``consume`` the diffs are the caller's to give away
+        (tensors just read from a file): the sums are written into them instead of into new memory.
         """
         self.check_diffs(adapter, diffs)
         record = self.hft_adapters[adapter]
         values, precise = {}, {}
         for name, diff in diffs.items():
             base = self.original(name)
-            values[name] = apply_diff(base, diff, base.dtype)
-            if diff.dtype == torch.float32 and is_low_precision(base) and record.keeps_exact_values and (
+            keep_exact = diff.dtype == torch.float32 and is_low_precision(base) and record.keeps_exact_values and (
                 record.requires_grad
-            ):
-                precise[name] = base.float() + diff.to(base.device).float()  # the exact value: keep it
+            )
+            value = apply_diff(base, diff, torch.float32 if keep_exact else base.dtype, consume_diff=consume)
+            values[name] = value.to(base.dtype)
+            if keep_exact:
+                precise[name] = value  # the exact value: keep it
         self.set_values(adapter, values, precise)
 
     def set_values(

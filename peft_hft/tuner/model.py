@@ -21,6 +21,8 @@ from ..format.reader import (
     check_parts,
     check_tensors,
     declared_shape,
+    hand_over,
+    handed_over,
     is_validated,
     register_config_check,
     validated_config,
@@ -99,6 +101,7 @@ class HFTModel(BaseTuner):
             seed=config.seed,
             copy_of=source,
             master_weights=config.master_weights,
+            share_originals=config.inference_mode,
         )
         if config.master_weights != "none" and not config.inference_mode:
             warn_if_fp16(model, names, config.master_weights)
@@ -284,6 +287,12 @@ class HFTModel(BaseTuner):
         where = f"The checkpoint of HFT adapter {adapter_name!r}"
         # Tensors from the reader come with the config they were read with: their encoding is the file's, whatever
         # the in-memory config says (Trainer resumes a checkpoint into a fresh config, for instance).
+        if any(handed_over(value) for value in state_dict.values()):
+            raise ValueError(
+                f"{where}: this state dict was already loaded into a model, which now computes with its tensors (a "
+                "load writes the tuned weights into the memory the reader filled). Fix: read the adapter again for "
+                "every load (PeftModel.from_pretrained / load_adapter do)."
+            )
         trusted = bool(state_dict) and all(is_validated(value) for value in state_dict.values())
         file_config = validated_config(next(iter(state_dict.values()))) if trusted else None
         settings = {
@@ -324,7 +333,9 @@ class HFTModel(BaseTuner):
             for name, value in full.items():
                 base = ledger.original(name)
                 diffs[name] = value.to(base.device).float() - base.float()
-            ledger.set_diffs(adapter_name, diffs)
+            if trusted:
+                hand_over(state_dict.values())
+            ledger.set_diffs(adapter_name, diffs, consume=trusted)  # the reader's tensors become the weights
         else:
             values = {}
             for name, by_part in part_keys.items():

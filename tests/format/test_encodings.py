@@ -390,3 +390,93 @@ def test_every_tensor_is_checked_exactly_once_per_load(encoding, tmp_path, monke
         (tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["base_fingerprint"]
     set_peft_model_state_dict(fresh, state)
     assert sorted(calls) == sorted(selected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["fp32base", "bf16base"])
+def test_consuming_the_diff_gives_the_same_bits(dtype, base_dtype):
+    from peft_hft.format.encoding import apply_diff
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 33, generator=g).to(base_dtype)
+    diff = torch.randn(64, 33, generator=g) * 1e-2
+    expected = apply_diff(base, diff, dtype)
+    kept = base.clone()
+    got = apply_diff(base, diff.clone(), dtype, consume_diff=True)
+    assert bits_equal(got, expected) and bits_equal(base, kept)  # the base is never written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_loading_for_inference_copies_no_base_tensor_and_reuses_the_read_buffers(dtype, tmp_path):
+    """Load time: the base tensors an inference adapter changes are kept by reference, and the tuned values are
+    written into the tensors the reader filled; disabling gives the base back bit for bit, and training after such
+    a load never writes into the base."""
+    from peft import set_peft_model_state_dict
+
+    _, peft_model = trained(dtype, "float")
+    peft_model.save_pretrained(tmp_path / "adapter")
+    selected = peft_model.peft_config["default"].selected_parameters
+    base = tiny_model("llama", dtype=dtype)
+    base_values = weights(base)
+    stored = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
+    expected = {n: (base_values[n].float() + stored[diff_key(n)].float()).to(dtype) for n in selected}
+    pointers = {n: base.get_parameter(n).data_ptr() for n in selected}
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    ledger = find_ledger(loaded)
+    assert {n: ledger._originals[n].data_ptr() for n in selected} == pointers  # no copy of the base
+    assert all(bits_equal(base.get_parameter(n).data, expected[n]) for n in selected)
+    with loaded.disable_adapter():
+        assert all(bits_equal(base.get_parameter(n).data, base_values[n]) for n in selected)
+    # made trainable later, the tensors get their own memory first: the base stays untouched
+    ledger.set_requires_grad("default", True)
+    for n in selected:
+        base.get_parameter(n).data.add_(1.0)
+    assert all(bits_equal(ledger._originals[n], base_values[n]) for n in selected)
+
+    # the reader's tensors become the weights, so one state dict serves one load only
+    adapter = read_adapter(tmp_path / "adapter")
+    state = adapter.state_dict()
+    fresh = get_peft_model(tiny_model("llama", dtype=dtype), HFTConfig(seed=0, inference_mode=True))
+    fresh.peft_config["default"].base_fingerprint = adapter.config["base_fingerprint"]
+    set_peft_model_state_dict(fresh, state)
+    model = fresh.get_base_model()
+    assert all(bits_equal(model.get_parameter(n).data, expected[n]) for n in selected)
+    if dtype == torch.float32:
+        assert {model.get_parameter(n).data_ptr() for n in selected} == {
+            state[diff_key(n)].data_ptr() for n in selected}
+    again = get_peft_model(tiny_model("llama", dtype=dtype), HFTConfig(seed=0, inference_mode=True))
+    before = weights(again.get_base_model())
+    with pytest.raises(ValueError, match="already loaded into a model.*read the adapter again"):
+        set_peft_model_state_dict(again, state)
+    after = weights(again.get_base_model())
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def _reference_from_steps(base: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The step arithmetic spelled out: sign/magnitude to an ordered integer, add, clamp, back (wide integers)."""
+    view = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[base.dtype]
+    width = 32 if view == torch.int32 else 16
+    bits = base.view(view).to(torch.int64)
+    low = (1 << (width - 1)) - 1
+    order = torch.where(bits < 0, -(bits & low), bits) + steps.to(torch.int64)
+    order = order.clamp(-low, low)
+    back = torch.where(order < 0, (-order) | -(1 << (width - 1)), order)
+    return back.to(view).view(base.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("special", [False, True], ids=["finite", "inf-nan"])
+def test_step_decoding_matches_the_plain_arithmetic(dtype, special):
+    """The vectorised step decoding (own-width integers for a finite base) gives the plain arithmetic's bits: across
+    zero, subnormals, the largest value, and for bases holding Inf/NaN (the widened path)."""
+    from peft_hft.format.encoding import _from_steps
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(3000, generator=g).to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    edge = [0.0, -0.0, tiny / 4, -tiny / 4, torch.finfo(dtype).max, -torch.finfo(dtype).max]
+    edge += [float("inf"), -float("inf"), float("nan")] if special else []
+    base[: len(edge)] = torch.tensor(edge).to(dtype)
+    steps = torch.randint(-127, 128, base.shape, generator=g).to(torch.int8)
+    steps[: len(edge)] = torch.tensor([1, -1, -3, 3, 127, -127, 127, -127, 5][: len(edge)], dtype=torch.int8)
+    assert bits_equal(_from_steps(base, steps, dtype, chunk=700), _reference_from_steps(base, steps))

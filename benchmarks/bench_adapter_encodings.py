@@ -205,7 +205,7 @@ def report_phase() -> None:
     for row in results.values():
         by_encoding.setdefault(row["encoding"], []).append(row)
     lines = ["| encoding | seeds | bytes on disk | share of the bf16 base | bytes per trained parameter "
-             "| new-task acc (pts vs float) | Wikipedia ppl (% vs float) | mean token KL to float "
+             "| new-task acc (pts vs float; seeds' range) | Wikipedia ppl (% vs float; range) | mean token KL to float "
              "| load (s) | merge (s) |",
              "|" + "---|" * 10]
     points = []
@@ -229,23 +229,28 @@ def report_phase() -> None:
         lines.append(
             f"| `{spec}` | {','.join(str(r['seed']) for r in rows)} | {mean([r['bytes'] for r in rows]) / 1e6:.1f} MB "
             f"| {100 * share:.1f}% | {mean([r['tensor_bytes'] / r['trained_parameters'] for r in rows]):.3f} "
-            f"| {mean(acc):+.1f} | {mean(ppl):+.2f} | {mean([r['kl'] for r in rows]):.2e} "
+            f"| {mean(acc):+.1f} ({min(acc):+.1f} to {max(acc):+.1f}) | {mean(ppl):+.2f} ({min(ppl):+.1f} to "
+            f"{max(ppl):+.1f}) | {mean([r['kl'] for r in rows]):.2e} "
             f"| {mean([r['load_seconds'] for r in rows]):.1f} | {mean([r['merge_seconds'] for r in rows]):.1f} |"
         )
-        points.append((spec, share, mean([r["kl"] for r in rows]), mean(ppl) if ppl else float("nan")))
+        points.append((spec, share, mean([r["kl"] for r in rows]), mean(ppl) if ppl else float("nan"),
+                       mean(acc) if acc else float("nan")))
     print("\n".join(lines))
     if points:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for spec, share, kl, ppl in points:
-            axes[0].scatter(100 * share, max(kl, 1e-7))
-            axes[0].annotate(spec, (100 * share, max(kl, 1e-7)))
-            axes[1].scatter(100 * share, ppl)
-            axes[1].annotate(spec, (100 * share, ppl))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        for spec, share, kl, ppl, acc in points:
+            for ax, value in zip(axes, (max(kl, 1e-7), ppl, acc), strict=True):
+                ax.scatter(100 * share, value)
+                ax.annotate(spec, (100 * share, value), textcoords="offset points", xytext=(4, 4))
         axes[0].set_yscale("log")
         axes[0].set_ylabel("mean token KL to the float adapter (1e-7 = identical)")
         axes[1].set_ylabel("Wikipedia perplexity vs the float adapter (%)")
-        for ax in axes:
-            ax.set_xlabel("adapter bytes on disk, % of the bf16 base model")
+        axes[2].set_ylabel("new-task accuracy vs the float adapter (points)")
+        for ax, band in zip(axes, (None, 2.0, 1.0), strict=True):
+            ax.axvline(12.5, color="grey", linestyle="--", linewidth=0.8)  # 1/8 of the base model's bytes
+            if band is not None:
+                ax.axhspan(-band, band, color="green", alpha=0.08)  # the quality bounds the encodings aim for
+            ax.set_xlabel("adapter bytes on disk, % of the bf16 base model (dashed: 1/8)")
             ax.grid(alpha=0.3)
         fig.suptitle("HFT adapter encodings, SmolLM2-135M-Instruct (bf16), completion SFT on sarcasm")
         fig.tight_layout()

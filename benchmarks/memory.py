@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import types
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -133,17 +134,51 @@ def fused_adamw(params):
     return torch.optim.AdamW(params, lr=1e-5, fused=True)
 
 
+def adamw_in_backward(params):
+    """The step fused into backward (``peft_hft.optimizer_in_backward``), each tensor with its own fused AdamW."""
+    from peft_hft import OptimizerInBackward
+
+    return OptimizerInBackward(params, torch.optim.AdamW, lr=1e-5, fused=True)
+
+
+def low_bit_adamw(bits: int, in_backward: bool = False):
+    """torchao's AdamW with ``bits``-bit moments (the first step compiles its kernel), optionally in backward."""
+
+    def make(params):
+        from peft_hft import OptimizerInBackward
+        from peft_hft import low_bit_adamw as optimizer_class
+
+        cls = optimizer_class(bits)
+        return OptimizerInBackward(params, cls, lr=1e-5) if in_backward else cls(params, lr=1e-5)
+
+    return make
+
+
+def _hft_low_memory(model):
+    from peft_hft import low_memory_preset
+
+    return _hft(model, **low_memory_preset()["hft_config"])
+
+
+# Variants that fix gradient checkpointing on (the low-memory preset's training arguments).
+CHECKPOINTED_VARIANTS = {"hft-low-memory"}
+# Variants whose optimizer step is compiled (torchao): measured by a sampling thread on the CPU.
+COMPILED_VARIANTS = {"hft-adamw8bit", "hft-adamw4bit", "hft-low-memory"}
+
 # name (as `estimate-memory` calls the method) -> (model -> trainable model, params -> optimizer).
-# Options that exist on other branches add their rows here, e.g.
-#   "hft-kahan": (lambda m: _hft(m, master_weights="kahan"), fused_adamw),
-#   "hft-adamw8bit": (_hft, lambda ps: torchao.optim.AdamW8bit(ps, lr=1e-5)),
 TRAINING_VARIANTS = {
     "fft": (_fft, fused_adamw),
     "lora": (_lora, fused_adamw),
     "freeze": (_freeze, fused_adamw),
     "hft": (_hft, fused_adamw),
+    "hft-kahan": (lambda m: _hft(m, master_weights="kahan"), fused_adamw),
+    "hft-stochastic-rounding": (lambda m: _hft(m, master_weights="stochastic_rounding"), fused_adamw),
     "hft-no-masters": (lambda m: _hft(m, fp32_master_weights=False), fused_adamw),
+    "hft-step-in-backward": (_hft, adamw_in_backward),
+    "hft-adamw8bit": (_hft, low_bit_adamw(8)),
+    "hft-adamw4bit": (_hft, low_bit_adamw(4)),
     "hft-nf4-frozen": (_hft_nf4_frozen, fused_adamw),
+    "hft-low-memory": (_hft_low_memory, low_bit_adamw(4, in_backward=True)),
 }
 
 
@@ -179,6 +214,10 @@ def measure_training_peak(load_model, variant: str, batches, gradient_checkpoint
         gc.collect()
         return torch.cuda.memory_allocated() if device.startswith("cuda") else cpu_allocated_bytes()
 
+    if variant in COMPILED_VARIANTS:
+        # compile the optimizer's kernels for these shapes on a throwaway model first: the compiled code and
+        # torch.compile's caches stay for the process (host memory, not training state)
+        _throwaway_step(load_model, make_model, make_optimizer, batches[0], gradient_checkpointing)
     model = load_model()
     # counted from "nothing but the weights": whatever loading left behind (Python objects, init scratch) is not part
     # of training memory
@@ -191,14 +230,50 @@ def measure_training_peak(load_model, variant: str, batches, gradient_checkpoint
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
     training_step(model, optimizer, batches[0])
     gc.collect()
-    with PeakMemory(device) as peak:
-        for batch in batches[1:]:
-            training_step(model, optimizer, batch)
+    if variant in COMPILED_VARIANTS and not device.startswith("cuda"):
+        # torch.compile refuses to run under a TorchDispatchMode: sample from a thread instead
+        def measured_steps(model=model, optimizer=optimizer) -> None:
+            for batch in batches[1:]:
+                training_step(model, optimizer, batch)
+
+        peak = types.SimpleNamespace(peak=_sampled_peak(measured_steps, cpu_allocated_bytes()))
+        del measured_steps
+    else:
+        with PeakMemory(device) as peak:
+            for batch in batches[1:]:
+                training_step(model, optimizer, batch)
     store = originals_store_bytes(model) if not device.startswith("cuda") else 0
     result = {"variant": variant, "peak_bytes": peak.peak - base - store, "originals_store_bytes": store}
     del model, optimizer
     gc.collect()
     return result
+
+
+def warm_up(load_model, batch, gradient_checkpointing: bool) -> None:
+    """Throwaway training steps (plain freezing; the step after backward, then fused into it) before anything is
+    measured.
+
+    The first backward pass and optimizer step of a process allocate library state that stays for the process
+    (oneDNN's primitive cache and MKL's buffers, about 15 MB on the CPU), and so does the first step taken inside
+    backward (another 15 MB): not training state, and without these steps it would be counted in whichever variant
+    happens to be measured first.
+    """
+    for make_optimizer in (fused_adamw, adamw_in_backward):
+        _throwaway_step(load_model, _freeze, make_optimizer, batch, gradient_checkpointing)
+
+
+def _throwaway_step(load_model, make_model, make_optimizer, batch, gradient_checkpointing: bool) -> None:
+    import gc
+
+    model = load_model()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = make_model(model).train()
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    training_step(model, optimizer, batch)
+    del model, optimizer
+    gc.collect()
 
 
 def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: int, gradient_checkpointing: bool,
@@ -228,8 +303,11 @@ def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: 
         batches.append({"input_ids": ids.to(device), "labels": ids.to(device)})
     estimate = estimate_memory(model_dir, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                                gradient_checkpointing=gradient_checkpointing, methods=names)
+    warm_up(load, batches[0], gradient_checkpointing)
     rows = []
     for name in names:
+        if name in CHECKPOINTED_VARIANTS and not gradient_checkpointing:
+            continue  # the preset turns gradient checkpointing on (its estimate does too): measured with it on only
         measured = measure_training_peak(load, name, batches, gradient_checkpointing, device)
         method = estimate.methods[name]
         rows.append({
@@ -241,6 +319,60 @@ def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: 
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
+
+
+def _sampled_peak(work, start: int) -> int:
+    """Run ``work()`` while a thread samples malloc's count every 0.2 ms; the largest count seen (>= ``start``)."""
+    import threading
+    import time
+
+    sampled, done = [start], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            sampled[0] = max(sampled[0], cpu_allocated_bytes())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:
+        done.set()
+        sampler.join()
+    return sampled[0]
+
+
+def optimizer_scratch(bits: int, dtype: str, numel: int = 2**24, device: str = "cpu", steps: int = 3) -> dict:
+    """Scratch bytes per element of one torchao low-bit AdamW step on a single ``numel``-element tensor.
+
+    torchao compiles its per-tensor step (``torch.compile``), which a ``TorchDispatchMode`` cannot observe, so on the
+    CPU a thread samples malloc's count every 0.2 ms while the step runs (CUDA has its own peak counter). The state
+    exists before the measured steps (the first step creates it and compiles); the gradient is allocated before the
+    count starts. ``dtype`` is what the optimizer is handed: ``float32`` under HFT's masters (the pre-step hook gives
+    it the fp32 value and gradient), ``bfloat16`` without.
+    """
+    from peft_hft import low_bit_adamw as optimizer_class
+
+    param = torch.nn.Parameter(torch.randn(numel // 4096, 4096, dtype=getattr(torch, dtype), device=device))
+    optimizer = optimizer_class(bits)([param], lr=1e-5)
+    per_element = []
+    for _ in range(steps + 1):
+        param.grad = torch.randn_like(param)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            optimizer.step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            start = cpu_allocated_bytes()
+            peak = _sampled_peak(optimizer.step, start)
+        param.grad = None
+        per_element.append((peak - start) / numel)
+    return {"bits": bits, "dtype": dtype, "numel": numel, "device": device,
+            "scratch_bytes_per_element": per_element[1:]}  # the first step compiles and creates the state
 
 
 def main(argv=None) -> None:
@@ -258,7 +390,15 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default=None, help=f"comma-separated (default: {','.join(TRAINING_VARIANTS)})")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (torch.cuda.max_memory_allocated)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON (last line)")
+    parser.add_argument("--optimizer-scratch", action="store_true",
+                        help="instead: torchao's AdamW8bit/4bit step scratch per element, fp32 and bf16 tensors")
     args = parser.parse_args(argv)
+    if args.optimizer_scratch:
+        rows = [optimizer_scratch(bits, dtype, device=args.device)
+                for bits in (8, 4) for dtype in ("float32", "bfloat16")]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        return
     if args.device == "cpu" and os.environ.get("MKL_DISABLE_FAST_MM") != "1":
         os.environ["MKL_DISABLE_FAST_MM"] = "1"
         os.execv(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])

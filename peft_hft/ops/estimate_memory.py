@@ -22,11 +22,14 @@ backward while gradients grow; the step needs every gradient but no activation. 
   dequantized moments).
 
 Peak = weights + masters + optimizer state + max(peak of activations and gradients during forward/backward,
-all gradients + the step's temporaries). With the step fused into backward, gradients are dropped as they are used
-(the meta run does the same through ``register_post_accumulate_grad_hook``) and the temporaries are those of the
-largest tensor. HFT's originals (the base values of the trained half, for diffs and ``disable_adapter``) live in host
-memory by default and are reported apart (``host_bytes``). Memory the allocator holds but does not use (CUDA's
-caching allocator, fragmentation) is not included; on CUDA budget about 5-10% above ``total_bytes``.
+all gradients + the step's temporaries). With the step fused into backward, each tensor is stepped as its gradient
+completes: the meta run does the same through ``register_post_accumulate_grad_hook``, counting that tensor's step
+temporaries at that moment and dropping its gradient after, so the peak is the largest sum of activations, live
+gradients and one tensor's temporaries that really occurs (lm_head, the largest tensor of an LLM, steps at the start
+of backward, while the loss's logits are alive; the embedding steps last, when the activations are gone). HFT's
+originals (the base values of the trained half, for diffs and ``disable_adapter``) live in host memory by default and
+are reported apart (``host_bytes``). Memory the allocator holds but does not use (CUDA's caching allocator,
+fragmentation) is not included; on CUDA budget about 5-10% above ``total_bytes``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import json
 import math
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -64,24 +68,31 @@ class MasterCost:
     """Bytes an ``HFTConfig(master_weights=...)`` option keeps per trained low-precision element.
 
     ``state_bytes``: persistent (fp32 master 4, Kahan compensation buffer in bf16 2, stochastic rounding 0).
-    ``step_copy_bytes``: alive during the optimizer step only (HFT's fp32 masters hand the optimizer an fp32 copy of
-    every gradient while the bf16 gradients are kept, ``tuner/precision.py``).
+    ``step_copy_bytes``: alive during the optimizer step only (``tuner/precision.py``'s pre-step hook hands the
+    optimizer an fp32 copy of every gradient while the bf16 gradients are kept, and for Kahan and stochastic rounding
+    also the tensor's exact value built in fp32: 4 + 4; fp32 masters step the master itself: 4).
     ``optimizer_sees_fp32``: the optimizer steps an fp32 tensor, so its unquantized state is fp32; otherwise the state
     takes the parameter's dtype (``torch.zeros_like(param)`` in torch's and torchao's AdamW).
     ``weight_freed_in_step``: during the step the parameter holds the master (``param.data = master``), so its
     low-precision weight is freed and written anew afterwards.
+    ``write_back_bytes``: scratch per element of the tensor the post-step hook is writing back, net of the fp32
+    gradient copy it frees first (one tensor at a time: the largest counts). Kahan: the bf16 weight, ``weight.float()``
+    and the fp32 error (``_error``: 2 + 4 + 4 - 4); stochastic rounding: the int32 noise and sum, the bf16 result, the
+    finite mask, the round-to-nearest fallback and ``torch.where``'s output (4 + 4 + 2 + 1 + 2 + 2 - 4); fp32: the new
+    bf16 weight (2 - 4, nothing beyond the step).
     """
 
     state_bytes: int
     step_copy_bytes: int
     optimizer_sees_fp32: bool
     weight_freed_in_step: bool = False
+    write_back_bytes: int = 0
 
 
 MASTER_WEIGHTS: dict[str, MasterCost] = {
     "fp32": MasterCost(4, 4, True, weight_freed_in_step=True),
-    "kahan": MasterCost(2, 0, False),
-    "stochastic_rounding": MasterCost(0, 0, False),
+    "kahan": MasterCost(2, 8, True, weight_freed_in_step=True, write_back_bytes=6),
+    "stochastic_rounding": MasterCost(0, 8, True, weight_freed_in_step=True, write_back_bytes=11),
     "none": MasterCost(0, 0, False),
 }
 
@@ -93,8 +104,11 @@ class OptimizerCost:
     ``bytes_per_element`` for each of the ``moments`` quantized states plus one fp32 scale per ``block_size``
     elements and a ``qmap`` lookup table per state; tensors smaller than ``min_numel`` or not divisible by the block
     size keep unquantized states (``torch.zeros_like``), as torchao does (``torchao/optim/adam.py:_new_buffer``).
-    ``step_temporary_bytes``: fp32 scratch per element of the tensor being stepped (torchao dequantizes both moments
-    and upcasts the gradient inside its compiled per-tensor step; torch's fused AdamW needs none).
+    ``step_temporary_bytes``: scratch per element of the tensor being stepped, measured (``python
+    benchmarks/memory.py --optimizer-scratch``: torchao's compiled per-tensor step on one 16M-element tensor, fp32 or
+    bf16 alike, on the CPU): 8 for ``AdamW8bit`` (its two moments dequantized to fp32, as its source reads), 26 for
+    ``AdamW4bit`` (the 4-bit codes are unpacked besides); torch's fused AdamW needs none. Not measured on CUDA yet
+    (``benchmarks/gpu_check_memory.sh`` runs the same measurement there).
     """
 
     moments: int
@@ -120,7 +134,7 @@ OPTIMIZERS: dict[str, OptimizerCost] = {
     # torchao.optim.AdamW8bit: uint8 codes, block_size=256 fp32 scales, 256-entry fp32 qmap, tensors >= 4096
     "adamw8bit": OptimizerCost(2, 1.0, 256, 256, 4096, 8),
     # torchao.optim.AdamW4bit: two 4-bit codes per uint8, block_size=128 fp32 scales, 16-entry qmap, tensors >= 4096
-    "adamw4bit": OptimizerCost(2, 0.5, 128, 16, 4096, 8),
+    "adamw4bit": OptimizerCost(2, 0.5, 128, 16, 4096, 26),
 }
 
 # Formats the frozen block matrices can be held in for training (tuner/quantize_frozen.py): bytes of a tensor.
@@ -259,6 +273,7 @@ class _LiveBytes(TorchDispatchMode):
         self.grad_bytes = 0
         self.peak = 0
         self.peak_grads = 0
+        self.peak_temporaries = 0
         self.peak_activations = 0
         self._finalizers: dict[int, Any] = {}
 
@@ -266,11 +281,12 @@ class _LiveBytes(TorchDispatchMode):
         self.live -= nbytes
         self._finalizers.pop(key, None)
 
-    def note(self) -> None:
+    def note(self, temporaries: int = 0) -> None:
+        """Record the current count; ``temporaries``: bytes alive only now (a tensor's step fused into backward)."""
         activations = self.live - self.grad_bytes
         self.peak_activations = max(self.peak_activations, activations)
-        if self.live > self.peak:
-            self.peak, self.peak_grads = self.live, self.grad_bytes
+        if self.live + temporaries > self.peak:
+            self.peak, self.peak_grads, self.peak_temporaries = self.live + temporaries, self.grad_bytes, temporaries
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
@@ -330,6 +346,7 @@ class _PassMemory:
     grads_at_peak: int
     activation_peak: int
     grads_at_end: int
+    temporaries_at_peak: int = 0
 
 
 @contextlib.contextmanager
@@ -354,17 +371,23 @@ def _autocast_off_on_meta():
         torch.is_autocast_enabled = original
 
 
-def _run_step_on_meta(model: nn.Module, batch_size: int, seq_len: int, drop_gradients: bool) -> _PassMemory:
-    """One forward and backward pass of ``model`` (on the meta device) under :class:`_LiveBytes`."""
+def _run_step_on_meta(model: nn.Module, batch_size: int, seq_len: int,
+                      step_in_backward: Optional[Callable[[torch.Tensor], int]] = None) -> _PassMemory:
+    """One forward and backward pass of ``model`` (on the meta device) under :class:`_LiveBytes`.
+
+    ``step_in_backward``: the optimizer step is fused into backward; the callable gives the bytes of a tensor's step
+    temporaries, counted while its gradient is still alive, after which the gradient is dropped.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     tracker = _LiveBytes(list(model.parameters()) + list(model.buffers()))
     has_grad: set[int] = set()
+    drop_gradients = step_in_backward is not None
 
     def on_gradient(param: torch.Tensor) -> None:
         if id(param) not in has_grad:
             has_grad.add(id(param))
             tracker.grad_bytes += param.grad.numel() * param.grad.element_size()
-        tracker.note()
+        tracker.note(step_in_backward(param) if drop_gradients else 0)
         if drop_gradients:  # the optimizer step in backward: the gradient is used and freed right away
             tracker.grad_bytes -= param.grad.numel() * param.grad.element_size()
             has_grad.discard(id(param))
@@ -385,7 +408,8 @@ def _run_step_on_meta(model: nn.Module, batch_size: int, seq_len: int, drop_grad
     grads_at_end = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     for p in params:
         p.grad = None
-    return _PassMemory(tracker.peak, tracker.peak_grads, tracker.peak_activations, grads_at_end)
+    return _PassMemory(tracker.peak, tracker.peak_grads, tracker.peak_activations, grads_at_end,
+                       tracker.peak_temporaries)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -445,11 +469,29 @@ def _frozen_weight_bytes(param: torch.Tensor, scheme: Optional[str]) -> int:
     return FROZEN_QUANTIZATION[scheme](param.numel(), param.element_size())
 
 
+def _one_tensor_scratch(param: torch.Tensor, recipe: TrainingRecipe) -> int:
+    """Scratch bytes of stepping ``param``, beyond its copies for the step: the optimizer's own (torchao's dequantized
+    moments), then the post-step hook's write-back; they follow each other, so the larger counts."""
+    low_precision = param.dtype in (torch.bfloat16, torch.float16)
+    write_back = MASTER_WEIGHTS[recipe.master_weights].write_back_bytes if low_precision else 0
+    return param.numel() * max(OPTIMIZERS[recipe.optimizer].step_temporary_bytes, write_back)
+
+
+def _step_temporary_bytes(param: torch.Tensor, recipe: TrainingRecipe) -> int:
+    """Bytes alive while ``param`` alone is stepped (the step fused into backward): the copies HFT's pre-step hook
+    hands the optimizer (less the low-precision weight it frees meanwhile) and the scratch of the step itself."""
+    master = MASTER_WEIGHTS[recipe.master_weights]
+    low_precision = param.dtype in (torch.bfloat16, torch.float16)
+    copies = param.numel() * master.step_copy_bytes if low_precision else 0
+    freed = param.numel() * param.element_size() if low_precision and master.weight_freed_in_step else 0
+    return copies - freed + _one_tensor_scratch(param, recipe)
+
+
 def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes: _PassMemory, checkpointing: bool,
                      quantizable: set[str]) -> MethodEstimate:
     master = MASTER_WEIGHTS[recipe.master_weights]
     optimizer = OPTIMIZERS[recipe.optimizer]
-    weights = masters = state = step_copies = largest_temporary = host = swapped = 0
+    weights = masters = state = step_copies = host = swapped = 0
     trainable = total = 0
     for pname, param in model.named_parameters():
         total += param.numel()
@@ -467,18 +509,17 @@ def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes
             step_copies += n * master.step_copy_bytes
             swapped += n * param.element_size() if master.weight_freed_in_step else 0
         state += optimizer.state_bytes(n, 4 if sees_fp32 else param.element_size())
-        per_tensor = n * (master.step_copy_bytes if low_precision else 0) + n * optimizer.step_temporary_bytes
-        largest_temporary = max(largest_temporary, per_tensor)
         if recipe.trained == "hft":
             host += n * param.element_size()  # the originals, kept in host memory (originals_device="cpu")
     static = {"weights": weights, "masters": masters, "optimizer_state": state}
     if recipe.step_in_backward:
-        dynamic = {"gradients": passes.grads_at_peak, "activations": passes.peak - passes.grads_at_peak,
-                   "step_temporaries": largest_temporary}
+        dynamic = {"gradients": passes.grads_at_peak,
+                   "activations": passes.peak - passes.grads_at_peak - passes.temporaries_at_peak,
+                   "step_temporaries": passes.temporaries_at_peak}
         phase = "forward/backward"
     else:
         temporaries = step_copies + max(
-            (p.numel() * optimizer.step_temporary_bytes for p in model.parameters() if p.requires_grad), default=0
+            (_one_tensor_scratch(p, recipe) for p in model.parameters() if p.requires_grad), default=0
         )
         at_step = passes.grads_at_end + temporaries - swapped
         if passes.peak >= at_step:
@@ -572,10 +613,14 @@ def estimate_memory(
         checkpointing = (
             gradient_checkpointing if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
         )
-        key = (recipe.trained, checkpointing, recipe.step_in_backward)
+        fused = (recipe.master_weights, recipe.optimizer) if recipe.step_in_backward else None
+        key = (recipe.trained, checkpointing, fused)
         if key not in runs:
             model_n = _prepare(_load_meta_model(source, weight_dtype), recipe, selection, lora_rank, checkpointing)
-            runs[key] = model_n, _run_step_on_meta(model_n, batch_size, seq_len, recipe.step_in_backward)
+            temporaries = (
+                (lambda p, r=recipe: _step_temporary_bytes(p, r)) if recipe.step_in_backward else None
+            )
+            runs[key] = model_n, _run_step_on_meta(model_n, batch_size, seq_len, temporaries)
         model_n, passes = runs[key]
         result.methods[n] = _estimate_method(n, recipe, model_n, passes, checkpointing, quantizable)
     return result

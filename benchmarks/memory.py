@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import types
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -141,15 +142,29 @@ def adamw_in_backward(params):
     return OptimizerInBackward(params, torch.optim.AdamW, lr=1e-5, fused=True)
 
 
-def low_bit_adamw(bits: int, in_backward: bool = False):
-    """torchao's AdamW with ``bits``-bit moments (the first step compiles its kernel), optionally in backward."""
+# The slice size of the preset's step (``--chunk-elements``; None: the preset's own, low_memory_preset()).
+PRESET_CHUNK_ELEMENTS: dict[str, Optional[int]] = {"override": None}
+
+
+def preset_chunk_elements() -> int:
+    from peft_hft import low_memory_preset
+
+    override = PRESET_CHUNK_ELEMENTS["override"]
+    return low_memory_preset()["chunk_elements"] if override is None else override
+
+
+def low_bit_adamw(bits: int, in_backward: bool = False, preset_slices: bool = False):
+    """torchao's AdamW with ``bits``-bit moments (the first step compiles its kernel), optionally in backward (in
+    the preset's slices with ``preset_slices``)."""
 
     def make(params):
         from peft_hft import OptimizerInBackward
         from peft_hft import low_bit_adamw as optimizer_class
 
         cls = optimizer_class(bits)
-        return OptimizerInBackward(params, cls, lr=1e-5) if in_backward else cls(params, lr=1e-5)
+        if not in_backward:
+            return cls(params, lr=1e-5)
+        return OptimizerInBackward(params, cls, preset_chunk_elements() if preset_slices else None, lr=1e-5)
 
     return make
 
@@ -178,7 +193,7 @@ TRAINING_VARIANTS = {
     "hft-adamw8bit": (_hft, low_bit_adamw(8)),
     "hft-adamw4bit": (_hft, low_bit_adamw(4)),
     "hft-nf4-frozen": (_hft_nf4_frozen, fused_adamw),
-    "hft-low-memory": (_hft_low_memory, low_bit_adamw(4, in_backward=True)),
+    "hft-low-memory": (_hft_low_memory, low_bit_adamw(4, in_backward=True, preset_slices=True)),
 }
 
 
@@ -280,11 +295,13 @@ def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: 
                           variants=None, seed: int = 0, device: str = "cpu") -> list[dict]:
     """Measured peak and ``estimate_memory`` for each variant, on the model of ``model_dir`` (weights loaded if the
     directory has them, else random weights from its config)."""
+    from dataclasses import replace
     from pathlib import Path
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from peft_hft import estimate_memory
+    from peft_hft.ops.estimate_memory import default_recipes
 
     names = list(variants or TRAINING_VARIANTS)
     has_weights = any(Path(model_dir).glob("*.safetensors"))
@@ -301,8 +318,10 @@ def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: 
     for _ in range(3):
         ids = torch.randint(3, config.vocab_size, (batch_size, seq_len), generator=generator)
         batches.append({"input_ids": ids.to(device), "labels": ids.to(device)})
+    recipes = default_recipes()
+    recipes["hft-low-memory"] = replace(recipes["hft-low-memory"], chunk_elements=preset_chunk_elements())
     estimate = estimate_memory(model_dir, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
-                               gradient_checkpointing=gradient_checkpointing, methods=names)
+                               gradient_checkpointing=gradient_checkpointing, methods=names, recipes=recipes)
     warm_up(load, batches[0], gradient_checkpointing)
     rows = []
     for name in names:
@@ -390,6 +409,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default=None, help=f"comma-separated (default: {','.join(TRAINING_VARIANTS)})")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (torch.cuda.max_memory_allocated)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON (last line)")
+    parser.add_argument("--chunk-elements", type=int, default=None,
+                        help="the slice size of hft-low-memory's step (default: the preset's, 2**24)")
     parser.add_argument("--optimizer-scratch", action="store_true",
                         help="instead: torchao's AdamW8bit/4bit step scratch per element, fp32 and bf16 tensors")
     args = parser.parse_args(argv)
@@ -402,6 +423,7 @@ def main(argv=None) -> None:
     if args.device == "cpu" and os.environ.get("MKL_DISABLE_FAST_MM") != "1":
         os.environ["MKL_DISABLE_FAST_MM"] = "1"
         os.execv(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
+    PRESET_CHUNK_ELEMENTS["override"] = args.chunk_elements
     model = args.model
     if model is None:
         from peft_hft.resources.default_model import default_model_path

@@ -31,14 +31,29 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ..tuner.config import HFTConfig
+from ..tuner.precision import refresh_slice, slice_parameter
 
 LOW_BIT_OPTIMIZERS = {8: "AdamW8bit", 4: "AdamW4bit"}
+# Optimizers whose update of an element depends on that element alone, so that stepping a tensor slice by slice is
+# the same step (``chunk_elements``); a factored or norm-based optimizer (Adafactor, LAMB, Shampoo) is not among them.
+ELEMENTWISE_OPTIMIZERS = frozenset({
+    "torch.optim.adamw.AdamW", "torch.optim.adam.Adam", "torch.optim.sgd.SGD", "torch.optim.rmsprop.RMSprop",
+    "torch.optim.adagrad.Adagrad", "torchao.optim.adam.AdamW8bit", "torchao.optim.adam.AdamW4bit",
+    "torchao.optim.adam.AdamWFp8", "torchao.optim.adam.Adam8bit", "torchao.optim.adam.Adam4bit",
+    "torchao.optim.adam.AdamFp8", "torchao.optim.adam._AdamW",
+})
+# Slices are multiples of this many elements, so that the blocks of torchao's quantized states (128 or 256 elements)
+# fall where they would in the whole tensor.
+CHUNK_MULTIPLE = 4096
+# The low-memory preset's slice: bounds the step's scratch of any tensor (the embedding and lm_head of an 8B model
+# hold 525M elements each) to that of 16M elements (about 0.5 GiB with AdamW4bit and stochastic rounding).
+PRESET_CHUNK_ELEMENTS = 1 << 24
 # Hyperparameters of a param group that schedulers or users change during training; copied to the per-tensor
 # optimizers before each of their steps.
 _SCHEDULED = ("lr", "weight_decay", "betas", "momentum", "eps")
@@ -93,17 +108,27 @@ class OptimizerInBackward(torch.optim.Optimizer):
     holds every tensor's state under its index, like one ordinary optimizer, so Trainer checkpoints save and resume
     it.
 
+    With ``chunk_elements``, a tensor larger than that is stepped in slices of at most that many elements, each with
+    its own optimizer over a :func:`~peft_hft.tuner.precision.slice_parameter` view: the step's scratch (torchao's
+    dequantized moments, HFT's fp32 copies of the value and the gradient) is then that of one slice instead of the
+    whole tensor. It is the same step for elementwise optimizers only (:data:`ELEMENTWISE_OPTIMIZERS`); others are
+    refused.
+
     Calling ``backward`` twice without ``step()`` in between (gradient accumulation) raises, as does being stepped
     by a Trainer whose arguments clip by the global gradient norm.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any):
+    def __init__(self, params: Iterable[nn.Parameter], optimizer_cls: type[torch.optim.Optimizer],
+                 chunk_elements: Optional[int] = None, **kwargs: Any):
         params = list(dict.fromkeys(p for p in params if p.requires_grad))  # tied tensors once
         if not params:
             raise ValueError("optimizer_in_backward found no trainable parameters; create the HFT adapter first.")
+        _check_chunking(optimizer_cls, chunk_elements)
         super().__init__(params, dict(kwargs))
         self.optimizer_cls = optimizer_cls
-        self.optimizers = [optimizer_cls([p], **kwargs) for p in params]
+        self.chunk_elements = chunk_elements
+        # per tensor: one optimizer over the tensor, or one per slice of it
+        self.optimizers = [[optimizer_cls([s], **kwargs) for s in _slices(p, chunk_elements)] for p in params]
         self._index = {id(p): i for i, p in enumerate(params)}
         self._stepped_since_step: set[int] = set()
         self._checked_trainer = False
@@ -120,10 +145,21 @@ class OptimizerInBackward(torch.optim.Optimizer):
                 "backward, or train without optimizer_in_backward."
             )
         self._stepped_since_step.add(index)
-        inner = self.optimizers[index]
-        _copy_hyperparameters(self.param_groups[0], inner.param_groups[0], _SCHEDULED)
-        inner.step()
-        inner.zero_grad(set_to_none=True)
+        inners = self.optimizers[index]
+        if len(inners) == 1 and inners[0].param_groups[0]["params"][0] is param:
+            _copy_hyperparameters(self.param_groups[0], inners[0].param_groups[0], _SCHEDULED)
+            inners[0].step()
+            inners[0].zero_grad(set_to_none=True)
+            return
+        gradient, start = param.grad.reshape(-1), 0
+        param.grad = None  # the slices hold views of it until their steps are done
+        for inner in inners:
+            view = inner.param_groups[0]["params"][0]
+            refresh_slice(view)
+            view.grad, start = gradient[start:start + view.numel()], start + view.numel()
+            _copy_hyperparameters(self.param_groups[0], inner.param_groups[0], _SCHEDULED)
+            inner.step()
+            view.grad = None
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - the steps ran in backward
@@ -151,28 +187,80 @@ class OptimizerInBackward(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict:
+        """Every tensor's state under its index, like one ordinary optimizer; a sliced tensor's under
+        ``{"slices": [...]}``, one entry per slice (a checkpoint resumes with the same ``chunk_elements``)."""
         own = super().state_dict()
         state = {}
-        for index, inner in enumerate(self.optimizers):
-            inner_state = inner.state_dict()["state"]
-            if 0 in inner_state:
-                state[index] = inner_state[0]
+        for index, inners in enumerate(self.optimizers):
+            states = [inner.state_dict()["state"].get(0) for inner in inners]
+            if len(inners) > 1:
+                state[index] = {"slices": states}
+            elif states[0] is not None:
+                state[index] = states[0]
         return {"state": state, "param_groups": own["param_groups"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         saved_group = state_dict["param_groups"][0]
-        for index, inner in enumerate(self.optimizers):
+        for index, inners in enumerate(self.optimizers):
             state = state_dict["state"].get(index, state_dict["state"].get(str(index)))
-            inner.load_state_dict({"state": {} if state is None else {0: state}, "param_groups": inner.state_dict()[
-                "param_groups"]})
-            _copy_hyperparameters(saved_group, inner.param_groups[0], [k for k in saved_group if k != "params"])
+            sliced = isinstance(state, dict) and "slices" in state
+            states = state["slices"] if sliced else [state]
+            if (len(inners) > 1 or sliced) and len(states) != len(inners):
+                raise ValueError(
+                    f"The optimizer state of tensor {index} was saved in {len(states)} slice(s), but this optimizer "
+                    f"steps it in {len(inners)} (chunk_elements={self.chunk_elements}). Fix: resume with the "
+                    "chunk_elements the checkpoint was trained with."
+                )
+            for inner, one in zip(inners, states, strict=True):
+                inner.load_state_dict({"state": {} if one is None else {0: one},
+                                       "param_groups": inner.state_dict()["param_groups"]})
+                _copy_hyperparameters(saved_group, inner.param_groups[0], [k for k in saved_group if k != "params"])
 
     def remove_hooks(self) -> None:
         """Stop stepping in backward (the tensors then keep their gradients again)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _check_chunking(optimizer_cls: type, chunk_elements: Optional[int]) -> None:
+    if chunk_elements is None:
+        return
+    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements <= 0 or (
+        chunk_elements % CHUNK_MULTIPLE
+    ):
+        raise ValueError(
+            f"chunk_elements={chunk_elements!r}: slices must hold a positive multiple of {CHUNK_MULTIPLE} elements "
+            "(so that quantized optimizer states keep their blocks). Fix: e.g. chunk_elements=2**24, or None to step "
+            "every tensor whole."
+        )
+    name = f"{optimizer_cls.__module__}.{optimizer_cls.__qualname__}"
+    if name not in ELEMENTWISE_OPTIMIZERS:
+        raise ValueError(
+            f"chunk_elements steps a tensor slice by slice, which is the same step only for an elementwise optimizer; "
+            f"{name} is not known to be one (a factored or norm-based optimizer would step each slice differently). "
+            f"Fix: chunk_elements=None, or one of {sorted(ELEMENTWISE_OPTIMIZERS)}."
+        )
+
+
+def slice_spans(numel: int, chunk_elements: Optional[int]) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` spans a tensor of ``numel`` elements is stepped in (one span: stepped whole).
+
+    Spans hold ``chunk_elements``; a tail under 4096 elements joins the span before it (torchao keeps unquantized state
+    for tensors that small, which the whole tensor would not have). The memory estimate uses the same spans.
+    """
+    if chunk_elements is None or numel < chunk_elements + CHUNK_MULTIPLE:
+        return [(0, numel)]
+    starts = list(range(0, numel, chunk_elements))
+    if numel - starts[-1] < CHUNK_MULTIPLE:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], numel], strict=True))
+
+
+def _slices(param: nn.Parameter, chunk_elements: Optional[int]) -> list[nn.Parameter]:
+    spans = slice_spans(param.numel(), chunk_elements)
+    return [param] if len(spans) == 1 else [slice_parameter(param, *span) for span in spans]
 
 
 def _copy_hyperparameters(source: dict, target: dict, keys: Iterable[str]) -> None:
@@ -211,6 +299,7 @@ def optimizer_in_backward(
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
     *,
     training_args: Any = None,
+    chunk_elements: Optional[int] = None,
     **optimizer_kwargs: Any,
 ) -> OptimizerInBackward:
     """Fuse the optimizer step into backward for every trainable tensor of ``model``; returns the placeholder optimizer.
@@ -223,6 +312,9 @@ def optimizer_in_backward(
         optimizer_cls: The optimizer each tensor gets (``torch.optim.AdamW``, ``low_bit_adamw(8)``, ...).
         training_args: ``TrainingArguments`` to check up front: ``gradient_accumulation_steps`` must be 1 and
             ``max_grad_norm`` 0 (the Trainer's default 1.0 is refused, with the fix).
+        chunk_elements: Step tensors larger than this in slices of at most this many elements (a multiple of
+            4096; elementwise optimizers only), so the step's scratch is that of one slice: for the embedding and
+            lm_head of a large model, gigabytes less at the peak. ``None`` (default): every tensor whole.
         optimizer_kwargs: The optimizer's arguments (``lr``, ``weight_decay``, ...).
 
     With a Trainer built by you: ``Trainer(model, args, optimizers=(optimizer_in_backward(model, lr=args.learning_rate,
@@ -237,7 +329,7 @@ def optimizer_in_backward(
         optimizer_kwargs.setdefault("weight_decay", training_args.weight_decay)
     if training_args is not None:
         check_optimizer_in_backward_args(training_args)
-    optimizer = OptimizerInBackward(model.parameters(), optimizer_cls, **optimizer_kwargs)
+    optimizer = OptimizerInBackward(model.parameters(), optimizer_cls, chunk_elements, **optimizer_kwargs)
     if trainer is not None:
         if trainer.optimizer is not None:
             raise ValueError(
@@ -257,6 +349,7 @@ def low_memory_preset(bits: int = 4) -> dict[str, Any]:
       weights; chosen by the measurements in docs/benchmarks.md, "Master values");
     * ``"optimizer"``: ``torchao.optim.AdamW4bit`` (``bits=8``: ``AdamW8bit``) as ``{"class": name, "bits": bits}``;
     * ``"optimizer_in_backward"``: ``True``, the step fused into backward (:func:`optimizer_in_backward`);
+    * ``"chunk_elements"``: ``2**24``, tensors beyond 16M elements (embeddings, lm_head) stepped in slices of that size;
     * ``"training_arguments"``: ``TrainingArguments`` fields: gradient checkpointing (non-reentrant), bf16,
       ``gradient_accumulation_steps=1`` and ``max_grad_norm=0`` (what the fused step needs).
 
@@ -269,6 +362,7 @@ def low_memory_preset(bits: int = 4) -> dict[str, Any]:
         "hft_config": {"master_weights": "stochastic_rounding"},
         "optimizer": {"class": f"torchao.optim.{LOW_BIT_OPTIMIZERS[bits]}", "bits": bits},
         "optimizer_in_backward": True,
+        "chunk_elements": PRESET_CHUNK_ELEMENTS,
         "training_arguments": {
             "bf16": True,
             "gradient_checkpointing": True,
@@ -299,5 +393,6 @@ def apply_low_memory_preset(trainer: Any, bits: int = 4, **optimizer_kwargs: Any
             f"The Trainer's arguments differ from the low-memory preset: {wrong}. Fix: build them with "
             "TrainingArguments(..., **low_memory_preset()['training_arguments'])."
         )
-    return optimizer_in_backward(trainer, low_bit_adamw(bits), **optimizer_kwargs)
+    return optimizer_in_backward(trainer, low_bit_adamw(bits), chunk_elements=preset["chunk_elements"],
+                                 **optimizer_kwargs)
 

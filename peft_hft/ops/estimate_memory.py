@@ -149,6 +149,7 @@ class TrainingRecipe:
     master_weights: str = "none"
     optimizer: str = "adamw"
     step_in_backward: bool = False
+    chunk_elements: Optional[int] = None  # with step_in_backward: larger tensors stepped in slices of this size
     gradient_checkpointing: Optional[bool] = None  # None: as asked for the whole estimate
     quantize_frozen: Optional[str] = None
     description: str = ""
@@ -172,9 +173,11 @@ def low_memory_recipe() -> TrainingRecipe:
     master = preset["hft_config"]["master_weights"]
     return TrainingRecipe(
         "hft", master, optimizer, step_in_backward=preset["optimizer_in_backward"],
+        chunk_elements=preset["chunk_elements"],
         gradient_checkpointing=preset["training_arguments"]["gradient_checkpointing"],
         description=f"HFT low-memory preset (peft_hft.low_memory_preset()): {master} masters, torchao "
-        f"{preset['optimizer']['class'].rsplit('.', 1)[-1]}, step in backward, gradient checkpointing",
+        f"{preset['optimizer']['class'].rsplit('.', 1)[-1]}, step in backward in slices of "
+        f"{preset['chunk_elements']:,} elements, gradient checkpointing",
     )
 
 
@@ -469,22 +472,31 @@ def _frozen_weight_bytes(param: torch.Tensor, scheme: Optional[str]) -> int:
     return FROZEN_QUANTIZATION[scheme](param.numel(), param.element_size())
 
 
-def _one_tensor_scratch(param: torch.Tensor, recipe: TrainingRecipe) -> int:
-    """Scratch bytes of stepping ``param``, beyond its copies for the step: the optimizer's own (torchao's dequantized
-    moments), then the post-step hook's write-back; they follow each other, so the larger counts."""
+def _one_tensor_scratch(param: torch.Tensor, recipe: TrainingRecipe, numel: Optional[int] = None) -> int:
+    """Scratch bytes of stepping ``param`` (or ``numel`` elements of it, one slice), beyond its copies for the step:
+    the optimizer's own (torchao's dequantized moments), then the post-step hook's write-back; they follow each other,
+    so the larger counts."""
     low_precision = param.dtype in (torch.bfloat16, torch.float16)
     write_back = MASTER_WEIGHTS[recipe.master_weights].write_back_bytes if low_precision else 0
-    return param.numel() * max(OPTIMIZERS[recipe.optimizer].step_temporary_bytes, write_back)
+    n = param.numel() if numel is None else numel
+    return n * max(OPTIMIZERS[recipe.optimizer].step_temporary_bytes, write_back)
 
 
 def _step_temporary_bytes(param: torch.Tensor, recipe: TrainingRecipe) -> int:
     """Bytes alive while ``param`` alone is stepped (the step fused into backward): the copies HFT's pre-step hook
-    hands the optimizer (less the low-precision weight it frees meanwhile) and the scratch of the step itself."""
+    hands the optimizer (less the low-precision weight it frees meanwhile) and the scratch of the step itself.
+
+    A tensor stepped in slices (``chunk_elements``, :func:`peft_hft.integrations.low_memory.slice_spans`) needs them
+    for its largest slice only, and keeps its weight meanwhile (each slice is written back into it)."""
+    from ..integrations.low_memory import slice_spans
+
     master = MASTER_WEIGHTS[recipe.master_weights]
     low_precision = param.dtype in (torch.bfloat16, torch.float16)
-    copies = param.numel() * master.step_copy_bytes if low_precision else 0
-    freed = param.numel() * param.element_size() if low_precision and master.weight_freed_in_step else 0
-    return copies - freed + _one_tensor_scratch(param, recipe)
+    spans = slice_spans(param.numel(), recipe.chunk_elements)
+    n = max(stop - start for start, stop in spans)
+    copies = n * master.step_copy_bytes if low_precision else 0
+    freed = n * param.element_size() if low_precision and master.weight_freed_in_step and len(spans) == 1 else 0
+    return copies - freed + _one_tensor_scratch(param, recipe, n)
 
 
 def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes: _PassMemory, checkpointing: bool,
@@ -613,7 +625,7 @@ def estimate_memory(
         checkpointing = (
             gradient_checkpointing if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
         )
-        fused = (recipe.master_weights, recipe.optimizer) if recipe.step_in_backward else None
+        fused = (recipe.master_weights, recipe.optimizer, recipe.chunk_elements) if recipe.step_in_backward else None
         key = (recipe.trained, checkpointing, fused)
         if key not in runs:
             model_n = _prepare(_load_meta_model(source, weight_dtype), recipe, selection, lora_rank, checkpointing)

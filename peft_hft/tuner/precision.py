@@ -41,6 +41,10 @@ weight still equals the master rounded to its dtype (for an error buffer: while 
 written); anything else (``set_diffs``, merges into another value, an in-place edit under ``torch.no_grad()``) makes
 the next step start afresh from the weights.
 
+A trained tensor may also be stepped in slices (:func:`slice_parameter`; the optimizer step fused into backward
+steps a large tensor one slice at a time so that the step's scratch is bounded by the slice, not by the embedding):
+each slice gets its own part of the master, error buffer or rounding, written back into the tensor's own storage.
+
 Sharded parameters (FSDP2's DTensors, ZeRO-3's placeholders) are never given masters: their engine owns the storage.
 An optimizer that steps a flat buffer the trained tensors are views of (FSDP1's ``FlatParameter``, any engine that
 flattens parameters into one buffer and steps it with a torch optimizer) would step around the masters; that is
@@ -182,13 +186,57 @@ def stochastic_round(value: torch.Tensor, generator: Optional[torch.Generator] =
 
 @dataclass
 class _Swap:
-    """One parameter swapped for one optimizer step."""
+    """One parameter (or one slice of it) swapped for one optimizer step."""
 
     name: str
     param: nn.Parameter
     mode: str
     low_grad: torch.Tensor
     dtype: torch.dtype
+    whole: Optional[nn.Parameter] = None  # set when ``param`` is a slice of this trained tensor
+    span: tuple[int, int] = (0, 0)
+
+    def weight(self) -> torch.Tensor:
+        """The low-precision values this swap writes: the parameter, or its slice of the trained tensor."""
+        return self.param.data if self.whole is None else _span_of(self.whole.data, self.span)
+
+
+_SLICE_ATTRIBUTE = "_hft_slice_of"
+
+
+def slice_parameter(param: nn.Parameter, start: int, stop: int) -> nn.Parameter:
+    """A parameter viewing the elements ``[start, stop)`` of ``param`` (flattened), for an optimizer that steps a large
+    tensor slice by slice.
+
+    The slice shares ``param``'s storage, so a step writes into ``param``; HFT's optimizer-step hooks recognise it
+    and step its part of ``param``'s master value (or error buffer, or stochastic rounding), where any other view of a
+    trained tensor would be refused as a flat buffer. Only elementwise optimizers (AdamW, SGD, torchao's low-bit
+    AdamW) step slices exactly as they would step the whole tensor. :func:`refresh_slice` re-points the slice when
+    ``param.data`` was replaced since (a ledger move, a load).
+    """
+    if not 0 <= start < stop <= param.numel():
+        raise ValueError(f"slice [{start}, {stop}) does not lie in a tensor of {param.numel()} elements.")
+    view = nn.Parameter(_span_of(param.data, (start, stop)), requires_grad=False)
+    setattr(view, _SLICE_ATTRIBUTE, (weakref.ref(param), (start, stop)))
+    return view
+
+
+def refresh_slice(view: nn.Parameter) -> None:
+    """Point a :func:`slice_parameter` slice at its tensor's current storage (``param.data`` may have been replaced)."""
+    whole, span = _whole_of(view)
+    if whole is not None:
+        view.data = _span_of(whole.data, span)
+
+
+def _span_of(tensor: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    return tensor.view(-1)[span[0]:span[1]]
+
+
+def _whole_of(view: torch.Tensor) -> tuple[Optional[nn.Parameter], tuple[int, int]]:
+    entry = getattr(view, _SLICE_ATTRIBUTE, None)
+    if entry is None:
+        return None, (0, 0)
+    return entry[0](), entry[1]
 
 
 class MasterValues:
@@ -323,13 +371,21 @@ class MasterValues:
         in_step = {swap.name for _, swaps in self._in_step for swap in swaps}
         stepped = [p for group in optimizer.param_groups for p in group["params"]]
         swaps: list[_Swap] = []
-        unknown = [p for p in stepped if id(p) not in self._live]
+        slices = {id(p): _whole_of(p) for p in stepped if hasattr(p, _SLICE_ATTRIBUTE)}
+        unknown = [p for p in stepped if id(p) not in self._live and id(p) not in slices]
         if unknown:  # parameters replaced since the last sync (an engine wrapped the model), or not ours at all
             self.sync()
             unknown = [p for p in unknown if id(p) not in self._live]
             self._refuse_flat_views(unknown, optimizer)
-        ours = [self._live[id(p)] for p in stepped if id(p) in self._live]
-        for name, param, mode in ours:
+        ours = []
+        for p in stepped:
+            whole, span = slices.get(id(p), (None, (0, 0)))
+            if whole is not None and id(whole) in self._live:
+                name, _, mode = self._live[id(whole)]
+                ours.append((name, p, mode, whole, span))
+            elif id(p) in self._live:
+                ours.append((*self._live[id(p)], None, (0, 0)))
+        for name, param, mode, whole, span in ours:
             if mode == "none" or not is_low_precision(param) or param.grad is None or name in in_step:
                 continue
             if _is_sharded(param):
@@ -356,17 +412,22 @@ class MasterValues:
                     f"HFTConfig(master_weights='stochastic_rounding') rounds to bfloat16, but {name} is {param.dtype}. "
                     "Fix: load the model in bfloat16, or use master_weights='kahan' or 'fp32' for float16 models."
                 )
+            tensor = param if whole is None else whole
             master = self._masters.get(name)
-            if master is not None and not master.matches(param):
+            if master is not None and not master.matches(tensor):
                 master = None
             if mode == "fp32":
                 if master is None:
-                    master = self._masters[name] = _Master(value=param.data.float())
-                exact = master.value
+                    master = self._masters[name] = _Master(value=tensor.data.float())
+                exact = master.value if whole is None else _span_of(master.value, span)  # stepped in place
+            elif whole is not None:  # built for the slice alone, so the step's copies are bounded by it
+                exact = _span_of(whole.data, span).float()
+                if master is not None:
+                    exact += _span_of(master.error, span)
             else:
-                exact = param.data.float() if master is None else master.exact(param)
+                exact = tensor.data.float() if master is None else master.exact(tensor)
             low_grad = param.grad
-            swaps.append(_Swap(name, param, mode, low_grad, param.dtype))
+            swaps.append(_Swap(name, param, mode, low_grad, param.dtype, whole, span))
             param.data = exact
             param.grad = low_grad.float()
             _upcast_state(optimizer.state.get(param))
@@ -402,6 +463,9 @@ class MasterValues:
         else:
             return
         for swap in swaps:
+            if swap.whole is not None:
+                self._write_slice(swap)
+                continue
             param, exact = swap.param, swap.param.data  # stepped in place; read back in case .data was replaced
             param.grad = None
             if swap.mode == "fp32":
@@ -419,6 +483,33 @@ class MasterValues:
             else:  # stochastic_rounding
                 param.data = stochastic_round(exact, self._generator(exact.device))
             param.grad = swap.low_grad
+
+    def _write_slice(self, swap: _Swap) -> None:
+        """After a slice's step: write its span of the trained tensor (and of the master or error buffer)."""
+        whole, exact = swap.whole, swap.param.data
+        swap.param.grad = None
+        weight = _span_of(whole.data, swap.span)
+        if swap.mode == "fp32":
+            master = self._masters[swap.name]
+            target = _span_of(master.value, swap.span)
+            if target.data_ptr() != exact.data_ptr():
+                target.copy_(exact)
+            weight.copy_(exact)
+            master.remember(whole)
+        elif swap.mode == "kahan":
+            rounded = exact.to(swap.dtype)
+            master = self._masters.get(swap.name)
+            if master is None or not master.matches(whole):
+                master = _Compensation(error=torch.zeros_like(whole.data), checksum=_checksum(whole.data))
+                self._masters[swap.name] = master
+            master.checksum += _checksum(rounded) - _checksum(weight)
+            _span_of(master.error, swap.span).copy_(_error(exact, rounded))
+            weight.copy_(rounded)
+            master.remember(whole)
+        else:  # stochastic_rounding
+            weight.copy_(stochastic_round(exact, self._generator(exact.device)))
+        swap.param.data = weight
+        swap.param.grad = swap.low_grad
 
     def abandon_failed_steps(self, optimizer: torch.optim.Optimizer) -> None:
         """Undo the swaps of an earlier step of ``optimizer`` that raised (its post-hook never ran)."""

@@ -60,6 +60,98 @@ def test_the_fused_step_gives_the_plain_optimizers_update(dtype, mode):
     optimizer.step()
 
 
+CHUNK = 4096  # the smallest slice; the tiny model below has 16384-element MLP matrices, stepped in 4 slices
+
+
+def sliced_base(dtype=BF16):
+    return base(dtype, hidden_size=64, intermediate_size=256)
+
+
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "fp32"), (BF16, "fp32"), (BF16, "kahan"), (BF16, "none"),
+                                        (BF16, "stochastic_rounding")])
+def test_a_tensor_stepped_in_slices_gets_the_whole_tensors_step(dtype, mode):
+    """chunk_elements: each slice steps its span of the master (or error buffer, or rounding) and writes it into the
+    tensor's own storage; for an elementwise optimizer that is the step of the whole tensor, bit for bit (stochastic
+    rounding draws its noise per slice: within one bf16 ulp)."""
+    runs = {}
+    for chunk in (None, CHUNK):
+        model = get_peft_model(sliced_base(dtype), HFTConfig(seed=0, master_weights=mode))
+        lr = 1e-2 if mode == "stochastic_rounding" else 1e-4  # updates far above the rounding noise
+        optimizer = optimizer_in_backward(model, torch.optim.AdamW, chunk_elements=chunk, lr=lr, weight_decay=0.01)
+        loop(model, optimizer)
+        runs[chunk] = model, optimizer
+    (whole, _), (sliced, optimizer) = runs[None], runs[CHUNK]
+    counts = {p.numel(): len(inners) for p, inners in zip(optimizer.param_groups[0]["params"], optimizer.optimizers, strict=True)}
+    # 16384 = 4 slices; 6400 (the embedding) = 4096 + a 2304 tail, which joins the slice before: one
+    assert counts[16384] == 4 and counts[6400] == 1 and all(n == max(1, size // CHUNK) for size, n in counts.items())
+    expected, got = trained_values(whole), trained_values(sliced)
+    assert any(v.abs().max() > 0 for v in expected.values())
+    for name in expected:
+        if mode == "stochastic_rounding":  # the same update up to the rounding noise (one ulp of the weights)
+            cosine = torch.nn.functional.cosine_similarity(got[name].flatten(), expected[name].flatten(), dim=0)
+            assert cosine > 0.99, (name, float(cosine))
+        else:
+            assert torch.equal(got[name], expected[name]), name
+    inputs = batch(9, size=4, length=16)
+    sliced(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is None for p in sliced.parameters())  # slices hand their gradients back after the step
+
+
+def test_a_sliced_torchao_step_is_the_whole_tensors_step(eager):
+    """Slices are multiples of 4096 elements, so torchao's quantized blocks fall where they fall in the whole tensor:
+    AdamW4bit over slices gives the same weights and the same 4-bit state."""
+    pytest.importorskip("torchao")
+    results = []
+    for chunk in (None, CHUNK):
+        model = get_peft_model(sliced_base(), HFTConfig(seed=0, master_weights="kahan"))
+        optimizer = optimizer_in_backward(model, low_bit_adamw(4), chunk_elements=chunk, lr=1e-3)
+        loop(model, optimizer, steps=3)
+        results.append((trained_values(model), optimizer))
+    (expected, whole), (got, sliced) = results
+    assert any(v.abs().max() > 0 for v in expected.values())
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    index = [p.numel() for p in sliced.param_groups[0]["params"]].index(16384)
+    whole_codes = whole.optimizers[index][0].state_dict()["state"][0]["exp_avg"]
+    slice_codes = [inner.state_dict()["state"][0]["exp_avg"] for inner in sliced.optimizers[index]]
+    assert type(whole_codes).__name__ == type(slice_codes[0]).__name__ == "OptimState4bit"
+    assert sum(s.numel() for s in slice_codes) == whole_codes.numel()
+
+
+def test_a_sliced_optimizer_state_saves_and_resumes_in_its_slices():
+    model = get_peft_model(sliced_base(), HFTConfig(seed=0, master_weights="kahan"))
+    optimizer = optimizer_in_backward(model, torch.optim.AdamW, chunk_elements=CHUNK, lr=1e-4)
+    loop(model, optimizer, steps=2)
+    state = optimizer.state_dict()
+    index = [p.numel() for p in optimizer.param_groups[0]["params"]].index(16384)
+    assert len(state["state"][index]["slices"]) == 4
+    assert state["state"][index]["slices"][1]["exp_avg"].shape == (CHUNK,)
+    again = optimizer_in_backward(model, torch.optim.AdamW, chunk_elements=CHUNK, lr=1e-4)
+    optimizer.remove_hooks()
+    again.load_state_dict(state)
+    reloaded = again.optimizers[index][2].state[again.optimizers[index][2].param_groups[0]["params"][0]]
+    saved = state["state"][index]["slices"]  # torch casts loaded state to the (bf16) parameter's dtype
+    assert torch.equal(reloaded["exp_avg"], saved[2]["exp_avg"].to(reloaded["exp_avg"].dtype))
+    assert not torch.equal(reloaded["exp_avg"], saved[1]["exp_avg"].to(reloaded["exp_avg"].dtype))
+    other = optimizer_in_backward(model, torch.optim.AdamW, chunk_elements=2 * CHUNK, lr=1e-4)
+    with pytest.raises(ValueError, match="saved in 4 slice.*steps it in 2.*resume with the chunk_elements"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved in 4 slice.*steps it in 1"):
+        optimizer_in_backward(model, torch.optim.AdamW, lr=1e-4).load_state_dict(state)
+
+
+def test_slicing_refuses_sizes_off_the_block_grid_and_optimizers_that_are_not_elementwise():
+    from transformers.optimization import Adafactor
+
+    model = get_peft_model(sliced_base(), HFTConfig(seed=0))
+    for wrong in (1000, 0, -4096, 4096.0, True):
+        with pytest.raises(ValueError, match=rf"chunk_elements={wrong!r}: slices must hold a positive multiple of 4096"):
+            optimizer_in_backward(model, torch.optim.AdamW, chunk_elements=wrong, lr=1e-4)
+    with pytest.raises(ValueError, match="Adafactor is not known to be one.*Fix: chunk_elements=None"):
+        optimizer_in_backward(model, Adafactor, chunk_elements=CHUNK, lr=1e-4)
+    assert optimizer_in_backward(model, Adafactor, lr=1e-4, scale_parameter=False, relative_step=False)
+
+
 def test_the_fused_step_refuses_accumulation_and_global_clipping(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -124,9 +216,9 @@ def test_trainer_checkpoint_resume_with_the_fused_step_and_gradient_checkpointin
 
     trainer, model = run()
     optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    lrs = {float(o.param_groups[0]["lr"]) for o in optimizer.optimizers}
+    lrs = {float(o.param_groups[0]["lr"]) for inners in optimizer.optimizers for o in inners}
     assert len(lrs) == 1 and lrs.pop() == pytest.approx(LR / 4)  # the linear schedule reached every tensor
-    assert all(len(o.state) == 1 for o in optimizer.optimizers)
+    assert all(len(o.state) == 1 for inners in optimizer.optimizers for o in inners)
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
     start = base()
     assert any(not torch.equal(final[n], p) for n, p in start.named_parameters())
@@ -171,6 +263,7 @@ def test_the_low_memory_preset_is_one_definition_and_trains_with_trl_sft_and_dpo
     assert preset["hft_config"] == {"master_weights": "stochastic_rounding"}
     assert preset["optimizer"] == {"class": "torchao.optim.AdamW4bit", "bits": 4}
     assert preset["training_arguments"]["max_grad_norm"] == 0.0 and preset["optimizer_in_backward"] is True
+    assert preset["chunk_elements"] == 2**24
     assert low_bit_adamw(preset["optimizer"]["bits"]).__name__ == "AdamW4bit"
     assert low_memory_config(seed=3).master_weights == "stochastic_rounding"
     with pytest.raises(ValueError, match="8-bit and 4-bit"):
@@ -183,7 +276,7 @@ def test_the_low_memory_preset_is_one_definition_and_trains_with_trl_sft_and_dpo
     optimizer = apply_low_memory_preset(trainer)
     trainer.train()
     assert 0 < len(changed(before, model)) and changed(before, model) <= selection(trainer.model)
-    states = [o.state for o in optimizer.optimizers]
+    states = [o.state for inners in optimizer.optimizers for o in inners]
     assert any(type(s["exp_avg"]).__name__ == "OptimState4bit" for state in states for s in state.values())
 
     model = chat_model(build_tokenizer(), hidden_size=64, intermediate_size=256).to(BF16)

@@ -569,6 +569,39 @@ def test_an_optimizer_stepping_a_flat_buffer_of_the_trained_tensors_is_refused()
         optimizer.step()
 
 
+def test_a_slice_of_a_trained_tensor_steps_its_span_of_the_master_where_a_plain_view_is_refused():
+    """slice_parameter: the hooks give the slice its span of the fp32 master and write the stepped span into the
+    tensor's own storage; elements outside the span keep their weight and master. A view made otherwise is refused."""
+    model = base()
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    name = max(peft_model.peft_config["default"].selected_parameters, key=lambda n: model.get_parameter(n).numel())
+    param = model.get_parameter(name)
+    train(peft_model, steps=1)  # the master exists
+    masters = find_ledger(peft_model).masters
+    master_before = masters.value(name, param).clone()
+    weight_before = param.detach().clone()
+    span = (param.numel() // 4, param.numel() // 2)
+    view = precision.slice_parameter(param, *span)
+    view.grad = torch.ones_like(view)
+    torch.optim.SGD([view], lr=1e-3).step()
+    master = masters.value(name, param)
+    assert master is not None  # still describes the weight: the slice wrote both
+    inside = slice(*span)
+    torch.testing.assert_close(master.view(-1)[inside], master_before.view(-1)[inside] - 1e-3)
+    assert torch.equal(param.detach().view(-1)[inside], master.view(-1)[inside].to(BF16))
+    outside = torch.ones(param.numel(), dtype=torch.bool)
+    outside[inside] = False
+    assert torch.equal(param.detach().view(-1)[outside], weight_before.view(-1)[outside])
+    assert torch.equal(master.view(-1)[outside], master_before.view(-1)[outside])
+    assert view.dtype == BF16 and view.data_ptr() == param.view(-1)[inside].data_ptr() and view.grad.dtype == BF16
+    plain = torch.nn.Parameter(param.data.view(-1)[inside])
+    plain.grad = torch.ones_like(plain)
+    with pytest.raises(RuntimeError, match="shares its storage with the HFT-trained"):
+        torch.optim.SGD([plain], lr=1e-3).step()
+    with pytest.raises(ValueError, match=r"slice \[0, 0\) does not lie"):
+        precision.slice_parameter(param, 0, 0)
+
+
 def test_torchao_low_bit_adamw_steps_on_the_masters():
     """A third-party optimizer (torchao's 8-bit AdamW, run eagerly: no compile) on the masters: the same update as on
     an fp32 model with the same optimizer, and quantized state."""

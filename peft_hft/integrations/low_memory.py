@@ -146,7 +146,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
             )
         self._stepped_since_step.add(index)
         inners = self.optimizers[index]
-        if len(inners) == 1 and inners[0].param_groups[0]["params"][0] is param:
+        if len(inners) == 1:  # stepped whole (_slices gives a sliced tensor two slices or more)
             _copy_hyperparameters(self.param_groups[0], inners[0].param_groups[0], _SCHEDULED)
             inners[0].step()
             inners[0].zero_grad(set_to_none=True)

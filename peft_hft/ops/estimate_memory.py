@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from ..format.checkpoint import meta_model
 from ..tuner.config import HFTConfig
+from ..tuner.precision import is_low_precision
 from ..tuner.quantize_frozen import nf4_bytes, quantizable_weights
 from ..tuner.selection import resolve_selection
 from ..utils import torch_dtype
@@ -476,7 +477,7 @@ def _one_tensor_scratch(param: torch.Tensor, recipe: TrainingRecipe, numel: Opti
     """Scratch bytes of stepping ``param`` (or ``numel`` elements of it, one slice), beyond its copies for the step:
     the optimizer's own (torchao's dequantized moments), then the post-step hook's write-back; they follow each other,
     so the larger counts."""
-    low_precision = param.dtype in (torch.bfloat16, torch.float16)
+    low_precision = is_low_precision(param)
     write_back = MASTER_WEIGHTS[recipe.master_weights].write_back_bytes if low_precision else 0
     n = param.numel() if numel is None else numel
     return n * max(OPTIMIZERS[recipe.optimizer].step_temporary_bytes, write_back)
@@ -491,7 +492,7 @@ def _step_temporary_bytes(param: torch.Tensor, recipe: TrainingRecipe) -> int:
     from ..integrations.low_memory import slice_spans
 
     master = MASTER_WEIGHTS[recipe.master_weights]
-    low_precision = param.dtype in (torch.bfloat16, torch.float16)
+    low_precision = is_low_precision(param)
     spans = slice_spans(param.numel(), recipe.chunk_elements)
     n = max(stop - start for start, stop in spans)
     copies = n * master.step_copy_bytes if low_precision else 0
@@ -514,7 +515,7 @@ def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes
         n = param.numel()
         trainable += n
         weights += n * param.element_size()
-        low_precision = param.dtype in (torch.bfloat16, torch.float16)
+        low_precision = is_low_precision(param)
         sees_fp32 = low_precision and master.optimizer_sees_fp32
         if low_precision:
             masters += n * master.state_bytes

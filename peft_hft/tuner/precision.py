@@ -196,10 +196,6 @@ class _Swap:
     whole: Optional[nn.Parameter] = None  # set when ``param`` is a slice of this trained tensor
     span: tuple[int, int] = (0, 0)
 
-    def weight(self) -> torch.Tensor:
-        """The low-precision values this swap writes: the parameter, or its slice of the trained tensor."""
-        return self.param.data if self.whole is None else _span_of(self.whole.data, self.span)
-
 
 _SLICE_ATTRIBUTE = "_hft_slice_of"
 

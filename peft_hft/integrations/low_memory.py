@@ -37,17 +37,9 @@ import torch
 from torch import nn
 
 from ..tuner.config import HFTConfig
-from ..tuner.precision import refresh_slice, slice_parameter
+from ..tuner.precision import ELEMENTWISE_OPTIMIZERS, refresh_slice, slice_parameter, steps_elementwise
 
 LOW_BIT_OPTIMIZERS = {8: "AdamW8bit", 4: "AdamW4bit"}
-# Optimizers whose update of an element depends on that element alone, so that stepping a tensor slice by slice is
-# the same step (``chunk_elements``); a factored or norm-based optimizer (Adafactor, LAMB, Shampoo) is not among them.
-ELEMENTWISE_OPTIMIZERS = frozenset({
-    "torch.optim.adamw.AdamW", "torch.optim.adam.Adam", "torch.optim.sgd.SGD", "torch.optim.rmsprop.RMSprop",
-    "torch.optim.adagrad.Adagrad", "torchao.optim.adam.AdamW8bit", "torchao.optim.adam.AdamW4bit",
-    "torchao.optim.adam.AdamWFp8", "torchao.optim.adam.Adam8bit", "torchao.optim.adam.Adam4bit",
-    "torchao.optim.adam.AdamFp8", "torchao.optim.adam._AdamW",
-})
 # Slices are multiples of this many elements, so that the blocks of torchao's quantized states (128 or 256 elements)
 # fall where they would in the whole tensor.
 CHUNK_MULTIPLE = 4096
@@ -236,7 +228,7 @@ def _check_chunking(optimizer_cls: type, chunk_elements: Optional[int]) -> None:
             "every tensor whole."
         )
     name = f"{optimizer_cls.__module__}.{optimizer_cls.__qualname__}"
-    if name not in ELEMENTWISE_OPTIMIZERS:
+    if not steps_elementwise(optimizer_cls):
         raise ValueError(
             f"chunk_elements steps a tensor slice by slice, which is the same step only for an elementwise optimizer; "
             f"{name} is not known to be one (a factored or norm-based optimizer would step each slice differently). "

@@ -504,7 +504,7 @@ def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes
                      quantizable: set[str]) -> MethodEstimate:
     master = MASTER_WEIGHTS[recipe.master_weights]
     optimizer = OPTIMIZERS[recipe.optimizer]
-    weights = masters = state = step_copies = host = swapped = 0
+    weights = masters = state = host = 0
     trainable = total = 0
     for pname, param in model.named_parameters():
         total += param.numel()
@@ -519,8 +519,6 @@ def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes
         sees_fp32 = low_precision and master.optimizer_sees_fp32
         if low_precision:
             masters += n * master.state_bytes
-            step_copies += n * master.step_copy_bytes
-            swapped += n * param.element_size() if master.weight_freed_in_step else 0
         state += optimizer.state_bytes(n, 4 if sees_fp32 else param.element_size())
         if recipe.trained == "hft":
             host += n * param.element_size()  # the originals, kept in host memory (originals_device="cpu")
@@ -531,17 +529,17 @@ def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes
                    "step_temporaries": passes.temporaries_at_peak}
         phase = "forward/backward"
     else:
-        temporaries = step_copies + max(
-            (_one_tensor_scratch(p, recipe) for p in model.parameters() if p.requires_grad), default=0
-        )
-        at_step = passes.grads_at_end + temporaries - swapped
+        # every optimizer modelled here is elementwise, so HFT's pre-step hook steps one trained tensor at a time:
+        # the step holds the copies and scratch of the largest tensor only (tuner/precision.py)
+        temporaries = max((_step_temporary_bytes(p, recipe) for p in model.parameters() if p.requires_grad),
+                          default=0)
+        at_step = passes.grads_at_end + temporaries
         if passes.peak >= at_step:
             dynamic = {"gradients": passes.grads_at_peak, "activations": passes.peak - passes.grads_at_peak,
                        "step_temporaries": 0}
             phase = "forward/backward"
         else:
             dynamic = {"gradients": passes.grads_at_end, "activations": 0, "step_temporaries": temporaries}
-            static["weights"] -= swapped
             phase = "optimizer step"
     components = {**static, **dynamic}
     return MethodEstimate(

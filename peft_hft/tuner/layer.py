@@ -65,6 +65,24 @@ class _Adapter:
         return self.master_weights in ("fp32", "kahan")
 
 
+def _one_walk(method: Callable) -> Callable:
+    """Within one ledger operation the model's structure does not change, so the operation looks its parameters up in
+    one walk of the model (:meth:`HFTLayer._param`) instead of one walk of the module path per lookup: a load or an
+    adapter switch makes thousands of lookups, which otherwise cost as much as reading the diffs."""
+
+    @functools.wraps(method)
+    def wrapper(self: HFTLayer, *args, **kwargs):
+        if self._lookup is not None:
+            return method(self, *args, **kwargs)
+        self._lookup = dict(self._root.named_parameters(remove_duplicate=False))
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._lookup = None
+
+    return wrapper
+
+
 def _atomic(method: Callable) -> Callable:
     """Undo the flag changes of a ledger method that fails (e.g. refused on a sharded model before tensors moved)."""
 
@@ -94,6 +112,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         nn.Module.__init__(self)
         # A plain attribute, not a submodule: the model contains the ledger, not the other way round.
         object.__setattr__(self, "_root", model)
+        self._lookup: Optional[dict[str, nn.Parameter]] = None  # parameters by name during one operation (_one_walk)
         self.hft_adapters: dict[str, _Adapter] = {}
         self._originals: dict[str, torch.Tensor] = {}
         self._applied: tuple[str, ...] = ()
@@ -138,6 +157,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         return self._root
 
     def _param(self, name: str) -> nn.Parameter:
+        if self._lookup is not None and name in self._lookup:
+            return self._lookup[name]
         return self._root.get_parameter(name)
 
     def touched(self) -> list[str]:
@@ -352,6 +373,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         applied += [a for a in active if a not in applied]
         return tuple(a for a in applied if a in self.hft_adapters)
 
+    @_one_walk
     def _capture(self, adapter: str, applied: Sequence[str]) -> None:
         """Park the current values of an applied adapter that may have been trained.
 
@@ -410,6 +432,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 "reference log-probs before FSDP shards the model. See docs/distributed.md."
             )
 
+    @_one_walk
     def _transition(self, new_applied: tuple[str, ...], progressbar: bool = False) -> None:
         """Bring the weights to ``base + diffs of new_applied`` and set requires_grad/grads accordingly."""
         old_applied = self._applied
@@ -461,6 +484,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             out["host" if tensor.device.type == "cpu" else "device"] += tensor.numel() * tensor.element_size()
         return out
 
+    @_one_walk
     def master_modes(self) -> dict[str, tuple[nn.Parameter, str]]:
         """The live, trainable tensors (any dtype) by name, with their parameter and their adapter's
         ``master_weights`` option (the first owner's that keeps masters, if several adapters train the tensor)."""
@@ -632,6 +656,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             out[name] = diff.to(stored).contiguous()
         return out
 
+    @_one_walk
     def check_diffs(self, adapter: str, diffs: dict[str, torch.Tensor]) -> None:
         """Raise a ``ValueError`` if ``diffs`` do not fit ``adapter``'s tensors (names or shapes)."""
         expected = self.hft_adapters[adapter].params
@@ -669,6 +694,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
                 + resize_hint
             )
 
+    @_one_walk
     def set_diffs(self, adapter: str, diffs: dict[str, torch.Tensor], consume: bool = False) -> None:
         """Give ``adapter`` the values ``base + diff`` (checked with :meth:`check_diffs` first).
 
@@ -688,14 +714,21 @@ class HFTLayer(nn.Module, BaseTunerLayer):
             values[name] = value.to(base.dtype)
             if keep_exact:
                 precise[name] = value  # the exact value: keep it
-        self.set_values(adapter, values, precise)
+        self._store_values(adapter, values, precise)
 
+    @_one_walk
     def set_values(
         self, adapter: str, values: dict[str, torch.Tensor], precise: Optional[dict[str, torch.Tensor]] = None
     ) -> None:
         """Give ``adapter`` the tuned ``values`` (in each tensor's dtype; names and shapes checked with
         :meth:`check_diffs`); ``precise`` optionally holds fp32 masters to seed for them."""
         self.check_diffs(adapter, values)
+        self._store_values(adapter, values, precise)
+
+    def _store_values(
+        self, adapter: str, values: dict[str, torch.Tensor], precise: Optional[dict[str, torch.Tensor]]
+    ) -> None:
+        """:meth:`set_values` for values whose names and shapes were checked (by the caller's check_diffs)."""
         applied = self._applied
         if adapter in applied:
             self._check_unsharded(list(values), f"load diffs into the applied HFT adapter {adapter!r}")

@@ -625,3 +625,79 @@ def test_torchao_low_bit_adamw_steps_on_the_masters():
         assert _cosine(_own_diffs(peft_model), expected) >= 0.99, mode
         assert any(type(s["exp_avg"]).__name__ == "OptimState8bit" for s in optimizer.state.values())
         assert find_ledger(peft_model).masters.nbytes() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# An elementwise optimizer is stepped one trained tensor at a time (the step's fp32 copies exist for one tensor)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _NotElementwiseAdamW(torch.optim.AdamW):
+    """AdamW under another class name: not in ELEMENTWISE_OPTIMIZERS, so stepped with every tensor's copies at once
+    (the reference the one-at-a-time step must equal)."""
+
+
+@pytest.mark.parametrize("mode", ["fp32", "kahan", "stochastic_rounding"])
+@pytest.mark.parametrize("optimizer_kwargs", [{"foreach": True}, {"foreach": False}, {"fused": True}])
+def test_one_tensor_at_a_time_is_the_same_step_bit_for_bit(mode, optimizer_kwargs, monkeypatch):
+    models, swapped_at_once = [], []
+    real_step_alone = precision._step_alone
+
+    def counting_step_alone(optimizer, param):
+        ledger = find_ledger(models[-1])
+        fp32_now = [n for n, (p, _) in ledger.master_modes().items() if p.dtype == torch.float32]
+        swapped_at_once.append(len(fp32_now))
+        real_step_alone(optimizer, param)
+
+    monkeypatch.setattr(precision, "_step_alone", counting_step_alone)
+    results = []
+    for cls in (torch.optim.AdamW, _NotElementwiseAdamW):
+        peft_model = get_peft_model(base(), HFTConfig(seed=0, master_weights=mode))
+        models.append(peft_model)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        train(peft_model, steps=3, lr=1e-3, optimizer=cls(params, lr=1e-3, weight_decay=0.1, **optimizer_kwargs))
+        ledger = find_ledger(peft_model)
+        weights = {n: p.detach().clone() for n, (p, _) in ledger.master_modes().items()}
+        exact = {n: ledger.masters.value(n, p) for n, (p, _) in ledger.master_modes().items()}
+        results.append((weights, exact))
+        assert all(p.grad is None for p in params)  # zero_grad after the step: nothing held back is left over
+    (weights, exact), (reference_weights, reference_exact) = results
+    trained = len(reference_weights)
+    assert trained > 1 and swapped_at_once == [1] * (3 * trained)  # one tensor swapped at a time, every tensor
+    for name in reference_weights:
+        assert weights[name].dtype == BF16
+        assert torch.equal(weights[name], reference_weights[name]), name
+        if reference_exact[name] is not None:
+            assert torch.equal(exact[name], reference_exact[name]), name
+
+
+def test_one_tensor_at_a_time_keeps_schedules_state_and_the_optimizer_hooks():
+    """The scheduler's lr reaches every tensor's step, the optimizer's state and param groups are the same objects
+    afterwards, its own step hooks run once per step, and tensors without masters (fp32 ones) are stepped by its
+    own step as usual."""
+    model = base()
+    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    trained = [p for p in peft_model.parameters() if p.requires_grad]
+    extra = torch.nn.Parameter(torch.ones(3))  # an fp32 tensor beside them: no master, stepped by AdamW's own step
+    optimizer = torch.optim.AdamW([{"params": trained}, {"params": [extra], "lr": 0.5}], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0 if step >= 1 else 1.0)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *args: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *args: calls.append("post"))
+    groups = optimizer.param_groups
+    before = {id(p): p.detach().clone() for p in trained}
+    for step in range(2):
+        inputs = batch(step, size=2, length=8)
+        (peft_model(**inputs, labels=inputs["input_ids"]).loss + extra.sum()).backward()
+        optimizer.step()
+        scheduler.step()
+        if step == 0:
+            after_first = {id(p): p.detach().clone() for p in trained}
+            assert extra.detach().lt(1).all()  # stepped by AdamW itself
+        optimizer.zero_grad()
+    assert calls == ["pre", "post"] * 2
+    assert optimizer.param_groups is groups and groups[0]["params"] == trained and groups[1]["params"] == [extra]
+    assert all(p in optimizer.state and int(optimizer.state[p]["step"]) == 2 for p in trained)
+    assert any(not torch.equal(after_first[id(p)], before[id(p)]) for p in trained)
+    # lr 0 in the second step: only the decoupled weight decay... which lr 0 also turns off: nothing moves
+    assert all(torch.equal(p.detach(), after_first[id(p)]) for p in trained)

@@ -30,9 +30,9 @@ one trained tensor at a time (the optimizer's own step, restricted to that tenso
 element's update depends on that element alone), each tensor written back before the next one's copies are made; the
 optimizer's step itself then skips them (their gradients are held back until the post-hook) and steps the rest. So
 the step's peak holds one tensor's fp32 copies, not those of every trained tensor (for Llama-3-8B's default HFT
-selection 17 GiB less with fp32 masters, 37 GiB less with Kahan). Other optimizers (a factored or norm-based one, or a
-step given a closure) get every tensor's copies at once, as before; so does the step fused into backward
-(:func:`peft_hft.optimizer_in_backward`), which steps one tensor per optimizer anyway.
+selection 17 GiB less with fp32 masters, 37 GiB less with Kahan). Other optimizers (a factored or norm-based one)
+get every tensor's copies at once. The step fused into backward (:func:`peft_hft.optimizer_in_backward`) has one
+optimizer per tensor (or slice), so its copies are one tensor's anyway.
 
 The hooks are process-wide, so they are installed only while some model needs them: when a trainable adapter with
 master values has low-precision tensors live, or the first gradient of such a tensor arrives (a model cast to bf16

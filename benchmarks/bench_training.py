@@ -14,7 +14,8 @@ With ``--dtype bfloat16``/``float16`` (the model loaded in that dtype) the defau
 matter for half precision (docs/concepts.md, "Precision"):
 
 * ``hft``           -- the default: bf16 weights, fp32 master values of the trained half (``master_weights="fp32"``);
-* ``hft-kahan``     -- ``HFTConfig(master_weights="kahan")``: a bf16 error buffer instead of the fp32 master;
+* ``hft-kahan``     -- ``HFTConfig(master_weights="kahan")``: the fp32 master as the bf16 weight and the
+  lower half of its bit pattern (2 bytes);
 * ``hft-sr``        -- ``HFTConfig(master_weights="stochastic_rounding")``: no buffer, stochastic rounding;
 * ``hft-nomaster``  -- ``HFTConfig(master_weights="none")``: updates written straight into bf16 weights;
 * ``hft-bwd``       -- the default masters, with the optimizer step fused into backward (``optimizer_in_backward``);

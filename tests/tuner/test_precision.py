@@ -701,3 +701,45 @@ def test_one_tensor_at_a_time_keeps_schedules_state_and_the_optimizer_hooks():
     assert any(not torch.equal(after_first[id(p)], before[id(p)]) for p in trained)
     # lr 0 in the second step: only the decoupled weight decay... which lr 0 also turns off: nothing moves
     assert all(torch.equal(p.detach(), after_first[id(p)]) for p in trained)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# "kahan" on bf16: the compensation is the lower half of the fp32 pattern, so weight + compensation is the fp32 master
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_split_exact_gives_the_fp32_value_back_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(200_000, generator=g) * scale for scale in (1e-38, 1e-3, 1.0, 1e3, 1e37)])
+    bits = values.view(torch.int32)
+    ties = ((bits & ~0xFFFF) | 0x8000).view(torch.float32)  # exactly half-way between two bf16 values
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45, 3.3e38, -3.3e38])
+    for exact in (values, -values, ties, -ties, special):
+        weight, compensation = precision.split_exact(exact, BF16)
+        assert weight.dtype == BF16 and compensation.dtype == torch.int16
+        assert torch.equal(precision.join_exact(weight, compensation).view(torch.int32), exact.view(torch.int32))
+        finite = exact.isfinite() & weight.isfinite()
+        nearest = exact.to(BF16).float()
+        assert ((weight.float() - exact).abs()[finite] <= (nearest - exact).abs()[finite]).all()
+    weight, _ = precision.split_exact(ties, BF16)
+    assert (weight != ties.to(BF16)).any()  # ties that round-to-nearest-even rounds down are rounded up instead
+    nan_weight, _ = precision.split_exact(torch.tensor([float("nan")]), BF16)
+    assert nan_weight.isnan().all()
+
+
+def test_kahan_on_bf16_steps_the_fp32_masters_values():
+    """From the same start the Kahan weight + compensation is the fp32 master bit for bit after a step, and the two
+    stay on the same update (they differ only where a tie rounds the weight the other way)."""
+    runs = {}
+    for mode in ("fp32", "kahan"):
+        peft_model = get_peft_model(base(), HFTConfig(seed=0, master_weights=mode))
+        train(peft_model, steps=1, lr=1e-4)
+        ledger = find_ledger(peft_model)
+        runs[mode] = (peft_model, {n: ledger.masters.value(n, p) for n, (p, _) in ledger.master_modes().items()})
+    for name, value in runs["fp32"][1].items():
+        assert torch.equal(runs["kahan"][1][name].view(torch.int32), value.view(torch.int32)), name
+    assert find_ledger(runs["kahan"][0]).masters.nbytes() * 2 == find_ledger(runs["fp32"][0]).masters.nbytes()
+    for peft_model, _ in runs.values():
+        train(peft_model, steps=19, lr=1e-5, seed=1)
+    cosine = _cosine(_own_diffs(runs["kahan"][0]), _own_diffs(runs["fp32"][0]))
+    assert cosine > 0.99999

@@ -69,8 +69,8 @@ class MasterCost:
     """Bytes an ``HFTConfig(master_weights=...)`` option keeps per trained low-precision element.
 
     ``state_bytes``: persistent (fp32 master 4, Kahan compensation buffer in bf16 2, stochastic rounding 0).
-    ``step_copy_bytes``: alive during the optimizer step only (``tuner/precision.py``'s pre-step hook hands the
-    optimizer an fp32 copy of every gradient while the bf16 gradients are kept, and for Kahan and stochastic rounding
+    ``step_copy_bytes``: alive while the tensor is stepped (``tuner/precision.py``'s pre-step hook hands the
+    optimizer an fp32 copy of its gradient while the bf16 gradient is kept, and for Kahan and stochastic rounding
     also the tensor's exact value built in fp32: 4 + 4; fp32 masters step the master itself: 4).
     ``optimizer_sees_fp32``: the optimizer steps an fp32 tensor, so its unquantized state is fp32; otherwise the state
     takes the parameter's dtype (``torch.zeros_like(param)`` in torch's and torchao's AdamW).

@@ -9,7 +9,8 @@ fine-tuning rates (1e-5 to 2e-5) most of them do. ``HFTConfig(master_weights=...
   the same values as ``"kahan"`` at twice its bytes);
 * ``"kahan"``: compensated bf16, a 2-byte buffer beside every trained tensor holding what the weight lacks of the
   exact value (:func:`split_exact`): beside a bf16 weight the lower half of the fp32 value's bit pattern, so weight and
-  buffer *are* the fp32 master, bit for bit, at half its bytes; beside an fp16 weight the error in fp16;
+  buffer *are* the fp32 master, bit for bit but at rare ties, at half its bytes; beside an fp16 weight the error in
+  fp16;
 * ``"stochastic_rounding"``: no buffer (0 bytes); the stepped fp32 value is rounded to bf16 up or down at random,
   with the probabilities that make the rounding unbiased, so small updates survive on average (they add noise);
 * ``"none"``: the optimizer writes into the bf16 weights (updates below half an ulp are lost); for engines that keep
@@ -184,13 +185,15 @@ _COMPENSATION_DTYPE = {torch.bfloat16: torch.int16, torch.float16: torch.float16
 
 
 def split_exact(exact: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """An fp32 tensor as its weight in ``dtype`` (rounded to nearest) and the 2-byte compensation that restores it.
+    """An fp32 tensor as its weight in ``dtype`` (``exact.to(dtype)``: rounded to nearest, ties to even, as every
+    other path that turns an exact value into a weight rounds: loading, merging, fp32 masters) and the 2-byte
+    compensation that restores it.
 
     bf16 is the upper half of fp32's bit pattern, so beside a bf16 weight the compensation is the rest of the pattern:
     the fp32 pattern minus the weight's pattern shifted up, an int16, and :func:`join_exact` gives the fp32 value
-    back **bit for bit** (fp32 masters at 2 bytes instead of 4). A tie that round-to-nearest-even rounds down would
-    leave +32768, one more than int16 holds; such a weight is rounded up instead (one of 65536 bit patterns, still a
-    nearest value). Non-finite values keep their bf16 rounding (NaN stays NaN).
+    back bit for bit (fp32 masters at 2 bytes instead of 4). The one exception: an exact tie that rounding to even
+    rounds down leaves +32768, one more than int16 holds; it is kept as 32767, one fp32 ulp below the tie (which still
+    rounds to the weight), in one of 131072 bit patterns. Non-finite values keep their bf16 rounding (NaN stays NaN).
 
     Beside an fp16 weight (not a part of the fp32 pattern) the compensation is ``exact - weight`` in fp16: about 11
     bits more than the weight's.
@@ -199,11 +202,7 @@ def split_exact(exact: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     if dtype != torch.bfloat16:
         return weight, (exact - weight.float()).to(dtype)
     rest = exact.contiguous().view(torch.int32) - weight.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
-    tie = rest == 32768
-    if bool(tie.any()):
-        weight.view(torch.int16).add_(tie.to(torch.int16))
-        rest.sub_(tie.to(torch.int32), alpha=65536)
-    return weight, rest.to(torch.int16)
+    return weight, rest.clamp_(max=32767).to(torch.int16)
 
 
 def join_exact(weight: torch.Tensor, compensation: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Does HFT learn on a bf16 model? Loss curves of HFT-bf16 with each ``HFTConfig(master_weights=...)`` option (fp32
-masters, the default; Kahan-compensated bf16; stochastic rounding; none) vs HFT-fp32, on SmolLM2-135M-Instruct at a
+masters; Kahan-compensated bf16, the default; stochastic rounding; none) vs HFT-fp32, on SmolLM2-135M-Instruct at a
 full-rank fine-tuning learning rate. With ``--speed``: what bf16 autocast costs or saves on this machine, fp32 vs bf16
 autocast side by side.
 
@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {  # name -> (model dtype, HFTConfig.master_weights)
     "HFT-fp32": ("float32", "fp32"),
-    "HFT-bf16 (default: fp32 masters)": ("bfloat16", "fp32"),
-    "HFT-bf16, master_weights=kahan": ("bfloat16", "kahan"),
+    "HFT-bf16, master_weights=fp32": ("bfloat16", "fp32"),
+    "HFT-bf16, master_weights=kahan (default)": ("bfloat16", "kahan"),
     "HFT-bf16, master_weights=stochastic_rounding": ("bfloat16", "stochastic_rounding"),
     "HFT-bf16, master_weights=none": ("bfloat16", "none"),
     # peft_hft.low_memory_preset(): stochastic rounding, torchao AdamW4bit, the step fused into backward

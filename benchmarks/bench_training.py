@@ -13,9 +13,9 @@ Variants, all on the same model, data and optimizer (AdamW over the trainable te
 With ``--dtype bfloat16``/``float16`` (the model loaded in that dtype) the default variants change to the ones that
 matter for half precision (docs/concepts.md, "Precision"):
 
-* ``hft``           -- the default: bf16 weights, fp32 master values of the trained half (``master_weights="fp32"``);
-* ``hft-kahan``     -- ``HFTConfig(master_weights="kahan")``: the fp32 master as the bf16 weight and the
-  lower half of its bit pattern (2 bytes);
+* ``hft``           -- the default: bf16 weights, master values of the trained half as the bf16 weight and the lower
+  half of the fp32 bit pattern (``master_weights="kahan"``, 2 bytes);
+* ``hft-fp32``      -- ``HFTConfig(master_weights="fp32")``: a separate fp32 master (4 bytes), the same values;
 * ``hft-sr``        -- ``HFTConfig(master_weights="stochastic_rounding")``: no buffer, stochastic rounding;
 * ``hft-nomaster``  -- ``HFTConfig(master_weights="none")``: updates written straight into bf16 weights;
 * ``hft-bwd``       -- the default masters, with the optimizer step fused into backward (``optimizer_in_backward``);
@@ -64,10 +64,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import PeakMemory  # noqa: E402
 
 VARIANTS = ("freeze", "hft", "fft", "delta")
-LOW_PRECISION_VARIANTS = ("freeze", "hft", "hft-kahan", "hft-sr", "hft-nomaster", "hft-bwd", "hft-preset", "fft",
+LOW_PRECISION_VARIANTS = ("freeze", "hft", "hft-fp32", "hft-sr", "hft-nomaster", "hft-bwd", "hft-preset", "fft",
                           "fft-amp", "lora")
-MASTER_VARIANTS = {"hft": "fp32", "hft-kahan": "kahan", "hft-sr": "stochastic_rounding", "hft-nomaster": "none",
-                   "hft-bwd": "fp32"}
+# variant -> HFTConfig(master_weights=...); None: the default
+MASTER_VARIANTS = {"hft": None, "hft-fp32": "fp32", "hft-sr": "stochastic_rounding", "hft-nomaster": "none",
+                   "hft-bwd": None}
 AUTOCAST_VARIANTS = ("fft-amp",)  # fp32 model, low-precision compute
 REPO = Path(__file__).resolve().parents[1]
 
@@ -326,7 +327,7 @@ def main(argv=None) -> None:
         result["held_out_loss"] = {v: held_out_loss_after(v, args, selection, tokenizer) for v in variants}
     ratios = {}
     pairs = [("hft", o) for o in ("freeze", "fft", "hft-nomaster", "fft-amp", "lora")] + [("delta", "freeze")]
-    pairs += [(v, "hft") for v in ("hft-kahan", "hft-sr", "hft-bwd", "hft-preset")]
+    pairs += [(v, "hft") for v in ("hft-fp32", "hft-sr", "hft-bwd", "hft-preset")]
     for a, b in pairs:
         if a in median and b in median:
             ratios[f"step_time {a}/{b}"] = median[a] / median[b]
@@ -340,7 +341,7 @@ def main(argv=None) -> None:
         print(f"{v:<14}{trainable[v]:>14,}{median[v]:>18.3f}{memory[v]['peak_bytes'] / 2**20:>20.1f}")
     if "hft" in memory:
         print(f"HFT originals store ({memory['hft']['store_location']}): "
-              f"{memory['hft']['originals_store_bytes'] / 2**20:.1f} MiB; fp32 master values (in the peak): "
+              f"{memory['hft']['originals_store_bytes'] / 2**20:.1f} MiB; master values (in the peak): "
               f"{memory['hft']['master_bytes'] / 2**20:.1f} MiB")
     for name, value in ratios.items():
         print(f"{name:<28}{value:.3f}")

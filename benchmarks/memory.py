@@ -101,7 +101,7 @@ def _hft(model, **config):
 def _fft(model):
     """Full fine-tuning; a bf16/fp16 model gets fp32 masters of every tensor (HFT with ratio 1 is exactly that)."""
     if model.dtype in (torch.bfloat16, torch.float16):
-        return _hft(model, ratio=1.0)
+        return _hft(model, ratio=1.0, master_weights="fp32")
     return model.requires_grad_(True)
 
 
@@ -186,6 +186,7 @@ TRAINING_VARIANTS = {
     "lora": (_lora, fused_adamw),
     "freeze": (_freeze, fused_adamw),
     "hft": (_hft, fused_adamw),
+    "hft-fp32": (lambda m: _hft(m, master_weights="fp32"), fused_adamw),
     "hft-kahan": (lambda m: _hft(m, master_weights="kahan"), fused_adamw),
     "hft-stochastic-rounding": (lambda m: _hft(m, master_weights="stochastic_rounding"), fused_adamw),
     "hft-no-masters": (lambda m: _hft(m, fp32_master_weights=False), fused_adamw),

@@ -156,15 +156,6 @@ class TrainingRecipe:
     description: str = ""
 
 
-def default_master_weights() -> str:
-    """The master option of a default ``HFTConfig()`` (``master_weights`` or the older ``fp32_master_weights``)."""
-    config = HFTConfig()
-    value = getattr(config, "master_weights", None)
-    if isinstance(value, str):
-        return value
-    return "fp32" if config.fp32_master_weights else "none"
-
-
 def low_memory_recipe() -> TrainingRecipe:
     """The recipe of :func:`peft_hft.low_memory_preset` (its one definition), as the estimator models it."""
     from ..integrations.low_memory import low_memory_preset
@@ -184,7 +175,7 @@ def low_memory_recipe() -> TrainingRecipe:
 
 def default_recipes(lora_rank: int = 16) -> dict[str, TrainingRecipe]:
     """The methods ``estimate-memory`` compares, by name (``hft-<option>`` changes one option of default HFT)."""
-    master = default_master_weights()
+    master = HFTConfig().master_weights
     hft = TrainingRecipe("hft", master, description=f"HFT, default HFTConfig() ({master} masters, AdamW)")
     recipes = {
         "fft": TrainingRecipe("all", "fp32", description="full fine-tuning, fp32 masters, AdamW"),
@@ -193,10 +184,9 @@ def default_recipes(lora_rank: int = 16) -> dict[str, TrainingRecipe]:
         "freeze": TrainingRecipe("hft", "none", description="plain freezing of the tensors HFT freezes, no masters"),
         "hft": hft,
     }
-    for option in MASTER_WEIGHTS:
-        if option != master:
-            name = "hft-" + ("no-masters" if option == "none" else option.replace("_", "-"))
-            recipes[name] = replace(hft, master_weights=option, description=f"HFT, master_weights={option!r}")
+    for option in MASTER_WEIGHTS:  # every option by its name, the default's too (names do not move with it)
+        name = "hft-" + ("no-masters" if option == "none" else option.replace("_", "-"))
+        recipes[name] = replace(hft, master_weights=option, description=f"HFT, master_weights={option!r}")
     for optimizer in OPTIMIZERS:
         if optimizer != "adamw":
             recipes[f"hft-{optimizer}"] = replace(hft, optimizer=optimizer, description=f"HFT, torchao {optimizer}")

@@ -91,8 +91,8 @@ FIELD_RULES: dict[str, FieldRule] = {
     "diff_dtype": FieldRule(_optional(_one_of(DIFF_DTYPES)), f"None (the default) or one of {_choices(DIFF_DTYPES)}"),
     "master_weights": FieldRule(
         _optional(_one_of(MASTER_WEIGHTS)),
-        f"None or one of {_choices(MASTER_WEIGHTS)} ('fp32' is the default; 'kahan' keeps 2 bytes per trained "
-        "parameter, 'stochastic_rounding' none)",
+        f"None or one of {_choices(MASTER_WEIGHTS)} ('kahan', the default, keeps 2 bytes per trained parameter, "
+        "'fp32' 4, 'stochastic_rounding' none)",
     ),
     "diff_encoding": FieldRule(
         _optional(lambda v: isinstance(v, str)),
@@ -166,10 +166,11 @@ class HFTConfig(PeftConfig):
             otherwise write straight into low-precision weights (updates smaller than half a bf16 ulp, about 0.2% of
             a weight, round away; at lr 1e-5 most do). The model computes, saves and merges in its own dtype either
             way. Bytes per trained parameter on the training device, between steps:
-            ``"fp32"`` (default): an fp32 master value the optimizer steps (4 bytes); exact.
-            ``"kahan"``: compensated bf16, a 2-byte buffer holding what the weight lacks of the exact
+            ``"kahan"`` (default): compensated bf16, a 2-byte buffer holding what the weight lacks of the exact
             value: for bf16 weights the lower half of the fp32 pattern, so weight and buffer are the fp32 master
-            bit for bit (2 bytes); for fp16 weights the error in fp16 (about 11 more bits).
+            bit for bit (2 bytes); for fp16 weights the error in fp16 (close to exact: an error below fp16's normal
+            range keeps a resolution of 2^-24).
+            ``"fp32"``: an fp32 master value the optimizer steps (4 bytes); exact, also for fp16 weights.
             ``"stochastic_rounding"``: no buffer (0 bytes); each step's fp32 result is rounded to bf16 up or down at
             random, unbiased, so small updates survive on average but add noise (bf16 models only).
             ``"none"``: the tensors train in their own dtype (0 bytes), for engines that keep fp32 master weights
@@ -186,7 +187,8 @@ class HFTConfig(PeftConfig):
             ``"sign"`` (one bit and a scale per row). The resolved value is saved in ``adapter_config.json``.
         fp32_master_weights: The older spelling, kept working: ``True`` means ``master_weights="fp32"``, ``False``
             means ``"none"``. If both are given and contradict each other, ``master_weights`` wins (with a warning).
-            After construction it reads ``master_weights == "fp32"``.
+            After construction it reads ``master_weights == "fp32"`` (so ``False`` for the default ``"kahan"`` too:
+            read ``master_weights`` to know what is kept).
         init_weights: ``True`` (default) starts from the base model exactly. ``False`` perturbs the selected tensors
             with small random noise, which mimics a trained adapter; only useful for tests.
         modules_to_save: Modules trained in full and saved (as diffs) in addition to the selection. TRL fills this in
@@ -231,7 +233,7 @@ class HFTConfig(PeftConfig):
     master_weights: Optional[Literal["fp32", "kahan", "stochastic_rounding", "none"]] = field(
         default=None,
         metadata={"help": f"What keeps small updates of trained bf16/fp16 tensors, one of {MASTER_WEIGHTS} "
-                          "(None: from fp32_master_weights, default 'fp32')."},
+                          "(None: from fp32_master_weights, default 'kahan')."},
     )
     diff_encoding: Optional[str] = field(
         default=None, metadata={"help": "How diffs are stored: exact (default for bf16/fp16), float, int8, int4, "

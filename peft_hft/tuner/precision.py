@@ -5,12 +5,12 @@ weights, and every update smaller than half a bf16 ulp (about 0.2% of the weight
 fine-tuning rates (1e-5 to 2e-5) most of them do. ``HFTConfig(master_weights=...)`` chooses what keeps them:
 
 * ``"fp32"``: an fp32 *master value* of every trained tensor (4 bytes per trained element), stepped by the optimizer
-  while the model keeps computing with (and saving, merging, disabling) its bf16 weights (the default; on bf16 models
-  the same values as ``"kahan"`` at twice its bytes);
-* ``"kahan"``: compensated bf16, a 2-byte buffer beside every trained tensor holding what the weight lacks of the
-  exact value (:func:`split_exact`): beside a bf16 weight the lower half of the fp32 value's bit pattern, so weight and
-  buffer *are* the fp32 master, bit for bit but at rare ties, at half its bytes; beside an fp16 weight the error in
-  fp16;
+  while the model keeps computing with (and saving, merging, disabling) its bf16 weights (on bf16 models the same
+  values as ``"kahan"`` at twice its bytes; on fp16 models the exact choice);
+* ``"kahan"`` (the default): compensated bf16, a 2-byte buffer beside every trained tensor holding what the weight
+  lacks of the exact value (:func:`split_exact`): beside a bf16 weight the lower half of the fp32 value's bit pattern,
+  so weight and buffer *are* the fp32 master, bit for bit but at rare ties, at half its bytes; beside an fp16 weight
+  the error in fp16 (close to exact, not exactly: an error below fp16's normal range keeps a resolution of 2^-24);
 * ``"stochastic_rounding"``: no buffer (0 bytes); the stepped fp32 value is rounded to bf16 up or down at random,
   with the probabilities that make the rounding unbiased, so small updates survive on average (they add noise);
 * ``"none"``: the optimizer writes into the bf16 weights (updates below half an ulp are lost); for engines that keep
@@ -78,6 +78,9 @@ from . import engines
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 MASTER_WEIGHTS = ("fp32", "kahan", "stochastic_rounding", "none")
+# What a default HFTConfig() keeps: on bf16 models the fp32 masters' values at 2 bytes per trained parameter instead
+# of 4 (SmolLM2-135M, 200 steps: the same held-out loss and update; docs/benchmarks.md, "Memory options").
+DEFAULT_MASTER_WEIGHTS = "kahan"
 # Bytes kept per trained low-precision element between steps, by option (the 8B figures in docs/concepts.md use these).
 MASTER_BYTES_PER_ELEMENT = {"fp32": 4, "kahan": 2, "stochastic_rounding": 0, "none": 0}
 
@@ -336,11 +339,10 @@ class MasterValues:
                 f"Training {param.dtype} tensors (e.g. {name}) in place without master values "
                 "(HFTConfig(master_weights='none')): the optimizer writes its updates straight into "
                 f"{param.dtype} weights and every update smaller than half an ulp (about 0.2% of the weight in bf16) "
-                "rounds away; at learning rates around 1e-5 most do. Fix: HFTConfig(master_weights='fp32') (the "
-                "default), 'kahan' (the same values in 2 bytes per trained parameter), load the model in float32, "
-                "or use an engine that "
-                "keeps fp32 master weights (DeepSpeed bf16/ZeRO, FSDP2 with fp32 parameters and "
-                "MixedPrecisionPolicy(param_dtype=bf16)).",
+                "rounds away; at learning rates around 1e-5 most do. Fix: HFTConfig(master_weights='kahan') (the "
+                "default: the fp32 masters' values in 2 bytes per trained parameter) or 'fp32', load the model in "
+                "float32, or use an engine that keeps fp32 master weights (DeepSpeed bf16/ZeRO, FSDP2 with fp32 "
+                "parameters and MixedPrecisionPolicy(param_dtype=bf16)).",
                 stacklevel=2,
             )
         else:
@@ -644,7 +646,7 @@ def is_low_precision(param: torch.Tensor) -> bool:
 def resolve_master_weights(master_weights: Optional[str], fp32_master_weights: Optional[bool]) -> str:
     """The option ``HFTConfig`` ends up with, from the new field and the old boolean (``master_weights`` wins)."""
     if master_weights is None:
-        return "none" if fp32_master_weights is False else "fp32"
+        return {None: DEFAULT_MASTER_WEIGHTS, True: "fp32", False: "none"}[fp32_master_weights]
     if fp32_master_weights is not None and fp32_master_weights != (master_weights == "fp32"):
         warnings.warn(
             f"HFTConfig(master_weights={master_weights!r}, fp32_master_weights={fp32_master_weights}) contradict each "
@@ -668,11 +670,18 @@ def warn_if_fp16(model: nn.Module, names: Iterable[str], master_weights: str = "
                 "HFTConfig(master_weights='stochastic_rounding') rounds to bfloat16, but this model trains float16 "
                 "tensors. Fix: load the model in bfloat16, or use master_weights='kahan' or 'fp32'."
             )
+        compensation = (
+            " With master_weights='kahan' (the default) the compensation of an fp16 weight is itself fp16, close to "
+            "but not exactly an fp32 master (an error below fp16's normal range keeps a resolution of 2^-24); pass "
+            "master_weights='fp32' for exact master values."
+            if master_weights == "kahan" else ""
+        )
         warnings.warn(
             "This HFT adapter trains float16 tensors. HFT keeps master values for them, but their gradients are "
             "float16, which torch.amp.GradScaler refuses (\"Attempting to unscale FP16 gradients\", e.g. with "
             "Trainer(fp16=True)). Fix: load the model in bfloat16 and train with bf16=True (no scaler needed), or "
-            "load it in float32 and keep fp16=True (autocast). A plain loop without a scaler works as is.",
+            "load it in float32 and keep fp16=True (autocast). A plain loop without a scaler works as is."
+            + compensation,
             stacklevel=3,
         )
 

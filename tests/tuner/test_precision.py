@@ -88,7 +88,7 @@ def test_opt_out_reproduces_in_place_bf16_training_and_warns(fp32_diffs, tmp_pat
     config = HFTConfig(seed=0, fp32_master_weights=False)
     peft_model = get_peft_model(base(), config)
     selected = peft_model.peft_config["default"].selected_parameters
-    with pytest.warns(UserWarning, match=r"without master values.*master_weights=.fp32."):
+    with pytest.warns(UserWarning, match=r"without master values.*master_weights=.kahan."):
         train(peft_model)
     # today's behaviour: plain requires_grad freezing of the same tensors, trained in bf16
     plain = base()
@@ -171,7 +171,8 @@ def test_disable_adapter_gives_the_bf16_base_exactly_and_keeps_the_masters():
         peft_model(**inputs)
     loss.backward()
     optimizer.step()
-    assert ledger.masters.nbytes() == sum(m.numel() * 4 for m in masters.values())
+    per_element = precision.MASTER_BYTES_PER_ELEMENT[HFTConfig().master_weights]
+    assert ledger.masters.nbytes() == sum(m.numel() * per_element for m in masters.values())
     assert any(not torch.equal(ledger.masters.value(n, model.get_parameter(n)), m) for n, m in masters.items())
 
 
@@ -222,17 +223,18 @@ def test_optimizer_state_is_fp32_and_a_reloaded_state_is_upcast():
     assert {s["exp_avg"].dtype for s in fresh.state.values()} == {torch.float32}  # ... and the next step upcasts it
 
 
-def test_memory_report_counts_the_masters():
+@pytest.mark.parametrize(("mode", "per_element"), [(None, 2), ("fp32", 4), ("kahan", 2)])
+def test_memory_report_counts_the_masters(mode, per_element):
     model = base()
-    peft_model = get_peft_model(model, HFTConfig(seed=0))
+    peft_model = get_peft_model(model, HFTConfig(seed=0, master_weights=mode))  # None: the default, Kahan
     selected = peft_model.peft_config["default"].selected_parameters
     numel = sum(model.get_parameter(n).numel() for n in selected)
     report = memory_report(peft_model)
-    assert report["master_bytes"] == 0 and report["master_bytes_when_training"] == 4 * numel
+    assert report["master_bytes"] == 0 and report["master_bytes_when_training"] == per_element * numel
     assert report["originals_host_bytes"] == 2 * numel
     train(peft_model, steps=1)
     report = memory_report(peft_model)
-    assert report["master_bytes"] == 4 * numel
+    assert report["master_bytes"] == per_element * numel
     assert "master values" in selection_summary(peft_model)
     off = memory_report(get_peft_model(base(), HFTConfig(seed=0, fp32_master_weights=False)))
     assert off["master_bytes_when_training"] == 0
@@ -279,7 +281,8 @@ def test_fp16_models_warn_about_grad_scaler_and_closures_skip_masters():
 def test_config_validates_and_saves_the_opt_out(tmp_path):
     with pytest.raises(ValueError, match="fp32_master_weights must be None, True or False"):
         HFTConfig(fp32_master_weights="yes")
-    assert HFTConfig().fp32_master_weights is True
+    assert HFTConfig().fp32_master_weights is False  # the default is Kahan; the old boolean reads == "fp32"
+    assert HFTConfig(fp32_master_weights=True).master_weights == "fp32"
     config = HFTConfig(fp32_master_weights=False)
     config.save_pretrained(tmp_path)
     assert HFTConfig.from_pretrained(tmp_path).fp32_master_weights is False
@@ -486,7 +489,8 @@ def test_kahan_and_stochastic_rounding_reload_and_resume(tmp_path):
 
 
 def test_master_weights_config_and_the_old_boolean(tmp_path):
-    assert HFTConfig().master_weights == "fp32" and HFTConfig().fp32_master_weights is True
+    assert HFTConfig().master_weights == "kahan" and HFTConfig().fp32_master_weights is False
+    assert HFTConfig(fp32_master_weights=True).master_weights == "fp32"
     assert HFTConfig(fp32_master_weights=False).master_weights == "none"
     kahan = HFTConfig(master_weights="kahan")
     assert kahan.fp32_master_weights is False

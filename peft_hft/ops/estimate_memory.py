@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from ..format.checkpoint import meta_model
+from ..tuner import precision
 from ..tuner.config import HFTConfig
 from ..tuner.precision import is_low_precision
 from ..tuner.quantize_frozen import nf4_bytes, quantizable_weights
@@ -76,24 +77,24 @@ class MasterCost:
     takes the parameter's dtype (``torch.zeros_like(param)`` in torch's and torchao's AdamW).
     ``weight_freed_in_step``: during the step the parameter holds the master (``param.data = master``), so its
     low-precision weight is freed and written anew afterwards.
-    ``write_back_bytes``: scratch per element of the tensor the post-step hook is writing back, net of the fp32
-    gradient copy it frees first (one tensor at a time: the largest counts). Kahan: the bf16 weight, its pattern
-    shifted up and the rest of the fp32 pattern (``split_exact``: 2 + 4 + 4 - 4); stochastic rounding: the int32
-    noise and sum, the bf16 result, the finite mask, the round-to-nearest fallback and ``torch.where``'s output
-    (4 + 4 + 2 + 1 + 2 + 2 - 4); fp32: the new bf16 weight (2 - 4, nothing beyond the step).
+    ``write_back_scratch_bytes``: scratch per element of one piece of the post-step write-back, which goes piece by
+    piece (``precision.WRITE_BACK_CHUNK`` elements; see :func:`_one_tensor_scratch`). Kahan on bf16: the weight's
+    pattern shifted up into int32, then the rest of the fp32 pattern in place (``split_exact_into``: 4; on fp16
+    ``exact - weight`` takes 8, at most 4 MiB more); stochastic rounding: the int32 random bits the value is added
+    to in place and then masked to their exponent, and the overflow mask (4 + 1); fp32 masters: none.
     """
 
     state_bytes: int
     step_copy_bytes: int
     optimizer_sees_fp32: bool
     weight_freed_in_step: bool = False
-    write_back_bytes: int = 0
+    write_back_scratch_bytes: int = 0
 
 
 MASTER_WEIGHTS: dict[str, MasterCost] = {
     "fp32": MasterCost(4, 4, True, weight_freed_in_step=True),
-    "kahan": MasterCost(2, 8, True, weight_freed_in_step=True, write_back_bytes=6),
-    "stochastic_rounding": MasterCost(0, 8, True, weight_freed_in_step=True, write_back_bytes=11),
+    "kahan": MasterCost(2, 8, True, weight_freed_in_step=True, write_back_scratch_bytes=4),
+    "stochastic_rounding": MasterCost(0, 8, True, weight_freed_in_step=True, write_back_scratch_bytes=5),
     "none": MasterCost(0, 0, False),
 }
 
@@ -463,14 +464,21 @@ def _frozen_weight_bytes(param: torch.Tensor, scheme: Optional[str]) -> int:
     return FROZEN_QUANTIZATION[scheme](param.numel(), param.element_size())
 
 
-def _one_tensor_scratch(param: torch.Tensor, recipe: TrainingRecipe, numel: Optional[int] = None) -> int:
-    """Scratch bytes of stepping ``param`` (or ``numel`` elements of it, one slice), beyond its copies for the step:
-    the optimizer's own (torchao's dequantized moments), then the post-step hook's write-back; they follow each other,
-    so the larger counts."""
-    low_precision = is_low_precision(param)
-    write_back = MASTER_WEIGHTS[recipe.master_weights].write_back_bytes if low_precision else 0
+def _one_tensor_scratch(param: torch.Tensor, recipe: TrainingRecipe, numel: Optional[int] = None,
+                        sliced: bool = False) -> int:
+    """Bytes beyond its copies for the step of stepping ``param`` (or ``numel`` elements of it, one slice): the
+    optimizer's own scratch (torchao's dequantized moments), then the post-step hook's write-back; they follow each
+    other, so the larger counts. The write-back frees the fp32 gradient copy (4 per element), allocates the new
+    low-precision weight where the step freed it (a slice is written into the kept one; Kahan's compensation goes
+    into its old buffer) and needs the scratch of one piece."""
     n = param.numel() if numel is None else numel
-    return n * max(OPTIMIZERS[recipe.optimizer].step_temporary_bytes, write_back)
+    optimizer_scratch = n * OPTIMIZERS[recipe.optimizer].step_temporary_bytes
+    master = MASTER_WEIGHTS[recipe.master_weights]
+    if not is_low_precision(param) or master.step_copy_bytes == 0:  # no master option: nothing is written back
+        return optimizer_scratch
+    new_weight = param.element_size() if master.weight_freed_in_step and not sliced else 0
+    write_back = n * (new_weight - 4) + min(n, precision.WRITE_BACK_CHUNK) * master.write_back_scratch_bytes
+    return max(optimizer_scratch, write_back)
 
 
 def _step_temporary_bytes(param: torch.Tensor, recipe: TrainingRecipe) -> int:
@@ -487,7 +495,7 @@ def _step_temporary_bytes(param: torch.Tensor, recipe: TrainingRecipe) -> int:
     n = max(stop - start for start, stop in spans)
     copies = n * master.step_copy_bytes if low_precision else 0
     freed = n * param.element_size() if low_precision and master.weight_freed_in_step and len(spans) == 1 else 0
-    return copies - freed + _one_tensor_scratch(param, recipe, n)
+    return copies - freed + _one_tensor_scratch(param, recipe, n, sliced=len(spans) > 1)
 
 
 def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes: _PassMemory, checkpointing: bool,

@@ -66,7 +66,7 @@ from __future__ import annotations
 import itertools
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -187,6 +187,18 @@ def _checksum(tensor: torch.Tensor) -> int:
 _COMPENSATION_DTYPE = {torch.bfloat16: torch.int16, torch.float16: torch.float16}
 
 
+# Elements per piece of a write-back (:func:`split_exact_into`, :func:`stochastic_round_into`): its int32 scratch is
+# bounded by this piece (4 MiB), not by the tensor, so writing back a 525M-element embedding needs no 2 GiB of scratch.
+WRITE_BACK_CHUNK = 1 << 20
+
+
+def _pieces(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The flattened ``tensors`` (same number of elements) in aligned pieces of :data:`WRITE_BACK_CHUNK` elements."""
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), WRITE_BACK_CHUNK):
+        yield tuple(t[start:start + WRITE_BACK_CHUNK] for t in flat)
+
+
 def split_exact(exact: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """An fp32 tensor as its weight in ``dtype`` (``exact.to(dtype)``: rounded to nearest, ties to even, as every
     other path that turns an exact value into a weight rounds: loading, merging, fp32 masters) and the 2-byte
@@ -201,11 +213,24 @@ def split_exact(exact: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     Beside an fp16 weight (not a part of the fp32 pattern) the compensation is ``exact - weight`` in fp16: about 11
     bits more than the weight's.
     """
-    weight = exact.to(dtype)
-    if dtype != torch.bfloat16:
-        return weight, (exact - weight.float()).to(dtype)
-    rest = exact.contiguous().view(torch.int32) - weight.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
-    return weight, rest.clamp_(max=32767).to(torch.int16)
+    weight = torch.empty(exact.shape, dtype=dtype, device=exact.device)
+    compensation = torch.empty(exact.shape, dtype=_COMPENSATION_DTYPE[dtype], device=exact.device)
+    split_exact_into(exact, weight, compensation)
+    return weight, compensation
+
+
+def split_exact_into(exact: torch.Tensor, weight: torch.Tensor, compensation: torch.Tensor) -> None:
+    """:func:`split_exact` written into existing ``weight`` and ``compensation`` tensors (contiguous, ``exact``'s
+    number of elements), piece by piece: the write-back of a stepped tensor then needs the scratch of one piece
+    instead of 4 bytes per element of the tensor (and reuses the old compensation buffer)."""
+    for e, w, c in _pieces(exact.contiguous(), weight, compensation):
+        w.copy_(e)
+        if w.dtype != torch.bfloat16:
+            c.copy_(e - w.float())
+            continue
+        rest = w.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
+        torch.sub(e.view(torch.int32), rest, out=rest)
+        c.copy_(rest.clamp_(max=32767))
 
 
 def join_exact(weight: torch.Tensor, compensation: torch.Tensor) -> torch.Tensor:
@@ -223,12 +248,23 @@ def stochastic_round(value: torch.Tensor, generator: Optional[torch.Generator] =
     the distance to the lower neighbour in units of a bf16 ulp (the same scheme as torchao's
     ``bf16_stochastic_round``).
     """
-    bits = value.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
-    rounded = (bits + noise).bitwise_and_(-65536)  # 0xFFFF0000: keep sign, exponent and bf16's 7 mantissa bits
-    # what lies at or above the largest finite value (inf, NaN) is rounded to nearest instead
-    out = rounded.view(torch.float32).to(torch.bfloat16)
-    return torch.where(torch.isfinite(out), out, value.to(torch.bfloat16))
+    out = torch.empty(value.shape, dtype=torch.bfloat16, device=value.device)
+    stochastic_round_into(value, out, generator)
+    return out
+
+
+def stochastic_round_into(value: torch.Tensor, out: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
+    """:func:`stochastic_round` written into an existing bf16 ``out``, piece by piece (bounded scratch; on the CPU
+    the random bits are those of one call over the whole tensor)."""
+    for v, o in _pieces(value.contiguous(), out):
+        bits = torch.randint(0, 1 << 16, v.shape, dtype=torch.int32, device=v.device, generator=generator)
+        bits.add_(v.view(torch.int32)).bitwise_and_(-65536)  # 0xFFFF0000: keep sign, exponent, 7 mantissa bits
+        o.copy_(bits.view(torch.float32))  # exact: the low 16 bits are zero
+        # what lies at or above the largest finite value (inf, NaN: every exponent bit set) is rounded to nearest
+        # instead; read from the bits, since torch.isfinite allocates several temporaries per element
+        overflow = bits.bitwise_and_(0x7F800000) == 0x7F800000
+        if overflow.any():
+            o[overflow] = v[overflow].to(torch.bfloat16)
 
 
 @dataclass
@@ -555,7 +591,9 @@ class MasterValues:
             param.data = exact.to(swap.dtype)
             master.remember(param)
         elif swap.mode == "kahan":
-            weight, error = split_exact(exact, swap.dtype)
+            weight = torch.empty(exact.shape, dtype=swap.dtype, device=exact.device)
+            error = self._reusable_error(swap.name, exact, swap.dtype)
+            split_exact_into(exact, weight, error)
             param.data = weight
             master = _Compensation(error=error, checksum=_checksum(weight))
             master.remember(param)
@@ -563,6 +601,17 @@ class MasterValues:
         else:  # stochastic_rounding
             param.data = stochastic_round(exact, self._generator(exact.device))
         param.grad = swap.low_grad
+
+    def _reusable_error(self, name: str, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The compensation buffer to write ``name``'s new one into: its old one when it fits (its content went into
+        ``exact`` at the swap), so the write-back allocates no second buffer."""
+        old = self._masters.pop(name, None)
+        wanted = _COMPENSATION_DTYPE[dtype]
+        if (isinstance(old, _Compensation) and old.error.shape == exact.shape and old.error.dtype == wanted
+                and old.error.device == exact.device and old.error.is_contiguous()):
+            return old.error
+        del old  # frees a buffer of another shape or kind before the new one is allocated
+        return torch.empty(exact.shape, dtype=wanted, device=exact.device)
 
     def _write_slice(self, swap: _Swap) -> None:
         """After a slice's step: write its span of the trained tensor (and of the master or error buffer)."""
@@ -577,18 +626,18 @@ class MasterValues:
             weight.copy_(exact)
             master.remember(whole)
         elif swap.mode == "kahan":
-            rounded, error = split_exact(exact, swap.dtype)
             master = self._masters.get(swap.name)
             if master is None or not master.matches(whole):
-                master = _Compensation(error=torch.zeros(whole.shape, dtype=error.dtype, device=whole.device),
-                                       checksum=_checksum(whole.data))
+                master = _Compensation(
+                    error=torch.zeros(whole.shape, dtype=_COMPENSATION_DTYPE[swap.dtype], device=whole.device),
+                    checksum=_checksum(whole.data))
                 self._masters[swap.name] = master
-            master.checksum += _checksum(rounded) - _checksum(weight)
-            _span_of(master.error, swap.span).copy_(error)
-            weight.copy_(rounded)
+            before = _checksum(weight)
+            split_exact_into(exact, weight, _span_of(master.error, swap.span))
+            master.checksum += _checksum(weight) - before
             master.remember(whole)
         else:  # stochastic_rounding
-            weight.copy_(stochastic_round(exact, self._generator(exact.device)))
+            stochastic_round_into(exact, weight, self._generator(exact.device))
         swap.param.data = weight
         swap.param.grad = swap.low_grad
 

@@ -205,7 +205,9 @@ def test_llama3_8b_one_tensor_at_a_time_puts_kahan_below_fp32_masters():
     assert kahan.total_bytes <= 0.6 * e.methods["fft"].total_bytes
     embedding = 128256 * 4096
     assert fp32.components["step_temporaries"] == embedding * 2  # fp32 gradient copy (4) less the bf16 weight (2)
-    assert kahan.components["step_temporaries"] == embedding * (8 - 2 + 6)  # + exact value, + write-back scratch
+    # + the exact value; the write-back goes piece by piece into the old compensation buffer, so its scratch (one
+    # piece) is below what it frees (the fp32 gradient copy, less the new bf16 weight)
+    assert kahan.components["step_temporaries"] == embedding * (8 - 2)
 
 
 def test_llama3_8b_low_memory_preset_fits_24_gib(llama3_8b):

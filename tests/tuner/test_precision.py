@@ -760,3 +760,43 @@ def test_kahan_on_bf16_steps_the_fp32_masters_values():
         train(peft_model, steps=19, lr=1e-5, seed=1)
     cosine = _cosine(_own_diffs(runs["kahan"][0]), _own_diffs(runs["fp32"][0]))
     assert cosine > 0.99999
+
+
+@pytest.mark.parametrize("mode", ["kahan", "stochastic_rounding"])
+def test_write_back_in_pieces_changes_no_bit(monkeypatch, mode):
+    """The write-back splits (or rounds) a stepped tensor piece by piece, so its scratch is one piece, not 4 bytes per
+    element of the tensor: the weights and compensations are those of writing each tensor back whole."""
+    def run(chunk: int):
+        monkeypatch.setattr(precision, "WRITE_BACK_CHUNK", chunk)
+        peft_model = get_peft_model(base(), HFTConfig(seed=0, master_weights=mode))
+        train(peft_model, steps=3, lr=1e-4)
+        ledger = find_ledger(peft_model)
+        weights = {n: p.detach().clone() for n, (p, _) in ledger.master_modes().items()}
+        exact = {n: ledger.masters.value(n, p) for n, (p, _) in ledger.master_modes().items()}
+        return weights, exact
+
+    whole_weights, whole_exact = run(1 << 30)
+    piece_weights, piece_exact = run(37)  # no tensor of the tiny model is a multiple of 37 elements
+    assert max(p.numel() for p in whole_weights.values()) > 37 * 4
+    for name, weight in whole_weights.items():
+        assert torch.equal(weight.view(torch.int16), piece_weights[name].view(torch.int16)), name
+        if mode == "kahan":
+            assert torch.equal(whole_exact[name].view(torch.int32), piece_exact[name].view(torch.int32)), name
+        else:
+            assert whole_exact[name] is None and piece_exact[name] is None  # stochastic rounding keeps nothing
+
+
+def test_split_exact_in_pieces_equals_the_whole_split(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    exact = torch.randn(1001, generator=g) * torch.logspace(-30, 30, 1001)
+    for dtype in (BF16, torch.float16):
+        whole = precision.split_exact(exact, dtype)
+        monkeypatch.setattr(precision, "WRITE_BACK_CHUNK", 64)
+        pieces = precision.split_exact(exact, dtype)
+        monkeypatch.setattr(precision, "WRITE_BACK_CHUNK", 1 << 20)
+        for a, b in zip(whole, pieces, strict=True):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        weight, compensation = torch.empty(1001, dtype=dtype), torch.empty(1001, dtype=whole[1].dtype)
+        precision.split_exact_into(exact, weight, compensation)  # into given tensors: the same split
+        assert torch.equal(weight.view(torch.int16), whole[0].view(torch.int16))
+        assert torch.equal(compensation.view(torch.int16), whole[1].view(torch.int16))

@@ -18,9 +18,11 @@ estimate (the default model is the embedded SmolLM2-135M-Instruct: run it under 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
-import types
+import threading
+import time
 from typing import Optional
 
 import torch
@@ -177,7 +179,7 @@ def _hft_low_memory(model):
 
 # Variants that fix gradient checkpointing on (the low-memory preset's training arguments).
 CHECKPOINTED_VARIANTS = {"hft-low-memory"}
-# Variants whose optimizer step is compiled (torchao): measured by a sampling thread on the CPU.
+# Variants whose optimizer step is compiled (torchao): on the CPU their steps are sampled by a thread (_SampledSteps).
 COMPILED_VARIANTS = {"hft-adamw8bit", "hft-adamw4bit", "hft-low-memory"}
 
 # name (as `estimate-memory` calls the method) -> (model -> trainable model, params -> optimizer).
@@ -230,10 +232,11 @@ def measure_training_peak(load_model, variant: str, batches, gradient_checkpoint
         gc.collect()
         return torch.cuda.memory_allocated() if device.startswith("cuda") else cpu_allocated_bytes()
 
-    if variant in COMPILED_VARIANTS:
+    compiled = variant in COMPILED_VARIANTS
+    if compiled:
         # compile the optimizer's kernels for these shapes on a throwaway model first: the compiled code and
         # torch.compile's caches stay for the process (host memory, not training state)
-        _throwaway_step(load_model, make_model, make_optimizer, batches[0], gradient_checkpointing)
+        _throwaway_step(load_model, make_model, make_optimizer, batches[0], gradient_checkpointing, compiled=True)
     model = load_model()
     # counted from "nothing but the weights": whatever loading left behind (Python objects, init scratch) is not part
     # of training memory
@@ -244,25 +247,30 @@ def measure_training_peak(load_model, variant: str, batches, gradient_checkpoint
     model = make_model(model)
     model.train()
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-    training_step(model, optimizer, batches[0])
+    counted_training_steps(model, optimizer, batches[:1], compiled, device)
     gc.collect()
-    if variant in COMPILED_VARIANTS and not device.startswith("cuda"):
-        # torch.compile refuses to run under a TorchDispatchMode: sample from a thread instead
-        def measured_steps(model=model, optimizer=optimizer) -> None:
-            for batch in batches[1:]:
-                training_step(model, optimizer, batch)
-
-        peak = types.SimpleNamespace(peak=_sampled_peak(measured_steps, cpu_allocated_bytes()))
-        del measured_steps
-    else:
-        with PeakMemory(device) as peak:
-            for batch in batches[1:]:
-                training_step(model, optimizer, batch)
+    peak = counted_training_steps(model, optimizer, batches[1:], compiled, device)
     store = originals_store_bytes(model) if not device.startswith("cuda") else 0
-    result = {"variant": variant, "peak_bytes": peak.peak - base - store, "originals_store_bytes": store}
+    result = {"variant": variant, "peak_bytes": peak - base - store, "originals_store_bytes": store}
     del model, optimizer
     gc.collect()
     return result
+
+
+def counted_training_steps(model, optimizer, batches, compiled: bool, device: str = "cpu") -> int:
+    """Training steps on ``batches`` under the peak counter; the peak (absolute, see :class:`PeakMemory`).
+    ``compiled``: the optimizer's step is compiled (:data:`COMPILED_VARIANTS`), so it is sampled by
+    :class:`_SampledSteps`.
+
+    Every step of a measurement runs this way, the unmeasured ones included: the first operation of each kind run
+    under a ``TorchDispatchMode`` caches its Python dispatch entries for the process (about 1 MB over a training
+    step), which would otherwise be counted in the measured step.
+    """
+    sampled = compiled and not device.startswith("cuda")
+    with PeakMemory(device) as peak, (_SampledSteps(optimizer) if sampled else contextlib.nullcontext()) as steps:
+        for batch in batches:
+            training_step(model, optimizer, batch)
+    return max(peak.peak, steps.peak) if sampled else peak.peak
 
 
 def warm_up(load_model, batch, gradient_checkpointing: bool) -> None:
@@ -278,7 +286,8 @@ def warm_up(load_model, batch, gradient_checkpointing: bool) -> None:
         _throwaway_step(load_model, _freeze, make_optimizer, batch, gradient_checkpointing)
 
 
-def _throwaway_step(load_model, make_model, make_optimizer, batch, gradient_checkpointing: bool) -> None:
+def _throwaway_step(load_model, make_model, make_optimizer, batch, gradient_checkpointing: bool,
+                    compiled: bool = False) -> None:
     import gc
 
     model = load_model()
@@ -287,7 +296,7 @@ def _throwaway_step(load_model, make_model, make_optimizer, batch, gradient_chec
     model.config.use_cache = False
     model = make_model(model).train()
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-    training_step(model, optimizer, batch)
+    counted_training_steps(model, optimizer, [batch], compiled, next(model.parameters()).device.type)
     del model, optimizer
     gc.collect()
 
@@ -341,11 +350,63 @@ def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: 
     return rows
 
 
+class _SampledSteps:
+    """Samples malloc's count from a thread during the optimizer steps only, which run outside ``PeakMemory``.
+
+    ``torch.compile`` (torchao's step) refuses to run under a ``TorchDispatchMode``, so each compiled step (the
+    optimizer's, or each inner optimizer's of ``OptimizerInBackward``, which steps in backward) runs with the mode
+    popped, while a thread samples every 0.2 ms; the rest of the step (forward, backward) stays under the mode,
+    sampled after every operation. A thread sampling everything would also catch, at random, the scratch *inside*
+    one operation (oneDNN's reordered matmul operands, up to a few MB around the lm_head): not training state, not
+    what the other variants count, and not the same from run to run. A sample counts only when the step it falls in
+    was running both before and after it was taken.
+    """
+
+    def __init__(self, optimizer) -> None:
+        self.peak = 0
+        self._window = 0  # odd while a step runs
+        inners = getattr(optimizer, "optimizers", None)
+        self._optimizers = [o for per_tensor in inners for o in per_tensor] if inners is not None else [optimizer]
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            before = self._window
+            now = cpu_allocated_bytes()
+            if before % 2 and self._window == before:
+                self.peak = max(self.peak, now)
+            time.sleep(0.0002)
+
+    def _outside_the_mode(self, step):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        def wrapped(*args, **kwargs):
+            with _disable_current_modes():
+                self._window += 1
+                try:
+                    return step(*args, **kwargs)
+                finally:
+                    self.peak = max(self.peak, cpu_allocated_bytes())
+                    self._window += 1
+
+        return wrapped
+
+    def __enter__(self) -> _SampledSteps:
+        for optimizer in self._optimizers:
+            optimizer.step = self._outside_the_mode(optimizer.step)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        for optimizer in self._optimizers:
+            del optimizer.step  # the class's step again
+
+
 def _sampled_peak(work, start: int) -> int:
     """Run ``work()`` while a thread samples malloc's count every 0.2 ms; the largest count seen (>= ``start``)."""
-    import threading
-    import time
-
     sampled, done = [start], threading.Event()
 
     def sample() -> None:

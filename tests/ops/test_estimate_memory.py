@@ -8,10 +8,12 @@ operation, from the weights on; MKL's matmul buffer cache switched off), run onc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,9 +37,10 @@ TOLERANCE = 0.10
 
 # (variant, dtype, gradient checkpointing) -> allowed relative error of the estimated total against the measurement
 # Every option of estimate-memory's table is measured: the masters (fp32, Kahan, stochastic rounding, none), the step
-# fused into backward, torchao's low-bit AdamW (compiled; sampled from a thread), the NF4 frozen half and the preset
-# (which fixes gradient checkpointing on). benchmarks/memory.py takes a throwaway step first, so the CPU libraries'
-# one-time state (oneDNN/MKL buffers, compiled kernels) is not counted in whichever variant comes first.
+# fused into backward, torchao's low-bit AdamW (compiled; its steps sampled from a thread), the NF4 frozen half and
+# the preset (which fixes gradient checkpointing on). benchmarks/memory.py takes a throwaway step first, so the CPU
+# libraries' one-time state (oneDNN/MKL buffers, compiled kernels, dispatch caches) is not counted in whichever
+# variant comes first.
 MEASURED: dict[tuple[str, str, bool], float] = {
     **{(v, "float32", False): TOLERANCE for v in ("fft", "lora", "freeze", "hft")},
     **{(v, "bfloat16", False): TOLERANCE for v in (
@@ -116,6 +119,54 @@ def test_the_step_in_slices_lowers_the_measured_peak_and_the_estimate_follows(me
     assert row["measured_bytes"] < 0.5 * whole["measured_bytes"]
     assert row["estimated_bytes"] < 0.5 * whole["estimated_bytes"]
     assert abs(row["estimated_bytes"] / row["measured_bytes"] - 1) <= TOLERANCE, row
+
+
+def _memory_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_memory", REPO / "benchmarks" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that notes, in each step, the dispatch modes active and allocates 8 MB of scratch (a compiled step's)."""
+
+    modes_in_step: list[int] = []
+
+    def step(self, closure=None):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        type(self).modes_in_step.append(len(_get_current_dispatch_mode_stack()))
+        scratch = torch.ones(2**21)  # 8 MB, freed before the step returns
+        time.sleep(0.02)  # a step that takes a while (the sampling thread looks every 0.2 ms)
+        del scratch
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("in_backward", [False, True], ids=["step-after-backward", "step-in-backward"])
+def test_compiled_steps_run_outside_the_dispatch_mode_and_their_scratch_is_counted(in_backward):
+    """benchmarks/memory.py's counter: torch.compile refuses to run under a TorchDispatchMode, so every optimizer step
+    of a compiled variant (each inner step of OptimizerInBackward too) runs with the mode popped, sampled by a thread;
+    the scratch of the step is in the peak, and the optimizers' own ``step`` is back afterwards."""
+    from peft_hft import OptimizerInBackward
+
+    memory = _memory_benchmark()
+    model = tiny_model("llama", layers=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (OptimizerInBackward(params, _RecordingSGD, lr=1e-3) if in_backward
+                 else _RecordingSGD(params, lr=1e-3))
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    batch = {"input_ids": ids, "labels": ids}
+    _RecordingSGD.modes_in_step = []
+    rest = memory.cpu_allocated_bytes()
+    peak = memory.counted_training_steps(model, optimizer, [batch], compiled=True)
+    assert _RecordingSGD.modes_in_step and set(_RecordingSGD.modes_in_step) == {0}
+    assert peak - rest >= 2**23  # the step's 8 MB, seen by the sampling thread or at the step's end
+    inners = [o for per in optimizer.optimizers for o in per] if in_backward else [optimizer]
+    assert all("step" not in vars(o) for o in inners)
+    _RecordingSGD.modes_in_step = []
+    memory.counted_training_steps(model, optimizer, [batch], compiled=False)
+    assert set(_RecordingSGD.modes_in_step) == {1}  # not compiled: the step is counted after each of its operations
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from ..tuner.config import HFTConfig
@@ -22,6 +23,9 @@ class Method:
     adapter_grid: bool = False  # True: uses the adapter learning-rate grid (Protocol.lora_lr_grid)
     # importance strategy of peft_hft.calibrate that picks the tensors within the config's structure (None: its draw)
     calibration: Optional[str] = None
+    # True: the low-memory preset (peft_hft.low_memory_preset()): the model in bf16 with gradient checkpointing, the
+    # preset's HFTConfig fields, and the preset's optimizer fused into backward (make_optimizer; nothing to clip)
+    low_memory: bool = False
 
     @property
     def calibration_data(self) -> Optional[str]:
@@ -37,6 +41,9 @@ class Method:
         a plain HFT adapter whose config records the strategy.
         """
         config = self.make_config(seed)
+        if self.low_memory:
+            model.to(torch.bfloat16)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config is None:
             for param in model.parameters():
                 param.requires_grad_(True)
@@ -51,9 +58,26 @@ class Method:
             config = calibrate(model, calibration_batches, strategy=self.calibration, config=config)
         return get_peft_model(model, config)
 
+    def make_optimizer(self, model: nn.Module, lr: float) -> Optional[torch.optim.Optimizer]:
+        """The method's own optimizer over ``model``'s trainable tensors, or None for the loop's AdamW (clipped).
+        Without weight decay, as the loop's AdamW."""
+        if not self.low_memory:
+            return None
+        from ..integrations.low_memory import low_bit_adamw, low_memory_preset, optimizer_in_backward
+
+        preset = low_memory_preset()
+        return optimizer_in_backward(model, low_bit_adamw(preset["optimizer"]["bits"]),
+                                     chunk_elements=preset["chunk_elements"], lr=lr, weight_decay=0.0)
+
 
 def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]:
     return lambda seed: HFTConfig(ratio=ratio, strategy=strategy, seed=seed)
+
+
+def _hft_low_memory(seed: int) -> HFTConfig:
+    from ..integrations.low_memory import low_memory_config
+
+    return low_memory_config(ratio=0.5, seed=seed)
 
 
 def _lora(seed: int) -> Any:
@@ -64,7 +88,7 @@ def _lora(seed: int) -> Any:
 
 def default_methods() -> list[Method]:
     """Full fine-tuning, HFT (paper default and ratios 0.25 / 0.75), the model-level random half, HFT's structure with
-    the tensors picked by an importance score (``peft_hft.calibrate``), and LoRA."""
+    the tensors picked by an importance score (``peft_hft.calibrate``), HFT in the low-memory preset, and LoRA."""
     return [
         Method("fft", "Full fine-tuning", lambda seed: None, ratio=1.0),
         Method("hft", "HFT (category, 0.5)", _hft(0.5), ratio=0.5),
@@ -75,6 +99,8 @@ def default_methods() -> list[Method]:
         Method("hft_wanda", "HFT, least Wanda importance on C4", _hft(0.5), ratio=0.5, calibration="wanda"),
         Method("hft_fisher", "HFT, least Fisher on C4", _hft(0.5), ratio=0.5, calibration="fisher"),
         Method("hft_grad", "HFT, largest task gradient", _hft(0.5), ratio=0.5, calibration="gradient"),
+        Method("hft_preset", "HFT, low-memory preset (bf16, SR, AdamW4bit in backward)", _hft_low_memory, ratio=0.5,
+               low_memory=True),
         Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),
     ]
 

@@ -196,7 +196,9 @@ def _train(bench: Bench, method: Method, lr: float, seed: int) -> tuple[dict[str
         record["calibration"] = {**config.calibration, "seconds": time.perf_counter() - start,
                                  "selected_parameters": list(config.selected_parameters)}
     try:
-        record["train"] = train(model, batches, lr, warmup=p.warmup, precision=p.precision, desc=name)
+        optimizer = method.make_optimizer(model, lr)
+        record["train"] = train(model, batches, lr, warmup=p.warmup, precision=p.precision, desc=name,
+                                optimizer=optimizer, max_grad_norm=0.0 if optimizer is not None else 1.0)
     except FloatingPointError as exc:
         logger.warning("%s diverged: %s", name, exc)
         record.update(diverged=True, scores={})

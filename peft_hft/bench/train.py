@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..integrations.low_memory import OptimizerInBackward
 from ..utils import PRECISIONS, autocast, resolve_precision
 
 __all__ = ["PRECISIONS", "autocast", "train", "warmup_linear_decay"]
@@ -52,6 +53,7 @@ def train(
     desc: Optional[str] = None,
     callbacks: Sequence[Any] = (),
     training_args: Any = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> dict[str, Any]:
     """Train ``model``'s trainable parameters on ``batches`` (one optimiser step each) and report the loss curve.
 
@@ -61,6 +63,9 @@ def train(
             ``on_step_end`` (with ``model``, ``optimizer``, ``lr_scheduler``), ``on_log`` (loss, learning rate) and
             ``on_train_end``, and can stop the run with ``control.should_training_stop``.
         training_args: The ``TrainingArguments`` the callbacks see (default: one describing this run).
+        optimizer: An optimizer over the trainable tensors instead of the loop's AdamW (``lr`` and ``weight_decay``
+            are then its own), e.g. ``optimizer_in_backward(model, ...)``, which steps in backward: there is nothing
+            left to clip, so it needs ``max_grad_norm=0``.
 
     Returns:
         ``{"loss": [per-step loss], "seconds": wall time, "cpu_seconds": process CPU time,
@@ -73,7 +78,13 @@ def train(
         raise ValueError("No training batches: set at least one step.")
     device = params[0].device
     precision = resolve_precision(precision, device).precision
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fusable(params) or None)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fusable(params) or None)
+    elif max_grad_norm and isinstance(optimizer, OptimizerInBackward):
+        raise ValueError(
+            f"max_grad_norm={max_grad_norm} with an optimizer that steps in backward: the gradients are used and "
+            "freed before the loop could clip them, so the run would train unclipped. Fix: max_grad_norm=0."
+        )
     scheduler = warmup_linear_decay(optimizer, len(batches), warmup)
     events = _Callbacks(callbacks, training_args, len(batches), lr, model, optimizer, scheduler)
     losses: list[float] = []
@@ -84,7 +95,8 @@ def train(
         for batch in bar:
             events("on_step_begin")
             loss = training_step(model, batch, precision)
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -396,3 +397,30 @@ def test_recorded_tables_state_their_precision():
         assert summary["protocol"]["precision"] == precision == "bf16"
         assert report.precision_note(summary) in (REPO / "docs" / directory / "results.md").read_text()
     assert report.precision_note({"protocol": {"precision": "fp32"}}).startswith("Precision: fp32")
+
+
+def test_the_low_memory_preset_method_trains_the_preset():
+    """``hft_preset``: the model in bf16 with gradient checkpointing, the preset's HFTConfig fields with the run's
+    seed, and the preset's optimizer (low-bit AdamW in backward, the preset's slices); the other methods keep the
+    loop's AdamW."""
+    from tiny_models import tiny_model
+
+    from peft_hft import OptimizerInBackward, low_memory_preset
+    from peft_hft.bench.methods import default_methods
+
+    methods = {m.name: m for m in default_methods()}
+    preset = methods["hft_preset"]
+    model = preset.wrap(tiny_model("llama", layers=2), seed=3)
+    config = model.peft_config["default"]
+    assert config.master_weights == low_memory_preset()["hft_config"]["master_weights"] and config.seed == 3
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.base_model.model.is_gradient_checkpointing
+    assert methods["hft"].make_optimizer(model, 1e-3) is None
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("the preset's optimizer needs torchao (the dev extra has it)")
+    optimizer = preset.make_optimizer(model, 1e-3)
+    assert isinstance(optimizer, OptimizerInBackward)
+    assert optimizer.chunk_elements == low_memory_preset()["chunk_elements"]
+    assert type(optimizer.optimizers[0][0]).__name__ == "AdamW4bit" and optimizer.param_groups[0]["lr"] == 1e-3
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0  # as the loop's AdamW
+    optimizer.remove_hooks()

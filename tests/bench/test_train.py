@@ -112,3 +112,26 @@ def test_answer_only_loss_skips_the_other_positions_of_the_lm_head_with_the_same
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert not head._forward_pre_hooks  # the hook lives for one forward only
+
+
+def test_an_optimizer_stepping_in_backward_trains_like_the_loops_adamw_and_refuses_clipping():
+    """``train(optimizer=...)``: the low-memory preset's run passes its optimizer fused into backward; without
+    clipping it gives the loop's own AdamW update (same lr schedule through the placeholder's param group), and a
+    clipping norm is refused, since the gradients are gone before the loop could clip them."""
+    from peft_hft import optimizer_in_backward
+
+    batches = _batches(3)
+    loop = tiny_model("llama", layers=2)
+    fused = tiny_model("llama", layers=2)
+    fused.load_state_dict(loop.state_dict())
+    train(loop, batches, lr=1e-3, precision="fp32", max_grad_norm=0.0)
+    run = train(fused, batches, lr=1e-3, precision="fp32", max_grad_norm=0.0,
+                optimizer=optimizer_in_backward(fused, torch.optim.AdamW, lr=1e-3, weight_decay=0.0))
+    base = tiny_model("llama", layers=2).state_dict()
+    for name, value in loop.state_dict().items():
+        assert torch.allclose(fused.state_dict()[name], value, atol=1e-6), name
+    assert any(not torch.equal(base[n], v) for n, v in fused.state_dict().items())  # it did train
+    assert len(run["loss"]) == 3
+    other = tiny_model("llama", layers=2)
+    with pytest.raises(ValueError, match="max_grad_norm=0"):
+        train(other, batches, lr=1e-3, precision="fp32", optimizer=optimizer_in_backward(other, lr=1e-3))

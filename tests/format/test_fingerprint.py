@@ -198,3 +198,45 @@ def test_malformed_fingerprint_is_refused(saved):
     (path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="malformed base_fingerprint"):
         PeftModel.from_pretrained(tiny_model("llama", layers=2), path)
+
+
+def test_hashing_ahead_hands_its_digest_to_digest_and_is_gone_after_the_block(monkeypatch):
+    tensors = [torch.randn(64, 32) for _ in range(3)]
+    expected = [fp.digest(t) for t in tensors]
+    calls = []
+    original = fp._sha256
+    monkeypatch.setattr(fp, "_sha256", lambda t: calls.append(t.data_ptr()) or original(t))
+    with fp.hashing_ahead(tensors):
+        assert [fp.digest(t) for t in tensors] == expected
+        assert sorted(calls) == sorted(t.data_ptr() for t in tensors)  # hashed once each, in the background
+        other = torch.randn(64, 32)
+        assert fp.digest(other) == original(other)  # memory never handed in is hashed on the spot
+        assert fp.digest(tensors[0][:32]) == original(tensors[0][:32])  # a view of other shape is other bytes
+    calls.clear()
+    assert fp.digest(tensors[1]) == expected[1] and len(calls) == 1 and not fp._ahead
+
+
+def test_from_pretrained_hashes_each_recorded_base_tensor_once_during_the_read(saved, monkeypatch):
+    from peft_hft.format import reader
+
+    trained, _, path = saved
+    recorded = json.loads((path / "adapter_config.json").read_text())["base_fingerprint"]["tensors"]
+    calls, when = [], []
+    original_sha, original_read = fp._sha256, reader._read_values
+    monkeypatch.setattr(fp, "_sha256", lambda t: calls.append(1) or original_sha(t))
+    monkeypatch.setattr(reader, "_read_values", lambda *a: when.append(len(fp._ahead)) or original_read(*a))
+    loaded = PeftModel.from_pretrained(tiny_model("llama", layers=2), path)
+    assert when == [len(recorded)]  # every recorded tensor was handed to the hashing threads before the read
+    assert len(calls) == len(recorded) and not fp._ahead
+    with pytest.raises(BaseMismatchError):  # the check still compares: another base is refused
+        PeftModel.from_pretrained(tiny_model("llama", layers=2, seed=5), path)
+    torch.testing.assert_close(logits(loaded), logits(trained))
+
+
+def test_a_skipped_base_check_hashes_nothing(saved, monkeypatch):
+    _, _, path = saved
+    calls = []
+    monkeypatch.setattr(fp, "_sha256", lambda t: calls.append(1))
+    with skip_base_check():
+        PeftModel.from_pretrained(tiny_model("llama", layers=2, seed=5), path)
+    assert calls == []

@@ -31,10 +31,9 @@ import contextlib
 import hashlib
 import os
 import re
-import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -82,64 +81,12 @@ def base_check_skipped() -> bool:
 
 
 def digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's raw bytes (row-major, little-endian, in its own dtype), whatever its device or layout.
-
-    Inside :func:`hashing_ahead` a tensor whose digest was started there is not hashed again: the result is taken."""
-    ahead = _ahead.get(_memory_key(tensor)) if _ahead else None
-    if ahead is not None and ahead[0].data_ptr() == tensor.data_ptr():
-        return ahead[1].result()
-    return _sha256(tensor)
-
-
-def _sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw bytes (row-major, little-endian, in its own dtype), whatever its device or layout."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     h = hashlib.sha256()
     if flat.numel():
         h.update(flat.view(torch.uint8).numpy())  # hashlib releases the GIL on large buffers
     return h.hexdigest()
-
-
-# Digests started by hashing_ahead, by the memory they hash: (the tensor, kept alive so that its memory cannot be
-# reused by another tensor meanwhile, and the future of its digest).
-_ahead: dict[tuple, tuple[torch.Tensor, Future]] = {}
-_ahead_lock = threading.Lock()
-
-
-def _memory_key(tensor: torch.Tensor) -> tuple:
-    return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-
-
-@contextlib.contextmanager
-def hashing_ahead(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Start the SHA-256 of ``tensors`` in background threads now; :func:`digest` of the same memory inside the block
-    takes the result instead of hashing again.
-
-    Why: loading an adapter reads its file, then checks the base; hashing the base while the file is read overlaps
-    the two (hashlib and file reads release the GIL). The caller guarantees that nothing writes into these tensors
-    inside the block (a load changes the base only after the check, and then into memory of its own)."""
-    tensors = list(tensors)
-    if not tensors:
-        yield
-        return
-    pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="peft-hft-hash")
-    mine = []
-    try:
-        with _ahead_lock:
-            for tensor in tensors:
-                key = _memory_key(tensor)
-                if key not in _ahead:
-                    _ahead[key] = (tensor, pool.submit(_sha256, tensor))
-                    mine.append(key)
-        yield
-    finally:
-        with _ahead_lock:
-            for key in mine:
-                _ahead.pop(key, None)
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def tensor_fingerprint(tensor: torch.Tensor) -> dict[str, Any]:
@@ -177,7 +124,8 @@ def fingerprint_tensors(
 ) -> dict[str, dict[str, Any]]:
     """Records of many tensors (given as zero-argument loaders), hashed in parallel threads."""
     work = _cached_fingerprint if cache else tensor_fingerprint
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {name: pool.submit(lambda load=load: work(load())) for name, load in tensors.items()}
         return {name: future.result() for name, future in tqdm(futures.items(), desc=desc, disable=len(futures) < 64)}
 
@@ -265,8 +213,9 @@ def check_fingerprint(
         tensor = tensors[name]()
         return "not found" if tensor is None else compare(tensor, records[name])
 
+    workers = max(1, min(8, os.cpu_count() or 1))
     checked = [name for name in records if name in tensors]
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         for name, reason in zip(checked, pool.map(check, checked), strict=True):
             reasons[name] = reason
     mismatches = [Mismatch(name, reasons[name]) for name in records if reasons[name] is not None]

@@ -407,7 +407,6 @@ def read_adapter(
     load: bool = True,
     check_values: bool = True,
     hub_kwargs: Optional[Mapping[str, Any]] = None,
-    on_config: Optional[Callable[[dict[str, Any]], Any]] = None,
 ) -> AdapterFile:
     """Read and validate an HFT adapter (a directory or a Hub repo id); see the module docstring.
 
@@ -419,8 +418,6 @@ def read_adapter(
         load: Read every tensor into memory (``AdapterFile.tensors``). With ``False`` the tensors are still read once,
             one at a time, to check their values, and the file stays open for :meth:`AdapterFile.read`.
         check_values: Refuse NaN/Inf (unless :func:`allow_non_finite` is in effect).
-        on_config: Called with the validated ``adapter_config.json`` object before any tensor is read, so that a
-            loader can start work that needs only the config (hashing the base it names) while the file is read.
 
     Raises:
         AdapterFormatError: anything malformed, named in the message.
@@ -440,8 +437,6 @@ def read_adapter(
             )
         config = load_config_json(config_path)
         validate_config(config, config_path)
-        if on_config is not None:
-            on_config(config)
         if not weights_path.is_file():
             legacy = [n for n in ("adapter_model.bin", "adapter_model.pt") if (directory / n).is_file()]
             raise FileNotFoundError(

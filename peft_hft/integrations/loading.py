@@ -35,7 +35,6 @@ import torch
 
 from ..format.reader import AdapterFile, read_adapter
 from ..format.writer import atomic_save
-from ..tuner.base_check import hashing_base_ahead
 from ..tuner.layer import find_ledger
 from ..tuner.model import (
     config_from_dict,
@@ -52,11 +51,11 @@ _preloaded: contextvars.ContextVar[Optional[tuple[str, AdapterFile]]] = contextv
 )
 
 
-def read_for_peft(model_id: Any, kwargs: dict[str, Any], on_config=None) -> AdapterFile:
+def read_for_peft(model_id: Any, kwargs: dict[str, Any]) -> AdapterFile:
     """Read the HFT adapter PEFT is about to load, with the download arguments PEFT got."""
     hub = hub_kwargs(kwargs)
     revision, subfolder = hub.pop("revision", None), hub.pop("subfolder", None)
-    return read_adapter(str(model_id), revision=revision, subfolder=subfolder, hub_kwargs=hub, on_config=on_config)
+    return read_adapter(str(model_id), revision=revision, subfolder=subfolder, hub_kwargs=hub)
 
 
 @contextlib.contextmanager
@@ -80,18 +79,15 @@ def _from_pretrained(original):
         if not is_hft_adapter(model_id, config, hub_kwargs(kwargs)):
             return original(cls, model, model_id, *args, **kwargs)
         validate_adapter_name(adapter_name)
-        with contextlib.ExitStack() as hashing:  # the base is hashed for its check while the file is read
-            adapter = read_for_peft(
-                model_id, kwargs, on_config=lambda found: hashing.enter_context(hashing_base_ahead(model, found))
-            )
-            if config is None:  # PEFT would read the config again: hand it the one just validated
-                config = config_of(adapter)
-                if len(args) >= 3:
-                    args = (*args[:2], config, *args[3:])
-                else:
-                    kwargs = {**kwargs, "config": config}
-            with preloaded(model_id, adapter), unchanged_on_failure(model, adapter_name):
-                return original(cls, model, model_id, *args, **kwargs)
+        adapter = read_for_peft(model_id, kwargs)
+        if config is None:  # PEFT would read the config again: hand it the one just validated
+            config = config_of(adapter)
+            if len(args) >= 3:
+                args = (*args[:2], config, *args[3:])
+            else:
+                kwargs = {**kwargs, "config": config}
+        with preloaded(model_id, adapter), unchanged_on_failure(model, adapter_name):
+            return original(cls, model, model_id, *args, **kwargs)
 
     return from_pretrained
 

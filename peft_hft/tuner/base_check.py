@@ -7,10 +7,8 @@ records); this module applies them to the ledger's original values: :func:`recor
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
-from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -20,12 +18,9 @@ from ..format.fingerprint import (
     base_check_skipped,
     check_fingerprint,
     fingerprint_tensors,
-    hashing_ahead,
     make_fingerprint,
     validate_fingerprint,
 )
-from ..utils import dtype_name
-from .layer import find_ledger
 from .selection import canonical_name_map
 
 
@@ -67,24 +62,6 @@ def record_base(ledger, adapter_name: str, config: Any = None) -> dict[str, Any]
     names = ledger.hft_adapters[adapter_name].params
     records = fingerprint_tensors({name: (lambda name=name: ledger.original(name)) for name in names}, cache=True)
     return make_fingerprint(records, *base_identity(ledger.root, config))
-
-
-def hashing_base_ahead(model: torch.nn.Module, config: Mapping[str, Any]) -> contextlib.AbstractContextManager:
-    """Inside the returned block, the base tensors ``config``'s fingerprint records are already being hashed
-    (:func:`~peft_hft.format.fingerprint.hashing_ahead`), so that :func:`verify_base` later finds their digests.
-
-    Only for a model without HFT adapters (a fresh base: its parameters are the originals the check compares) and
-    only for tensors the check hashes as they are (the recorded dtype, or one of its recorded roundings)."""
-    fingerprint = config.get("base_fingerprint")
-    if not fingerprint or base_check_skipped() or find_ledger(model) is not None:
-        return contextlib.nullcontext()
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tensors = []
-    for name, record in (fingerprint.get("tensors") or {}).items():
-        param = params.get(name)
-        if param is not None and dtype_name(param.dtype) in (record.get("dtype"), *record.get("rounded", {})):
-            tensors.append(param.detach())
-    return hashing_ahead(tensors)
 
 
 def verify_base(ledger, config, adapter_name: str) -> None:

@@ -45,8 +45,11 @@ RUNS = {  # name -> (model dtype, HFTConfig.master_weights)
     "HFT-bf16, master_weights=none": ("bfloat16", "none"),
     # peft_hft.low_memory_preset(): stochastic rounding, torchao AdamW4bit, the step fused into backward
     "HFT-bf16, low-memory preset": ("bfloat16", "preset"),
+    # peft_hft.low_memory_preset(8): the same with torchao AdamW8bit (separates what the 4-bit moments cost)
+    "HFT-bf16, low-memory preset at 8 bits": ("bfloat16", "preset8"),
 }
-SHORT = dict(zip(("fp32", "bf16-fp32", "kahan", "stochastic_rounding", "none", "preset"), RUNS, strict=True))
+SHORT = dict(zip(("fp32", "bf16-fp32", "kahan", "stochastic_rounding", "none", "preset", "preset8"), RUNS,
+                 strict=True))
 
 
 def parse_args(argv=None):
@@ -113,11 +116,12 @@ def run(name: str, args, train_rows: torch.Tensor, eval_rows: torch.Tensor) -> d
     else:
         model, _ = load_default_model(dtype=getattr(torch, dtype), device=args.device)
     model.config.use_cache = False
-    if masters == "preset":
+    if masters in ("preset", "preset8"):
         from peft_hft import low_bit_adamw, low_memory_config, low_memory_preset, optimizer_in_backward
 
-        bits = low_memory_preset()["optimizer"]["bits"]
-        peft_model = get_peft_model(model, low_memory_config(seed=0))
+        preset = low_memory_preset(8) if masters == "preset8" else low_memory_preset()
+        bits = preset["optimizer"]["bits"]
+        peft_model = get_peft_model(model, low_memory_config(bits, seed=0))
         optimizer = optimizer_in_backward(peft_model, low_bit_adamw(bits), lr=args.lr)
     else:
         peft_model = get_peft_model(model, HFTConfig(seed=0, master_weights=masters))

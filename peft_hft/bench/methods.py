@@ -26,6 +26,7 @@ class Method:
     # True: the low-memory preset (peft_hft.low_memory_preset()): the model in bf16 with gradient checkpointing, the
     # preset's HFTConfig fields, and the preset's optimizer fused into backward (make_optimizer; nothing to clip)
     low_memory: bool = False
+    preset_bits: int = 4  # the preset's low-bit AdamW: low_memory_preset(preset_bits)
 
     @property
     def calibration_data(self) -> Optional[str]:
@@ -65,7 +66,7 @@ class Method:
             return None
         from ..integrations.low_memory import low_bit_adamw, low_memory_preset, optimizer_in_backward
 
-        preset = low_memory_preset()
+        preset = low_memory_preset(self.preset_bits)
         return optimizer_in_backward(model, low_bit_adamw(preset["optimizer"]["bits"]),
                                      chunk_elements=preset["chunk_elements"], lr=lr, weight_decay=0.0)
 
@@ -74,10 +75,10 @@ def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]
     return lambda seed: HFTConfig(ratio=ratio, strategy=strategy, seed=seed)
 
 
-def _hft_low_memory(seed: int) -> HFTConfig:
+def _hft_low_memory(bits: int) -> Callable[[int], HFTConfig]:
     from ..integrations.low_memory import low_memory_config
 
-    return low_memory_config(ratio=0.5, seed=seed)
+    return lambda seed: low_memory_config(bits, ratio=0.5, seed=seed)
 
 
 def _lora(seed: int) -> Any:
@@ -88,7 +89,8 @@ def _lora(seed: int) -> Any:
 
 def default_methods() -> list[Method]:
     """Full fine-tuning, HFT (paper default and ratios 0.25 / 0.75), the model-level random half, HFT's structure with
-    the tensors picked by an importance score (``peft_hft.calibrate``), HFT in the low-memory preset, and LoRA."""
+    the tensors picked by an importance score (``peft_hft.calibrate``), HFT in the low-memory preset (4-bit and 8-bit
+    AdamW), and LoRA."""
     return [
         Method("fft", "Full fine-tuning", lambda seed: None, ratio=1.0),
         Method("hft", "HFT (category, 0.5)", _hft(0.5), ratio=0.5),
@@ -99,8 +101,10 @@ def default_methods() -> list[Method]:
         Method("hft_wanda", "HFT, least Wanda importance on C4", _hft(0.5), ratio=0.5, calibration="wanda"),
         Method("hft_fisher", "HFT, least Fisher on C4", _hft(0.5), ratio=0.5, calibration="fisher"),
         Method("hft_grad", "HFT, largest task gradient", _hft(0.5), ratio=0.5, calibration="gradient"),
-        Method("hft_preset", "HFT, low-memory preset (bf16, SR, AdamW4bit in backward)", _hft_low_memory, ratio=0.5,
+        Method("hft_preset", "HFT, low-memory preset (bf16, SR, AdamW4bit in backward)", _hft_low_memory(4), ratio=0.5,
                low_memory=True),
+        Method("hft_preset8", "HFT, low-memory preset at 8 bits (bf16, SR, AdamW8bit in backward)", _hft_low_memory(8),
+               ratio=0.5, low_memory=True, preset_bits=8),
         Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),
     ]
 

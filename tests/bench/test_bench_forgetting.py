@@ -399,17 +399,19 @@ def test_recorded_tables_state_their_precision():
     assert report.precision_note({"protocol": {"precision": "fp32"}}).startswith("Precision: fp32")
 
 
-def test_the_low_memory_preset_method_trains_the_preset():
-    """``hft_preset``: the model in bf16 with gradient checkpointing, the preset's HFTConfig fields with the run's
-    seed, and the preset's optimizer (low-bit AdamW in backward, the preset's slices); the other methods keep the
-    loop's AdamW."""
+@pytest.mark.parametrize(("name", "bits", "optimizer_class"), [("hft_preset", 4, "AdamW4bit"),
+                                                                ("hft_preset8", 8, "AdamW8bit")])
+def test_the_low_memory_preset_method_trains_the_preset(name, bits, optimizer_class):
+    """``hft_preset`` (``hft_preset8``: at 8 bits): the model in bf16 with gradient checkpointing, the preset's
+    HFTConfig fields with the run's seed, and the preset's optimizer (low-bit AdamW in backward, the preset's slices);
+    the other methods keep the loop's AdamW."""
     from tiny_models import tiny_model
 
     from peft_hft import OptimizerInBackward, low_memory_preset
     from peft_hft.bench.methods import default_methods
 
     methods = {m.name: m for m in default_methods()}
-    preset = methods["hft_preset"]
+    preset = methods[name]
     model = preset.wrap(tiny_model("llama", layers=2), seed=3)
     config = model.peft_config["default"]
     assert config.master_weights == low_memory_preset()["hft_config"]["master_weights"] and config.seed == 3
@@ -421,6 +423,7 @@ def test_the_low_memory_preset_method_trains_the_preset():
     optimizer = preset.make_optimizer(model, 1e-3)
     assert isinstance(optimizer, OptimizerInBackward)
     assert optimizer.chunk_elements == low_memory_preset()["chunk_elements"]
-    assert type(optimizer.optimizers[0][0]).__name__ == "AdamW4bit" and optimizer.param_groups[0]["lr"] == 1e-3
+    assert low_memory_preset(bits)["optimizer"]["class"].endswith(optimizer_class)
+    assert type(optimizer.optimizers[0][0]).__name__ == optimizer_class and optimizer.param_groups[0]["lr"] == 1e-3
     assert optimizer.param_groups[0]["weight_decay"] == 0.0  # as the loop's AdamW
     optimizer.remove_hooks()

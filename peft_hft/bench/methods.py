@@ -23,10 +23,14 @@ class Method:
     adapter_grid: bool = False  # True: uses the adapter learning-rate grid (Protocol.lora_lr_grid)
     # importance strategy of peft_hft.calibrate that picks the tensors within the config's structure (None: its draw)
     calibration: Optional[str] = None
-    # True: the low-memory preset (peft_hft.low_memory_preset()): the model in bf16 with gradient checkpointing, the
-    # preset's HFTConfig fields, and the preset's optimizer fused into backward (make_optimizer; nothing to clip)
-    low_memory: bool = False
-    preset_bits: int = 4  # the preset's low-bit AdamW: low_memory_preset(preset_bits)
+    # the low-memory preset at these bits (peft_hft.low_memory_preset(preset_bits); None: not the preset): the model
+    # in bf16 with gradient checkpointing, the preset's HFTConfig fields, and the preset's optimizer fused into
+    # backward (make_optimizer; nothing to clip)
+    preset_bits: Optional[int] = None
+
+    @property
+    def low_memory(self) -> bool:
+        return self.preset_bits is not None
 
     @property
     def calibration_data(self) -> Optional[str]:
@@ -75,10 +79,12 @@ def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]
     return lambda seed: HFTConfig(ratio=ratio, strategy=strategy, seed=seed)
 
 
-def _hft_low_memory(bits: int) -> Callable[[int], HFTConfig]:
+def _hft_preset(name: str, label: str, bits: int) -> Method:
+    """HFT (ratio 0.5) in the low-memory preset at ``bits``: its config and its optimizer follow the same bits."""
     from ..integrations.low_memory import low_memory_config
 
-    return lambda seed: low_memory_config(bits, ratio=0.5, seed=seed)
+    return Method(name, label, lambda seed: low_memory_config(bits, ratio=0.5, seed=seed), ratio=0.5,
+                  preset_bits=bits)
 
 
 def _lora(seed: int) -> Any:
@@ -101,10 +107,8 @@ def default_methods() -> list[Method]:
         Method("hft_wanda", "HFT, least Wanda importance on C4", _hft(0.5), ratio=0.5, calibration="wanda"),
         Method("hft_fisher", "HFT, least Fisher on C4", _hft(0.5), ratio=0.5, calibration="fisher"),
         Method("hft_grad", "HFT, largest task gradient", _hft(0.5), ratio=0.5, calibration="gradient"),
-        Method("hft_preset", "HFT, low-memory preset (bf16, SR, AdamW4bit in backward)", _hft_low_memory(4), ratio=0.5,
-               low_memory=True),
-        Method("hft_preset8", "HFT, low-memory preset at 8 bits (bf16, SR, AdamW8bit in backward)", _hft_low_memory(8),
-               ratio=0.5, low_memory=True, preset_bits=8),
+        _hft_preset("hft_preset", "HFT, low-memory preset (bf16, SR, AdamW4bit in backward)", 4),
+        _hft_preset("hft_preset8", "HFT, low-memory preset at 8 bits (bf16, SR, AdamW8bit in backward)", 8),
         Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),
     ]
 

@@ -25,8 +25,11 @@ class Method:
     calibration: Optional[str] = None
     # the low-memory preset at these bits (peft_hft.low_memory_preset(preset_bits); None: not the preset): the model
     # in bf16 with gradient checkpointing, the preset's HFTConfig fields, and the preset's optimizer fused into
-    # backward (make_optimizer; nothing to clip)
+    # backward (make_optimizer: no global clipping, see clip_per_tensor)
     preset_bits: Optional[int] = None
+    # the preset's fused step with each tensor's gradient clipped to this norm (optimizer_in_backward's
+    # clip_per_tensor; None: unclipped, the preset's own setting)
+    clip_per_tensor: Optional[float] = None
 
     @property
     def low_memory(self) -> bool:
@@ -72,19 +75,21 @@ class Method:
 
         preset = low_memory_preset(self.preset_bits)
         return optimizer_in_backward(model, low_bit_adamw(preset["optimizer"]["bits"]),
-                                     chunk_elements=preset["chunk_elements"], lr=lr, weight_decay=0.0)
+                                     chunk_elements=preset["chunk_elements"], clip_per_tensor=self.clip_per_tensor,
+                                     lr=lr, weight_decay=0.0)
 
 
 def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]:
     return lambda seed: HFTConfig(ratio=ratio, strategy=strategy, seed=seed)
 
 
-def _hft_preset(name: str, label: str, bits: int) -> Method:
-    """HFT (ratio 0.5) in the low-memory preset at ``bits``: its config and its optimizer follow the same bits."""
+def _hft_preset(name: str, label: str, bits: int, clip_per_tensor: Optional[float] = None) -> Method:
+    """HFT (ratio 0.5) in the low-memory preset at ``bits``: its config and its optimizer follow the same bits;
+    ``clip_per_tensor`` clips each tensor's gradient in the fused step."""
     from ..integrations.low_memory import low_memory_config
 
     return Method(name, label, lambda seed: low_memory_config(bits, ratio=0.5, seed=seed), ratio=0.5,
-                  preset_bits=bits)
+                  preset_bits=bits, clip_per_tensor=clip_per_tensor)
 
 
 def _lora(seed: int) -> Any:
@@ -96,7 +101,7 @@ def _lora(seed: int) -> Any:
 def default_methods() -> list[Method]:
     """Full fine-tuning, HFT (paper default and ratios 0.25 / 0.75), the model-level random half, HFT's structure with
     the tensors picked by an importance score (``peft_hft.calibrate``), HFT in the low-memory preset (4-bit and 8-bit
-    AdamW), and LoRA."""
+    AdamW, unclipped and with each tensor's gradient clipped), and LoRA."""
     return [
         Method("fft", "Full fine-tuning", lambda seed: None, ratio=1.0),
         Method("hft", "HFT (category, 0.5)", _hft(0.5), ratio=0.5),
@@ -109,6 +114,9 @@ def default_methods() -> list[Method]:
         Method("hft_grad", "HFT, largest task gradient", _hft(0.5), ratio=0.5, calibration="gradient"),
         _hft_preset("hft_preset", "HFT, low-memory preset (bf16, SR, AdamW4bit in backward)", 4),
         _hft_preset("hft_preset8", "HFT, low-memory preset at 8 bits (bf16, SR, AdamW8bit in backward)", 8),
+        _hft_preset("hft_preset_clip", "HFT, low-memory preset, each tensor's gradient clipped at 1.0", 4, 1.0),
+        _hft_preset("hft_preset8_clip", "HFT, low-memory preset at 8 bits, each tensor's gradient clipped at 1.0", 8,
+                    1.0),
         Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),
     ]
 

@@ -19,8 +19,11 @@ pieces here remove most of it:
 
 What the fused step cannot do: gradient accumulation (each backward pass would be a step) and clipping by the global
 gradient norm (the norm is only known after the last gradient, when the first tensors were stepped already). Both
-are refused with an error naming the fix, never trained wrongly. Per-tensor clipping is still possible in a custom
-optimizer.
+are refused with an error naming the fix, never trained wrongly. What it offers instead is clipping per tensor
+(``clip_per_tensor``): each tensor's gradient is scaled to at most that norm before its step, which bounds every
+tensor's update against a gradient spike but is not the global clip (the global norm may reach ``clip_per_tensor``
+times the square root of the number of tensors). ``OptimizerInBackward.grad_norm`` reports the global norm of the
+last step's gradients, before clipping, for logging.
 
 The first step of torchao's optimizers compiles its kernel (``torch.compile``; about 40 s on a CPU, once per process).
 ``torch.compiler.set_stance("force_eager")`` skips the compilation (eager steps are slower, fine for short runs and
@@ -84,8 +87,9 @@ def check_optimizer_in_backward_args(args: Any) -> None:
         raise ValueError(
             f"max_grad_norm={max_grad_norm} (Trainer's default is 1.0) clips by the global gradient norm, which is "
             "only known after the last gradient, when the optimizer fused into backward has stepped the other "
-            "tensors already, and their gradients are gone. Fix: TrainingArguments(max_grad_norm=0), or train "
-            "without optimizer_in_backward."
+            "tensors already, and their gradients are gone. Fix: TrainingArguments(max_grad_norm=0) (and, to bound "
+            "each tensor's gradient instead, optimizer_in_backward(..., clip_per_tensor=1.0)), or train without "
+            "optimizer_in_backward."
         )
 
 
@@ -106,19 +110,27 @@ class OptimizerInBackward(torch.optim.Optimizer):
     whole tensor. It is the same step for elementwise optimizers only (:data:`ELEMENTWISE_OPTIMIZERS`); others are
     refused.
 
+    With ``clip_per_tensor``, each tensor's gradient is scaled to a norm of at most that value before its step (the
+    whole tensor's norm, also when it is stepped in slices). ``grad_norm`` is the global norm of the gradients of the
+    last completed step before clipping (``None`` before the first), computed from the per-tensor norms.
+
     Calling ``backward`` twice without ``step()`` in between (gradient accumulation) raises, as does being stepped
     by a Trainer whose arguments clip by the global gradient norm.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], optimizer_cls: type[torch.optim.Optimizer],
-                 chunk_elements: Optional[int] = None, **kwargs: Any):
+                 chunk_elements: Optional[int] = None, clip_per_tensor: Optional[float] = None, **kwargs: Any):
         params = list(dict.fromkeys(p for p in params if p.requires_grad))  # tied tensors once
         if not params:
             raise ValueError("optimizer_in_backward found no trainable parameters; create the HFT adapter first.")
         _check_chunking(optimizer_cls, chunk_elements)
+        _check_clip(clip_per_tensor)
         super().__init__(params, dict(kwargs))
         self.optimizer_cls = optimizer_cls
         self.chunk_elements = chunk_elements
+        self.clip_per_tensor = None if clip_per_tensor is None else float(clip_per_tensor)
+        self.grad_norm: Optional[float] = None
+        self._squared_norms: list[torch.Tensor] = []  # of this step's gradients, summed once at step()
         # per tensor: one optimizer over the tensor, or one per slice of it
         self.optimizers = [[optimizer_cls([s], **kwargs) for s in _slices(p, chunk_elements)] for p in params]
         self._index = {id(p): i for i, p in enumerate(params)}
@@ -137,6 +149,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
                 "backward, or train without optimizer_in_backward."
             )
         self._stepped_since_step.add(index)
+        self._clip(param.grad)
         inners = self.optimizers[index]
         if len(inners) == 1:  # stepped whole (_slices gives a sliced tensor two slices or more)
             _copy_hyperparameters(self.param_groups[0], inners[0].param_groups[0], _SCHEDULED)
@@ -154,12 +167,24 @@ class OptimizerInBackward(torch.optim.Optimizer):
             view.grad = None
 
     @torch.no_grad()
+    def _clip(self, gradient: torch.Tensor) -> None:
+        """Record the gradient's norm (for ``grad_norm``) and scale it to at most ``clip_per_tensor``, without a
+        host sync: the factor stays a tensor, as in ``torch.nn.utils.clip_grad_norm_``."""
+        norm = torch.linalg.vector_norm(gradient, dtype=torch.float32)
+        self._squared_norms.append(norm.square())
+        if self.clip_per_tensor is not None:
+            gradient.mul_(torch.clamp(self.clip_per_tensor / (norm + 1e-6), max=1.0).to(gradient.dtype))
+
+    @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - the steps ran in backward
         """End of a training step: the tensors were stepped in backward already."""
         if not self._checked_trainer:
             self._checked_trainer = True
             _check_calling_trainer()
         self._stepped_since_step.clear()
+        if self._squared_norms:
+            self.grad_norm = float(torch.stack(self._squared_norms).sum().sqrt())
+            self._squared_norms = []
         if closure is not None:
             with torch.enable_grad():
                 return closure()
@@ -214,6 +239,18 @@ class OptimizerInBackward(torch.optim.Optimizer):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _check_clip(clip_per_tensor: Optional[float]) -> None:
+    if clip_per_tensor is None:
+        return
+    if isinstance(clip_per_tensor, bool) or not isinstance(clip_per_tensor, (int, float)) or not (
+        0 < clip_per_tensor < float("inf")
+    ):
+        raise ValueError(
+            f"clip_per_tensor={clip_per_tensor!r}: the largest gradient norm a tensor may step with must be a positive "
+            "finite number. Fix: e.g. clip_per_tensor=1.0, or None not to clip."
+        )
 
 
 def _check_chunking(optimizer_cls: type, chunk_elements: Optional[int]) -> None:
@@ -292,6 +329,7 @@ def optimizer_in_backward(
     *,
     training_args: Any = None,
     chunk_elements: Optional[int] = None,
+    clip_per_tensor: Optional[float] = None,
     **optimizer_kwargs: Any,
 ) -> OptimizerInBackward:
     """Fuse the optimizer step into backward for every trainable tensor of ``model``; returns the placeholder optimizer.
@@ -307,6 +345,9 @@ def optimizer_in_backward(
         chunk_elements: Step tensors larger than this in slices of at most this many elements (a multiple of
             4096; elementwise optimizers only), so the step's scratch is that of one slice: for the embedding and
             lm_head of a large model, gigabytes less at the peak. ``None`` (default): every tensor whole.
+        clip_per_tensor: Scale each tensor's gradient to at most this norm before its step (``None``, default: no
+            clipping). The fused step cannot clip by the global norm; this bounds each tensor's update against a
+            gradient spike instead (the global norm may reach this times the square root of the number of tensors).
         optimizer_kwargs: The optimizer's arguments (``lr``, ``weight_decay``, ...).
 
     With a Trainer built by you: ``Trainer(model, args, optimizers=(optimizer_in_backward(model, lr=args.learning_rate,
@@ -321,7 +362,8 @@ def optimizer_in_backward(
         optimizer_kwargs.setdefault("weight_decay", training_args.weight_decay)
     if training_args is not None:
         check_optimizer_in_backward_args(training_args)
-    optimizer = OptimizerInBackward(model.parameters(), optimizer_cls, chunk_elements, **optimizer_kwargs)
+    optimizer = OptimizerInBackward(model.parameters(), optimizer_cls, chunk_elements, clip_per_tensor,
+                                    **optimizer_kwargs)
     if trainer is not None:
         if trainer.optimizer is not None:
             raise ValueError(

@@ -334,3 +334,37 @@ def test_unknown_fields_in_adapter_config_warn_like_lora(trained, tmp_path):
     (case / "adapter_model.safetensors").write_bytes((path / "adapter_model.safetensors").read_bytes())
     with pytest.warns(UserWarning, match=r"Unexpected fields \['from_the_future', 'zeta'\].*newer peft-hft"):
         PeftModel.from_pretrained(tiny_model("llama", layers=2), case)
+
+
+def _vm_flags_at(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (Linux /proc/self/smaps)."""
+    current = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                current = low <= address < high
+            elif head == "VmFlags:" and current:
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_tensors_read_from_a_file_are_exact_and_large_ones_are_backed_by_huge_pages(tmp_path):
+    """The reader reads each tensor into fresh memory; a large one (16 MiB) is advised to transparent huge pages
+    (first-touch page faults per 2 MiB instead of per 4 KiB: half the read time of a 310 MB adapter), a small one is
+    read the same way without advice. The values are the file's, bit for bit, either way."""
+    from peft_hft.format.checkpoint import read_header, read_tensor
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"large": torch.randn(2048, 2048, generator=g), "small": torch.randn(16, 16, generator=g).bfloat16()}
+    save_file(tensors, tmp_path / "t.safetensors")
+    entries, _ = read_header(tmp_path / "t.safetensors")
+    read = {key: read_tensor(entry) for key, entry in entries.items()}
+    for key, tensor in tensors.items():
+        assert read[key].dtype == tensor.dtype and torch.equal(read[key], tensor)
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not sys.platform.startswith("linux") or not os.path.exists(thp) or "[never]" in open(thp).read():
+        pytest.skip("transparent huge pages are not offered here; the values were checked")
+    middle = read["large"].data_ptr() + read["large"].untyped_storage().nbytes() // 2
+    assert "hg" in _vm_flags_at(middle)

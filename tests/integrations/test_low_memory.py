@@ -152,6 +152,42 @@ def test_slicing_refuses_sizes_off_the_block_grid_and_optimizers_that_are_not_el
     assert optimizer_in_backward(model, Adafactor, lr=1e-4, scale_parameter=False, relative_step=False)
 
 
+@pytest.mark.parametrize("chunk", [None, CHUNK])
+def test_clip_per_tensor_scales_each_tensors_gradient_before_its_step(chunk):
+    """``clip_per_tensor``: each tensor's gradient is scaled to at most that norm (the whole tensor's norm, also when
+    it is stepped in slices) before its step, which with SGD is ``-lr * clipped gradient`` exactly; ``grad_norm`` is the
+    global norm of the step's gradients before clipping. The same model and batch without clipping shows that the bound
+    bites (most tensors' gradients are above it)."""
+    clip, lr = 0.05, 1e-2
+    model = get_peft_model(sliced_base(torch.float32), HFTConfig(seed=0, master_weights="fp32"))
+    reference = get_peft_model(sliced_base(torch.float32), HFTConfig(seed=0, master_weights="fp32"))
+    optimizer = optimizer_in_backward(model, torch.optim.SGD, chunk_elements=chunk, clip_per_tensor=clip, lr=lr)
+    assert optimizer.grad_norm is None
+    inputs = batch(0, size=4, length=16)
+    reference(**inputs, labels=inputs["input_ids"]).loss.backward()
+    trained = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    norms = {n: float(p.grad.norm()) for n, p in trained.items()}
+    assert sum(norm > clip for norm in norms.values()) > len(norms) / 2
+    expected = {n: p.detach() - lr * p.grad * min(1.0, clip / (norms[n] + 1e-6)) for n, p in trained.items()}
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    optimizer.step()
+    got = dict(model.named_parameters())
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name].detach(), value, rtol=0, atol=1e-7)
+    assert optimizer.grad_norm == pytest.approx(sum(n * n for n in norms.values()) ** 0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "1.0"])
+def test_clip_per_tensor_refuses_what_is_not_a_positive_finite_norm(bad):
+    model = get_peft_model(base(), HFTConfig(seed=0))
+    with pytest.raises(ValueError, match=r"clip_per_tensor=.*positive finite number\. Fix: e\.g\. clip_per_tensor=1\.0"):
+        optimizer_in_backward(model, clip_per_tensor=bad, lr=LR)
+    assert all(p.grad is None for p in model.parameters())  # nothing was hooked: a backward keeps its gradients
+    inputs = batch(0, size=2, length=8)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_the_fused_step_refuses_accumulation_and_global_clipping(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -162,7 +198,7 @@ def test_the_fused_step_refuses_accumulation_and_global_clipping(tmp_path):
     with pytest.raises(RuntimeError, match="second gradient before optimizer.step.*gradient_accumulation_steps=1"):
         peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
     kwargs = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    with pytest.raises(ValueError, match=r"max_grad_norm=1.0.*Fix: TrainingArguments\(max_grad_norm=0\)"):
+    with pytest.raises(ValueError, match=r"max_grad_norm=1.0.*Fix: TrainingArguments\(max_grad_norm=0\).*clip_per_tensor"):
         optimizer_in_backward(peft_model, training_args=TrainingArguments(**kwargs))
     with pytest.raises(ValueError, match="gradient_accumulation_steps=2 cannot work"):
         optimizer_in_backward(peft_model, training_args=TrainingArguments(

@@ -16,6 +16,10 @@ tuned values then need memory of their own, paid in first-touch page faults. Als
 check skipped (``peft_hft.skip_base_check``), to show what the fingerprint
 costs. The base model is prepared outside the timed region (a deep copy per round).
 
+Rounds in one process find memory that earlier rounds freed and the allocator kept (no first-touch page faults);
+a user loads an adapter once per process, into memory the process never touched. The ``first_load`` figures time
+exactly that: each is one load in a new process (after the model is loaded there), contenders interleaved.
+
     python benchmarks/bench_load_time.py                 # results in $OUT or outputs/bench_load_time/
 
 Writes ``load-time.json`` and ``load-time.png``; docs/benchmarks.md holds the figures.
@@ -95,6 +99,48 @@ def hft_load(base: torch.nn.Module, path: Path, skip_check: bool) -> float:
     return seconds
 
 
+CONTENDERS = ("fresh_floor", "hft", "hft_no_base_check")
+
+
+def first_load_child(label: str, contender: str) -> None:
+    """In a new process: load the model, then time one load of ``contender`` (what a user's first load costs)."""
+    from peft_hft.resources.default_model import load_default_model
+
+    base, _ = load_default_model()
+    base = base.float() if label == "fp32" else base.to(torch.bfloat16)
+    path = OUT / f"adapter-{label}"
+    dtype = next(base.parameters()).dtype
+    if contender == "fresh_floor":
+        seconds = fresh_floor_load(path, dtype)
+    else:
+        import contextlib
+
+        from peft import PeftModel
+
+        import peft_hft
+        with peft_hft.skip_base_check() if contender == "hft_no_base_check" else contextlib.nullcontext():
+            start = time.perf_counter()
+            PeftModel.from_pretrained(base, path)
+            seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds}))
+
+
+def first_loads(label: str) -> dict[str, list[float]]:
+    """``ROUNDS`` first loads of every contender, each in a new process, interleaved."""
+    import subprocess
+    import sys
+
+    from tqdm.auto import tqdm
+
+    times: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+    for _ in tqdm(range(ROUNDS), desc=f"first loads in new processes ({label})"):
+        for contender in CONTENDERS:
+            out = subprocess.run([sys.executable, __file__, "--first-load-child", label, contender], check=True,
+                                 capture_output=True, text=True).stdout
+            times[contender].append(json.loads(out.strip().splitlines()[-1])["seconds"])
+    return times
+
+
 def measure(label: str, base: torch.nn.Module, encoding: str | None) -> dict:
     from safetensors import safe_open
     from tqdm.auto import tqdm
@@ -116,7 +162,13 @@ def measure(label: str, base: torch.nn.Module, encoding: str | None) -> dict:
         times["hft"].append(hft_load(base, path, False))
         times["hft_no_base_check"].append(hft_load(base, path, True))
     median = {k: statistics.median(v) for k, v in times.items()}
+    first = first_loads(label)
+    first_median = {k: statistics.median(v) for k, v in first.items()}
     return {"adapter_bytes": size, "tensors": len(targets), "seconds": times, "median_seconds": median,
+            "first_load_seconds": first, "first_load_median_seconds": first_median,
+            "first_load_hft_over_fresh_floor": first_median["hft"] / first_median["fresh_floor"],
+            "first_load_hft_no_base_check_over_fresh_floor":
+                first_median["hft_no_base_check"] / first_median["fresh_floor"],
             "hft_over_floor": median["hft"] / median["floor"],
             "hft_no_base_check_over_floor": median["hft_no_base_check"] / median["floor"],
             "hft_over_fresh_floor": median["hft"] / median["fresh_floor"],
@@ -171,8 +223,19 @@ def main() -> None:
         m = r["median_seconds"]
         print(f"{label:12}{r['adapter_bytes'] / 2**20:12.1f}{m['floor']:9.3f}{m['fresh_floor']:10.3f}{m['hft']:8.3f}"
               f"{m['hft_no_base_check']:11.3f}{r['hft_over_floor']:9.2f}x{r['hft_over_fresh_floor']:11.2f}x")
+    print("first load in a new process (medians):")
+    for label, r in results["variants"].items():
+        m = r["first_load_median_seconds"]
+        print(f"{label:12}new-mem {m['fresh_floor']:.3f} s, HFT {m['hft']:.3f} s "
+              f"({r['first_load_hft_over_fresh_floor']:.2f}x), no check {m['hft_no_base_check']:.3f} s "
+              f"({r['first_load_hft_no_base_check_over_fresh_floor']:.2f}x)")
     print(f"wrote {OUT / 'load-time.json'} and {OUT / 'load-time.png'}")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "--first-load-child":
+        first_load_child(sys.argv[2], sys.argv[3])
+    else:
+        main()

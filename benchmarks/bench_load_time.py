@@ -33,6 +33,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -102,34 +104,26 @@ def hft_load(base: torch.nn.Module, path: Path, skip_check: bool) -> float:
 CONTENDERS = ("fresh_floor", "hft", "hft_no_base_check")
 
 
+def variant_base(base: torch.nn.Module, label: str) -> torch.nn.Module:
+    """The model of a variant: ``fp32`` or ``bf16-exact`` (a bf16 copy; ``base`` is left as it is)."""
+    return base.float() if label == "fp32" else copy.deepcopy(base).to(torch.bfloat16)
+
+
 def first_load_child(label: str, contender: str) -> None:
     """In a new process: load the model, then time one load of ``contender`` (what a user's first load costs)."""
     from peft_hft.resources.default_model import load_default_model
 
-    base, _ = load_default_model()
-    base = base.float() if label == "fp32" else base.to(torch.bfloat16)
+    base = variant_base(load_default_model()[0], label)
     path = OUT / f"adapter-{label}"
-    dtype = next(base.parameters()).dtype
     if contender == "fresh_floor":
-        seconds = fresh_floor_load(path, dtype)
+        seconds = fresh_floor_load(path, next(base.parameters()).dtype)
     else:
-        import contextlib
-
-        from peft import PeftModel
-
-        import peft_hft
-        with peft_hft.skip_base_check() if contender == "hft_no_base_check" else contextlib.nullcontext():
-            start = time.perf_counter()
-            PeftModel.from_pretrained(base, path)
-            seconds = time.perf_counter() - start
+        seconds = hft_load(base, path, skip_check=contender == "hft_no_base_check")
     print(json.dumps({"seconds": seconds}))
 
 
 def first_loads(label: str) -> dict[str, list[float]]:
     """``ROUNDS`` first loads of every contender, each in a new process, interleaved."""
-    import subprocess
-    import sys
-
     from tqdm.auto import tqdm
 
     times: dict[str, list[float]] = {c: [] for c in CONTENDERS}
@@ -213,8 +207,8 @@ def main() -> None:
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "threads": torch.get_num_threads(), "torch": torch.__version__},
                "rounds": ROUNDS, "variants": {}}
-    results["variants"]["fp32"] = measure("fp32", base.float(), None)
-    results["variants"]["bf16-exact"] = measure("bf16-exact", copy.deepcopy(base).to(torch.bfloat16), "exact")
+    results["variants"]["fp32"] = measure("fp32", variant_base(base, "fp32"), None)
+    results["variants"]["bf16-exact"] = measure("bf16-exact", variant_base(base, "bf16-exact"), "exact")
     (OUT / "load-time.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, OUT / "load-time.png")
     print(f"{'':12}{'adapter MiB':>12}{'floor s':>9}{'new-mem s':>10}{'HFT s':>8}{'no check s':>11}{'HFT/floor':>10}"
@@ -233,8 +227,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) == 4 and sys.argv[1] == "--first-load-child":
         first_load_child(sys.argv[2], sys.argv[3])
     else:

@@ -190,20 +190,21 @@ _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 _madvise: Any = None  # libc's madvise once looked up; False where it is not available
 
 
-def _advise_huge_pages(tensor: torch.Tensor) -> int:
-    """Ask Linux to back the untouched memory of a large CPU tensor with transparent huge pages; return the bytes
-    advised (0: too small, not Linux, or refused).
+def _advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux to back the untouched memory of a large CPU tensor with transparent huge pages.
 
-    Why: reading a fresh tensor pays a page fault per 4 KiB page on first touch, which on the adapter benchmark costs
-    about as much as the read itself (SmolLM2's 310 MB fp32 adapter: 0.11 s to read into fresh memory, 0.06 s with
-    this). torch's allocator asks for huge pages only under ``THP_MEM_ALLOC_ENABLE=1``, read once per process, so the
-    reader advises the tensors it allocates itself. It is advice: where the kernel has THP off (``never``) or the call
-    fails, the read is the same, only slower; the memory and the values are torch's own either way.
+    Why: the first touch of fresh memory pays a page fault per 4 KiB page, which for a large adapter read into memory
+    the process never used costs about as much as the read itself; with huge pages it is one fault per 2 MiB. torch's
+    allocator asks for huge pages only under ``THP_MEM_ALLOC_ENABLE=1``, read once per process, so the reader advises
+    the tensors it allocates itself. Memory the allocator reuses is touched already and gains nothing (the in-process
+    rounds of ``benchmarks/bench_load_time.py``; its first loads in new processes are what this is for). It is advice:
+    where the kernel has THP off (``never``) or the call fails, the read is the same, only slower; the memory and the
+    values are torch's own either way.
     """
     global _madvise
     nbytes = tensor.untyped_storage().nbytes()
     if nbytes < _HUGE_PAGE_MIN_BYTES or not sys.platform.startswith("linux"):
-        return 0
+        return
     if _madvise is None:
         try:
             import ctypes
@@ -213,13 +214,10 @@ def _advise_huge_pages(tensor: torch.Tensor) -> int:
             _madvise = function
         except (OSError, AttributeError):
             _madvise = False
-    if not _madvise:
-        return 0
     start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages inside the tensor's memory
     end = (tensor.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if end <= start or _madvise(start, end - start, _MADV_HUGEPAGE) != 0:
-        return 0
-    return end - start
+    if _madvise and end > start:
+        _madvise(start, end - start, _MADV_HUGEPAGE)  # advice: a refusal leaves ordinary pages
 
 
 def read_tensor(entry: TensorEntry, handle: Optional[BinaryIO] = None) -> torch.Tensor:

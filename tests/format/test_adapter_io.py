@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -352,8 +353,8 @@ def _vm_flags_at(address: int) -> list[str]:
 
 def test_tensors_read_from_a_file_are_exact_and_large_ones_are_backed_by_huge_pages(tmp_path):
     """The reader reads each tensor into fresh memory; a large one (16 MiB) is advised to transparent huge pages
-    (first-touch page faults per 2 MiB instead of per 4 KiB: half the read time of a 310 MB adapter), a small one is
-    read the same way without advice. The values are the file's, bit for bit, either way."""
+    (first-touch page faults per 2 MiB instead of per 4 KiB), a small one is read the same way without advice. The
+    values are the file's, bit for bit, either way."""
     from peft_hft.format.checkpoint import read_header, read_tensor
 
     g = torch.Generator().manual_seed(0)
@@ -364,7 +365,7 @@ def test_tensors_read_from_a_file_are_exact_and_large_ones_are_backed_by_huge_pa
     for key, tensor in tensors.items():
         assert read[key].dtype == tensor.dtype and torch.equal(read[key], tensor)
     thp = "/sys/kernel/mm/transparent_hugepage/enabled"
-    if not sys.platform.startswith("linux") or not os.path.exists(thp) or "[never]" in open(thp).read():
+    if not sys.platform.startswith("linux") or not os.path.exists(thp) or "[never]" in Path(thp).read_text():
         pytest.skip("transparent huge pages are not offered here; the values were checked")
     middle = read["large"].data_ptr() + read["large"].untyped_storage().nbytes() // 2
     assert "hg" in _vm_flags_at(middle)

@@ -183,54 +183,17 @@ def _entry_problem(info: Any) -> Optional[str]:
     return None
 
 
-# Huge pages are asked for in tensors of at least this many bytes (two 2 MiB pages; smaller ones hold at most one).
-_HUGE_PAGE = 1 << 21
-_HUGE_PAGE_MIN_BYTES = 2 * _HUGE_PAGE
-_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
-_madvise: Any = None  # libc's madvise once looked up; False where it is not available
-
-
-def _advise_huge_pages(tensor: torch.Tensor) -> None:
-    """Ask Linux to back the untouched memory of a large CPU tensor with transparent huge pages.
-
-    Why: the first touch of fresh memory pays a page fault per 4 KiB page, which for a large adapter read into memory
-    the process never used costs about as much as the read itself; with huge pages it is one fault per 2 MiB. torch's
-    allocator asks for huge pages only under ``THP_MEM_ALLOC_ENABLE=1``, read once per process, so the reader advises
-    the tensors it allocates itself. Memory the allocator reuses is touched already and gains nothing (the in-process
-    rounds of ``benchmarks/bench_load_time.py``; its first loads in new processes are what this is for). It is advice:
-    where the kernel has THP off (``never``) or the call fails, the read is the same, only slower; the memory and the
-    values are torch's own either way.
-    """
-    global _madvise
-    nbytes = tensor.untyped_storage().nbytes()
-    if nbytes < _HUGE_PAGE_MIN_BYTES or not sys.platform.startswith("linux"):
-        return
-    if _madvise is None:
-        try:
-            import ctypes
-
-            function = ctypes.CDLL(None, use_errno=True).madvise
-            function.argtypes, function.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-            _madvise = function
-        except (OSError, AttributeError):
-            _madvise = False
-    start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages inside the tensor's memory
-    end = (tensor.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if _madvise and end > start:
-        _madvise(start, end - start, _MADV_HUGEPAGE)  # advice: a refusal leaves ordinary pages
-
-
 def read_tensor(entry: TensorEntry, handle: Optional[BinaryIO] = None) -> torch.Tensor:
     """Read one tensor's bytes into a fresh CPU tensor (exactly one copy in memory, no memory map).
 
-    The file is read straight into the tensor's uninitialised memory (backed by huge pages where Linux offers them:
-    :func:`_advise_huge_pages`): a zero-filled buffer would touch every page twice, which costs as much as the read
-    itself on large tensors."""
+    The file is read straight into the tensor's uninitialised memory: a zero-filled buffer would touch every page
+    twice, which costs as much as the read itself on large tensors. No transparent huge pages are asked for: where the
+    kernel compacts memory for them on the first touch (``defrag`` set to ``madvise``, the common default), a first
+    load in a new process measured 0.23 s slower with them (``benchmarks/bench_load_time.py``, 310 MB of fp32 diffs)."""
     _check_byte_order()
     tensor = torch.empty(entry.shape, dtype=entry.dtype)  # read_header matched nbytes to the shape and dtype
     if not entry.nbytes:
         return tensor
-    _advise_huge_pages(tensor)
     with contextlib.nullcontext(handle) if handle is not None else open(entry.file, "rb") as f:
         f.seek(entry.start)
         if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != entry.nbytes:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -337,24 +336,9 @@ def test_unknown_fields_in_adapter_config_warn_like_lora(trained, tmp_path):
         PeftModel.from_pretrained(tiny_model("llama", layers=2), case)
 
 
-def _vm_flags_at(address: int) -> list[str]:
-    """The VmFlags of the mapping of this process that holds ``address`` (Linux /proc/self/smaps)."""
-    current = None
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                low, high = (int(x, 16) for x in head.split("-"))
-                current = low <= address < high
-            elif head == "VmFlags:" and current:
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-def test_tensors_read_from_a_file_are_exact_and_large_ones_are_backed_by_huge_pages(tmp_path):
-    """The reader reads each tensor into fresh memory; a large one (16 MiB) is advised to transparent huge pages
-    (first-touch page faults per 2 MiB instead of per 4 KiB), a small one is read the same way without advice. The
-    values are the file's, bit for bit, either way."""
+def test_tensors_read_from_a_file_are_exact(tmp_path):
+    """The reader reads each tensor into fresh memory of its own (not a view of the file): the values are the
+    file's, bit for bit, for a large fp32 and a small bf16 tensor, and survive the file being overwritten."""
     from peft_hft.format.checkpoint import read_header, read_tensor
 
     g = torch.Generator().manual_seed(0)
@@ -364,8 +348,6 @@ def test_tensors_read_from_a_file_are_exact_and_large_ones_are_backed_by_huge_pa
     read = {key: read_tensor(entry) for key, entry in entries.items()}
     for key, tensor in tensors.items():
         assert read[key].dtype == tensor.dtype and torch.equal(read[key], tensor)
-    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
-    if not sys.platform.startswith("linux") or not os.path.exists(thp) or "[never]" in Path(thp).read_text():
-        pytest.skip("transparent huge pages are not offered here; the values were checked")
-    middle = read["large"].data_ptr() + read["large"].untyped_storage().nbytes() // 2
-    assert "hg" in _vm_flags_at(middle)
+    (tmp_path / "t.safetensors").write_bytes(b"\0" * (tmp_path / "t.safetensors").stat().st_size)
+    for key, tensor in tensors.items():
+        assert torch.equal(read[key], tensor)

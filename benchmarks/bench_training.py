@@ -168,9 +168,9 @@ def build(variant: str, args, selection: list[str]):
 
         return model, optimizer_in_backward(model, torch.optim.AdamW, lr=1e-5)
     if variant == "hft-preset":
-        from peft_hft import low_bit_adamw, low_memory_preset, optimizer_in_backward
+        from peft_hft import apply_low_memory_preset
 
-        return model, optimizer_in_backward(model, low_bit_adamw(low_memory_preset()["optimizer"]["bits"]), lr=1e-5)
+        return model, apply_low_memory_preset(model, lr=1e-5)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     return model, optimizer

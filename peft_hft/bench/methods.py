@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..integrations.low_memory import PRESET_CLIP_PER_TENSOR
 from ..tuner.config import HFTConfig
 
 
@@ -27,9 +28,9 @@ class Method:
     # in bf16 with gradient checkpointing, the preset's HFTConfig fields, and the preset's optimizer fused into
     # backward (make_optimizer: no global clipping, see clip_per_tensor)
     preset_bits: Optional[int] = None
-    # the preset's fused step with each tensor's gradient clipped to this norm (optimizer_in_backward's
-    # clip_per_tensor; None: unclipped, the preset's own setting)
-    clip_per_tensor: Optional[float] = None
+    # preset methods: each tensor's gradient clipped to this norm in the fused step (the preset's own 1.0; None:
+    # unclipped, how the preset ran before it clipped)
+    clip_per_tensor: Optional[float] = PRESET_CLIP_PER_TENSOR
 
     @property
     def low_memory(self) -> bool:
@@ -71,21 +72,19 @@ class Method:
         Without weight decay, as the loop's AdamW."""
         if not self.low_memory:
             return None
-        from ..integrations.low_memory import low_bit_adamw, low_memory_preset, optimizer_in_backward
+        from ..integrations.low_memory import apply_low_memory_preset
 
-        preset = low_memory_preset(self.preset_bits)
-        return optimizer_in_backward(model, low_bit_adamw(preset["optimizer"]["bits"]),
-                                     chunk_elements=preset["chunk_elements"], clip_per_tensor=self.clip_per_tensor,
-                                     lr=lr, weight_decay=0.0)
+        return apply_low_memory_preset(model, self.preset_bits, clip_per_tensor=self.clip_per_tensor, lr=lr,
+                                       weight_decay=0.0)
 
 
 def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]:
     return lambda seed: HFTConfig(ratio=ratio, strategy=strategy, seed=seed)
 
 
-def _hft_preset(name: str, label: str, bits: int, clip_per_tensor: Optional[float] = None) -> Method:
+def _hft_preset(name: str, label: str, bits: int, clip_per_tensor: Optional[float] = PRESET_CLIP_PER_TENSOR) -> Method:
     """HFT (ratio 0.5) in the low-memory preset at ``bits``: its config and its optimizer follow the same bits;
-    ``clip_per_tensor`` clips each tensor's gradient in the fused step."""
+    ``clip_per_tensor`` clips each tensor's gradient in the fused step (the preset's own bound unless given)."""
     from ..integrations.low_memory import low_memory_config
 
     return Method(name, label, lambda seed: low_memory_config(bits, ratio=0.5, seed=seed), ratio=0.5,
@@ -101,7 +100,7 @@ def _lora(seed: int) -> Any:
 def default_methods() -> list[Method]:
     """Full fine-tuning, HFT (paper default and ratios 0.25 / 0.75), the model-level random half, HFT's structure with
     the tensors picked by an importance score (``peft_hft.calibrate``), HFT in the low-memory preset (4-bit and 8-bit
-    AdamW, unclipped and with each tensor's gradient clipped), and LoRA."""
+    AdamW, as defined and unclipped), and LoRA."""
     return [
         Method("fft", "Full fine-tuning", lambda seed: None, ratio=1.0),
         Method("hft", "HFT (category, 0.5)", _hft(0.5), ratio=0.5),
@@ -112,11 +111,11 @@ def default_methods() -> list[Method]:
         Method("hft_wanda", "HFT, least Wanda importance on C4", _hft(0.5), ratio=0.5, calibration="wanda"),
         Method("hft_fisher", "HFT, least Fisher on C4", _hft(0.5), ratio=0.5, calibration="fisher"),
         Method("hft_grad", "HFT, largest task gradient", _hft(0.5), ratio=0.5, calibration="gradient"),
-        _hft_preset("hft_preset", "HFT, low-memory preset (bf16, SR, AdamW4bit in backward)", 4),
-        _hft_preset("hft_preset8", "HFT, low-memory preset at 8 bits (bf16, SR, AdamW8bit in backward)", 8),
-        _hft_preset("hft_preset_clip", "HFT, low-memory preset, each tensor's gradient clipped at 1.0", 4, 1.0),
-        _hft_preset("hft_preset8_clip", "HFT, low-memory preset at 8 bits, each tensor's gradient clipped at 1.0", 8,
-                    1.0),
+        _hft_preset("hft_preset", "HFT, low-memory preset (bf16, SR, AdamW4bit in backward, clip 1.0 per tensor)", 4),
+        _hft_preset("hft_preset8", "HFT, low-memory preset at 8 bits (bf16, SR, AdamW8bit in backward, clip 1.0 per "
+                    "tensor)", 8),
+        _hft_preset("hft_preset_unclipped", "HFT, low-memory preset, unclipped", 4, None),
+        _hft_preset("hft_preset8_unclipped", "HFT, low-memory preset at 8 bits, unclipped", 8, None),
         Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),
     ]
 

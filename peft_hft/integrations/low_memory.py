@@ -49,9 +49,18 @@ CHUNK_MULTIPLE = 4096
 # The low-memory preset's slice: bounds the step's scratch of any tensor (the embedding and lm_head of an 8B model
 # hold 525M elements each) to that of 16M elements (about 0.5 GiB with AdamW4bit and stochastic rounding).
 PRESET_CHUNK_ELEMENTS = 1 << 24
+# The low-memory preset's bound on each tensor's gradient norm: the fused step cannot clip by the global norm as the
+# Trainer's default max_grad_norm=1.0 does, and unclipped the 8-bit preset broke the general model on the forgetting
+# benchmark (Wikipedia perplexity +1,373% at lr 1e-4, +78.7% clipped at lr 3e-4; docs/forgetting.md).
+PRESET_CLIP_PER_TENSOR = 1.0
 # Hyperparameters of a param group that schedulers or users change during training; copied to the per-tensor
 # optimizers before each of their steps.
 _SCHEDULED = ("lr", "weight_decay", "betas", "momentum", "eps")
+
+
+def _is_trainer(obj: Any) -> bool:
+    """A transformers ``Trainer`` (or TRL's), recognised by what the optimizer functions use of it."""
+    return hasattr(obj, "args") and hasattr(obj, "model") and hasattr(obj, "create_optimizer")
 
 
 def low_bit_adamw(bits: int = 8) -> type[torch.optim.Optimizer]:
@@ -355,7 +364,7 @@ def optimizer_in_backward(
     step; a second backward without it raises, as gradient accumulation would train wrongly).
     """
     trainer = None
-    if hasattr(model, "args") and hasattr(model, "model") and hasattr(model, "create_optimizer"):
+    if _is_trainer(model):
         trainer, model = model, model.model
         training_args = trainer.args if training_args is None else training_args
         optimizer_kwargs.setdefault("lr", training_args.learning_rate)
@@ -384,6 +393,8 @@ def low_memory_preset(bits: int = 4) -> dict[str, Any]:
     * ``"optimizer"``: ``torchao.optim.AdamW4bit`` (``bits=8``: ``AdamW8bit``) as ``{"class": name, "bits": bits}``;
     * ``"optimizer_in_backward"``: ``True``, the step fused into backward (:func:`optimizer_in_backward`);
     * ``"chunk_elements"``: ``2**24``, tensors beyond 16M elements (embeddings, lm_head) stepped in slices of that size;
+    * ``"clip_per_tensor"``: ``1.0``, each tensor's gradient scaled to at most that norm before its step (the fused
+      step's stand-in for the Trainer's global-norm clipping, which it cannot do; measured in docs/forgetting.md);
     * ``"training_arguments"``: ``TrainingArguments`` fields: gradient checkpointing (non-reentrant), bf16,
       ``gradient_accumulation_steps=1`` and ``max_grad_norm=0`` (what the fused step needs).
 
@@ -397,6 +408,7 @@ def low_memory_preset(bits: int = 4) -> dict[str, Any]:
         "optimizer": {"class": f"torchao.optim.{LOW_BIT_OPTIMIZERS[bits]}", "bits": bits},
         "optimizer_in_backward": True,
         "chunk_elements": PRESET_CHUNK_ELEMENTS,
+        "clip_per_tensor": PRESET_CLIP_PER_TENSOR,
         "training_arguments": {
             "bf16": True,
             "gradient_checkpointing": True,
@@ -412,21 +424,28 @@ def low_memory_config(bits: int = 4, **fields: Any) -> HFTConfig:
     return HFTConfig(**{**low_memory_preset(bits)["hft_config"], **fields})
 
 
-def apply_low_memory_preset(trainer: Any, bits: int = 4, **optimizer_kwargs: Any) -> OptimizerInBackward:
-    """Install the preset's optimizer (low-bit AdamW, fused into backward) in a Trainer whose arguments follow the
-    preset (``low_memory_preset()["training_arguments"]``, checked here), e.g. an ``SFTTrainer`` given
-    ``peft_config=low_memory_config()``."""
+def apply_low_memory_preset(
+    trainer: Any, bits: int = 4, *, clip_per_tensor: Optional[float] = PRESET_CLIP_PER_TENSOR, **optimizer_kwargs: Any
+) -> OptimizerInBackward:
+    """The preset's optimizer (low-bit AdamW fused into backward, in slices, each tensor's gradient clipped): installed
+    in a Trainer whose arguments follow the preset (``low_memory_preset()["training_arguments"]``, checked here), e.g.
+    an ``SFTTrainer`` given ``peft_config=low_memory_config()``; or, given a model, returned for a loop of your own.
+
+    ``clip_per_tensor=None`` steps unclipped (how the preset ran before it clipped; docs/forgetting.md measures both);
+    ``optimizer_kwargs`` (``lr``, ``weight_decay``, ...) go to the optimizer, as in :func:`optimizer_in_backward`.
+    """
     preset = low_memory_preset(bits)
-    wrong = {
-        key: getattr(trainer.args, key, None)
-        for key, value in preset["training_arguments"].items()
-        if key != "gradient_checkpointing_kwargs" and getattr(trainer.args, key, None) != value
-    }
-    if wrong:
-        raise ValueError(
-            f"The Trainer's arguments differ from the low-memory preset: {wrong}. Fix: build them with "
-            "TrainingArguments(..., **low_memory_preset()['training_arguments'])."
-        )
+    if _is_trainer(trainer):
+        wrong = {
+            key: getattr(trainer.args, key, None)
+            for key, value in preset["training_arguments"].items()
+            if key != "gradient_checkpointing_kwargs" and getattr(trainer.args, key, None) != value
+        }
+        if wrong:
+            raise ValueError(
+                f"The Trainer's arguments differ from the low-memory preset: {wrong}. Fix: build them with "
+                "TrainingArguments(..., **low_memory_preset()['training_arguments'])."
+            )
     return optimizer_in_backward(trainer, low_bit_adamw(bits), chunk_elements=preset["chunk_elements"],
-                                 **optimizer_kwargs)
+                                 clip_per_tensor=clip_per_tensor, **optimizer_kwargs)
 

@@ -400,12 +400,13 @@ def test_recorded_tables_state_their_precision():
 
 
 @pytest.mark.parametrize(("name", "bits", "optimizer_class", "clip"), [
-    ("hft_preset", 4, "AdamW4bit", None), ("hft_preset8", 8, "AdamW8bit", None),
-    ("hft_preset_clip", 4, "AdamW4bit", 1.0), ("hft_preset8_clip", 8, "AdamW8bit", 1.0)])
+    ("hft_preset", 4, "AdamW4bit", 1.0), ("hft_preset8", 8, "AdamW8bit", 1.0),
+    ("hft_preset_unclipped", 4, "AdamW4bit", None), ("hft_preset8_unclipped", 8, "AdamW8bit", None)])
 def test_the_low_memory_preset_method_trains_the_preset(name, bits, optimizer_class, clip):
-    """``hft_preset`` (``hft_preset8``: at 8 bits; ``_clip``: each tensor's gradient clipped at 1.0): the model in
-    bf16 with gradient checkpointing, the preset's HFTConfig fields with the run's seed, and the preset's optimizer
-    (low-bit AdamW in backward, the preset's slices); the other methods keep the loop's AdamW."""
+    """``hft_preset`` (``hft_preset8``: at 8 bits; ``_unclipped``: without the preset's per-tensor clipping): the
+    model in bf16 with gradient checkpointing, the preset's HFTConfig fields with the run's seed, and the preset's
+    optimizer (low-bit AdamW in backward, the preset's slices and clipping); the other methods keep the loop's
+    AdamW."""
     from tiny_models import tiny_model
 
     from peft_hft import OptimizerInBackward, low_memory_preset
@@ -428,4 +429,5 @@ def test_the_low_memory_preset_method_trains_the_preset(name, bits, optimizer_cl
     assert type(optimizer.optimizers[0][0]).__name__ == optimizer_class and optimizer.param_groups[0]["lr"] == 1e-3
     assert optimizer.param_groups[0]["weight_decay"] == 0.0  # as the loop's AdamW
     assert optimizer.clip_per_tensor == clip
+    assert (clip is None) == (name.endswith("_unclipped")) and low_memory_preset(bits)["clip_per_tensor"] == 1.0
     optimizer.remove_hooks()

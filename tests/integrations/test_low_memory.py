@@ -177,6 +177,32 @@ def test_clip_per_tensor_scales_each_tensors_gradient_before_its_step(chunk):
     assert optimizer.grad_norm == pytest.approx(sum(n * n for n in norms.values()) ** 0.5, rel=1e-5)
 
 
+def test_clip_per_tensor_on_a_bf16_model_clips_the_gradient_its_masters_step_with():
+    """On a bf16 model with fp32 masters the clipping scales the bf16 gradient (by a factor rounded to bf16, as in
+    ``clip_grad_norm_``) before the master steps: the saved update is ``-lr`` times that gradient, each tensor's
+    below the bound up to bf16 rounding, and the bound bites (the unclipped update is larger)."""
+    clip, lr = 0.05, 1e-2
+    model = get_peft_model(sliced_base(BF16), HFTConfig(seed=0, master_weights="fp32"))
+    reference = get_peft_model(sliced_base(BF16), HFTConfig(seed=0, master_weights="fp32"))
+    optimizer = optimizer_in_backward(model, torch.optim.SGD, chunk_elements=CHUNK, clip_per_tensor=clip, lr=lr)
+    inputs = batch(0, size=4, length=16)
+    reference(**inputs, labels=inputs["input_ids"]).loss.backward()
+    expected = {}
+    for name, param in reference.named_parameters():
+        if param.requires_grad:
+            norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32)
+            factor = torch.clamp(clip / (norm + 1e-6), max=1.0).to(BF16)
+            expected[name.removeprefix("base_model.model.")] = -lr * (param.grad * factor).float()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    optimizer.step()
+    got = trained_values(model)
+    assert got.keys() == expected.keys()
+    for name, diff in got.items():  # up to the fp32 rounding of master minus base (half an ulp of 1.0)
+        torch.testing.assert_close(diff, expected[name], rtol=0, atol=6e-8)
+        assert float(diff.norm()) <= lr * clip * (1 + 2**-7)
+    assert sum(float(v.norm()) < lr * clip * 0.99 for v in got.values()) < len(got) / 2  # most were clipped
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "1.0"])
 def test_clip_per_tensor_refuses_what_is_not_a_positive_finite_norm(bad):
     model = get_peft_model(base(), HFTConfig(seed=0))
@@ -299,7 +325,7 @@ def test_the_low_memory_preset_is_one_definition_and_trains_with_trl_sft_and_dpo
     assert preset["hft_config"] == {"master_weights": "stochastic_rounding"}
     assert preset["optimizer"] == {"class": "torchao.optim.AdamW4bit", "bits": 4}
     assert preset["training_arguments"]["max_grad_norm"] == 0.0 and preset["optimizer_in_backward"] is True
-    assert preset["chunk_elements"] == 2**24
+    assert preset["chunk_elements"] == 2**24 and preset["clip_per_tensor"] == 1.0
     assert low_bit_adamw(preset["optimizer"]["bits"]).__name__ == "AdamW4bit"
     assert low_memory_config(seed=3).master_weights == "stochastic_rounding"
     with pytest.raises(ValueError, match="8-bit and 4-bit"):
@@ -310,6 +336,7 @@ def test_the_low_memory_preset_is_one_definition_and_trains_with_trl_sft_and_dpo
     trainer = sft_trainer(model, tmp_path / "sft", low_memory_config(seed=3), learning_rate=1e-3, max_steps=2,
                           **preset["training_arguments"])
     optimizer = apply_low_memory_preset(trainer)
+    assert optimizer.clip_per_tensor == 1.0 and optimizer.chunk_elements == 2**24
     trainer.train()
     assert 0 < len(changed(before, model)) and changed(before, model) <= selection(trainer.model)
     states = [o.state for inners in optimizer.optimizers for o in inners]
@@ -328,6 +355,25 @@ def test_the_low_memory_preset_is_one_definition_and_trains_with_trl_sft_and_dpo
                         bf16=True, max_steps=1)
     with pytest.raises(ValueError, match="differ from the low-memory preset"):
         apply_low_memory_preset(wrong)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_preset_optimizer_for_a_plain_loop_follows_the_one_definition(bits):
+    """``apply_low_memory_preset(model)`` (no Trainer) returns the preset's optimizer for a loop of one's own: its
+    bits, slices and per-tensor clipping; ``clip_per_tensor=None`` steps unclipped; the optimizer's own arguments
+    pass through."""
+    pytest.importorskip("torchao")
+    model = get_peft_model(base(), low_memory_config(seed=0))
+    optimizer = apply_low_memory_preset(model, bits, lr=3e-4, weight_decay=0.0)
+    preset = low_memory_preset(bits)
+    assert optimizer.clip_per_tensor == preset["clip_per_tensor"] == 1.0
+    assert optimizer.chunk_elements == preset["chunk_elements"]
+    assert type(optimizer.optimizers[0][0]).__name__ == preset["optimizer"]["class"].rpartition(".")[2]
+    assert optimizer.param_groups[0]["lr"] == 3e-4 and optimizer.param_groups[0]["weight_decay"] == 0.0
+    optimizer.remove_hooks()
+    unclipped = apply_low_memory_preset(model, bits, clip_per_tensor=None, lr=3e-4)
+    assert unclipped.clip_per_tensor is None
+    unclipped.remove_hooks()
 
 
 @pytest.mark.parametrize("mode", ["kahan", "stochastic_rounding"])

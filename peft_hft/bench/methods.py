@@ -31,6 +31,9 @@ class Method:
     # preset methods: each tensor's gradient clipped to this norm in the fused step (the preset's own 1.0; None:
     # unclipped, how the preset ran before it clipped)
     clip_per_tensor: Optional[float] = PRESET_CLIP_PER_TENSOR
+    # the frozen half held in NF4 for training (peft_hft.quantize_frozen); the adapter is evaluated on the
+    # full-precision base, as a user applies it (for_evaluation)
+    frozen_nf4: bool = False
 
     @property
     def low_memory(self) -> bool:
@@ -65,7 +68,28 @@ class Method:
             if self.calibration_data is not None and calibration_batches is None:
                 raise ValueError(f"Method {self.name!r} needs calibration batches ({self.calibration_data} data).")
             config = calibrate(model, calibration_batches, strategy=self.calibration, config=config)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+        if self.frozen_nf4:
+            from ..tuner.quantize_frozen import quantize_frozen
+
+            quantize_frozen(peft_model)
+        return peft_model
+
+    def for_evaluation(self, model: nn.Module, base_model: nn.Module) -> nn.Module:
+        """The trained model as it is scored: itself, or for a method that trained against an NF4 frozen half, its
+        adapter saved and loaded onto a copy of ``base_model`` in the trained model's dtype (the full-precision
+        frozen half, which is what a user applies the adapter to)."""
+        if not self.frozen_nf4:
+            return model
+        import copy
+        import tempfile
+
+        from peft import PeftModel
+
+        dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+        with tempfile.TemporaryDirectory() as directory:
+            model.save_pretrained(directory)
+            return PeftModel.from_pretrained(copy.deepcopy(base_model).to(dtype), directory)
 
     def make_optimizer(self, model: nn.Module, lr: float) -> Optional[torch.optim.Optimizer]:
         """The method's own optimizer over ``model``'s trainable tensors, or None for the loop's AdamW (clipped).
@@ -82,13 +106,15 @@ def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]
     return lambda seed: HFTConfig(ratio=ratio, strategy=strategy, seed=seed)
 
 
-def _hft_preset(name: str, label: str, bits: int, clip_per_tensor: Optional[float] = PRESET_CLIP_PER_TENSOR) -> Method:
+def _hft_preset(name: str, label: str, bits: int, clip_per_tensor: Optional[float] = PRESET_CLIP_PER_TENSOR,
+                frozen_nf4: bool = False) -> Method:
     """HFT (ratio 0.5) in the low-memory preset at ``bits``: its config and its optimizer follow the same bits;
-    ``clip_per_tensor`` clips each tensor's gradient in the fused step (the preset's own bound unless given)."""
+    ``clip_per_tensor`` clips each tensor's gradient in the fused step (the preset's own bound unless given);
+    ``frozen_nf4`` holds the frozen half in NF4 while training."""
     from ..integrations.low_memory import low_memory_config
 
     return Method(name, label, lambda seed: low_memory_config(bits, ratio=0.5, seed=seed), ratio=0.5,
-                  preset_bits=bits, clip_per_tensor=clip_per_tensor)
+                  preset_bits=bits, clip_per_tensor=clip_per_tensor, frozen_nf4=frozen_nf4)
 
 
 def _lora(seed: int) -> Any:
@@ -100,7 +126,7 @@ def _lora(seed: int) -> Any:
 def default_methods() -> list[Method]:
     """Full fine-tuning, HFT (paper default and ratios 0.25 / 0.75), the model-level random half, HFT's structure with
     the tensors picked by an importance score (``peft_hft.calibrate``), HFT in the low-memory preset (4-bit and 8-bit
-    AdamW, as defined and unclipped), and LoRA."""
+    AdamW, as defined and unclipped; at 8 bits also against an NF4 frozen half), and LoRA."""
     return [
         Method("fft", "Full fine-tuning", lambda seed: None, ratio=1.0),
         Method("hft", "HFT (category, 0.5)", _hft(0.5), ratio=0.5),
@@ -114,6 +140,8 @@ def default_methods() -> list[Method]:
         _hft_preset("hft_preset", "HFT, low-memory preset (bf16, SR, AdamW4bit in backward, clip 1.0 per tensor)", 4),
         _hft_preset("hft_preset8", "HFT, low-memory preset at 8 bits (bf16, SR, AdamW8bit in backward, clip 1.0 per "
                     "tensor)", 8),
+        _hft_preset("hft_preset8_nf4", "HFT, low-memory preset at 8 bits, trained against an NF4 frozen half", 8,
+                    frozen_nf4=True),
         _hft_preset("hft_preset_unclipped", "HFT, low-memory preset, unclipped", 4, None),
         _hft_preset("hft_preset8_unclipped", "HFT, low-memory preset at 8 bits, unclipped", 8, None),
         Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),

@@ -204,7 +204,7 @@ def _train(bench: Bench, method: Method, lr: float, seed: int) -> tuple[dict[str
         record.update(diverged=True, scores={})
         return record, None
     record["diverged"] = False
-    return record, model
+    return record, method.for_evaluation(model, bench.base_model)
 
 
 def _finish(bench: Bench, record: dict[str, Any], model: nn.Module, path: Path) -> dict[str, Any]:

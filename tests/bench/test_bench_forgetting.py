@@ -431,3 +431,37 @@ def test_the_low_memory_preset_method_trains_the_preset(name, bits, optimizer_cl
     assert optimizer.clip_per_tensor == clip
     assert (clip is None) == (name.endswith("_unclipped")) and low_memory_preset(bits)["clip_per_tensor"] == 1.0
     optimizer.remove_hooks()
+
+
+def test_the_nf4_preset_method_trains_against_nf4_and_is_scored_on_the_full_precision_base():
+    """``hft_preset8_nf4``: the 8-bit preset with the frozen half held in NF4 while training; for scoring, its
+    adapter is applied to the full-precision base (what a user loads): the frozen tensors are the base's own values
+    in the trained dtype, the trained ones what training made of them."""
+    pytest.importorskip("torchao")
+    from tiny_models import batch, tiny_model
+
+    from peft_hft.bench.methods import default_methods
+
+    method = {m.name: m for m in default_methods()}["hft_preset8_nf4"]
+    base = tiny_model("llama", layers=2)
+    model = method.wrap(copy.deepcopy(base), seed=3)
+    quantized = {n for n, p in model.get_base_model().named_parameters() if type(p).__name__ == "NF4Tensor"}
+    assert quantized and all(".layers." in n for n in quantized)
+    optimizer = method.make_optimizer(model, 1e-3)
+    model.train()
+    inputs = batch(0, size=2, length=8)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    optimizer.step()
+    optimizer.remove_hooks()
+    trained = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters() if p.requires_grad}
+    scored = method.for_evaluation(model, base)
+    assert scored is not model and {type(p).__name__ for p in scored.parameters()} == {"Parameter"}
+    values = dict(scored.get_base_model().named_parameters())
+    original = dict(base.named_parameters())
+    for name in quantized:
+        assert torch.equal(values[name], original[name].to(torch.bfloat16))
+    assert any(not torch.equal(values[n], original[n].to(torch.bfloat16)) for n in trained)
+    for name, value in trained.items():
+        assert torch.equal(values[name], value)
+    plain = {m.name: m for m in default_methods()}["hft_preset8"]
+    assert not plain.frozen_nf4 and plain.for_evaluation(model, base) is model

@@ -22,8 +22,8 @@ gradient norm (the norm is only known after the last gradient, when the first te
 are refused with an error naming the fix, never trained wrongly. What it offers instead is clipping per tensor
 (``clip_per_tensor``): each tensor's gradient is scaled to at most that norm before its step, which bounds every
 tensor's update against a gradient spike but is not the global clip (the global norm may reach ``clip_per_tensor``
-times the square root of the number of tensors). ``OptimizerInBackward.grad_norm`` reports the global norm of the
-last step's gradients, before clipping, for logging.
+times the square root of the number of tensors). With it, ``OptimizerInBackward.grad_norm`` reports the global norm
+of the last step's gradients, before clipping, for logging (computed from the per-tensor norms the clipping needs).
 
 The first step of torchao's optimizers compiles its kernel (``torch.compile``; about 40 s on a CPU, once per process).
 ``torch.compiler.set_stance("force_eager")`` skips the compilation (eager steps are slower, fine for short runs and
@@ -120,8 +120,9 @@ class OptimizerInBackward(torch.optim.Optimizer):
     refused.
 
     With ``clip_per_tensor``, each tensor's gradient is scaled to a norm of at most that value before its step (the
-    whole tensor's norm, also when it is stepped in slices). ``grad_norm`` is the global norm of the gradients of the
-    last completed step before clipping (``None`` before the first), computed from the per-tensor norms.
+    whole tensor's norm, also when it is stepped in slices), and ``grad_norm`` is the global norm of the gradients of
+    the last completed step before clipping (``None`` before the first, and without ``clip_per_tensor``: unclipped
+    steps compute no norms), computed from the per-tensor norms.
 
     Calling ``backward`` twice without ``step()`` in between (gradient accumulation) raises, as does being stepped
     by a Trainer whose arguments clip by the global gradient norm.
@@ -158,7 +159,8 @@ class OptimizerInBackward(torch.optim.Optimizer):
                 "backward, or train without optimizer_in_backward."
             )
         self._stepped_since_step.add(index)
-        self._clip(param.grad)
+        if self.clip_per_tensor is not None:
+            self._clip(param.grad)
         inners = self.optimizers[index]
         if len(inners) == 1:  # stepped whole (_slices gives a sliced tensor two slices or more)
             _copy_hyperparameters(self.param_groups[0], inners[0].param_groups[0], _SCHEDULED)
@@ -178,11 +180,11 @@ class OptimizerInBackward(torch.optim.Optimizer):
     @torch.no_grad()
     def _clip(self, gradient: torch.Tensor) -> None:
         """Record the gradient's norm (for ``grad_norm``) and scale it to at most ``clip_per_tensor``, without a
-        host sync: the factor stays a tensor, as in ``torch.nn.utils.clip_grad_norm_``."""
+        host sync: the factor stays a tensor, as in ``torch.nn.utils.clip_grad_norm_``. Unclipped steps skip it: the
+        norm is one more pass over every gradient, paid only where the clipping needs it."""
         norm = torch.linalg.vector_norm(gradient, dtype=torch.float32)
         self._squared_norms.append(norm.square())
-        if self.clip_per_tensor is not None:
-            gradient.mul_(torch.clamp(self.clip_per_tensor / (norm + 1e-6), max=1.0).to(gradient.dtype))
+        gradient.mul_(torch.clamp(self.clip_per_tensor / (norm + 1e-6), max=1.0).to(gradient.dtype))
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - the steps ran in backward

@@ -175,6 +175,11 @@ def test_clip_per_tensor_scales_each_tensors_gradient_before_its_step(chunk):
     for name, value in expected.items():
         torch.testing.assert_close(got[name].detach(), value, rtol=0, atol=1e-7)
     assert optimizer.grad_norm == pytest.approx(sum(n * n for n in norms.values()) ** 0.5, rel=1e-5)
+    unclipped = optimizer_in_backward(reference, torch.optim.SGD, chunk_elements=chunk, lr=lr)
+    reference.zero_grad(set_to_none=True)
+    reference(**inputs, labels=inputs["input_ids"]).loss.backward()
+    unclipped.step()
+    assert unclipped.grad_norm is None  # unclipped steps compute no norms
 
 
 def test_clip_per_tensor_on_a_bf16_model_clips_the_gradient_its_masters_step_with():

@@ -155,9 +155,9 @@ def preset_chunk_elements() -> int:
     return low_memory_preset()["chunk_elements"] if override is None else override
 
 
-def low_bit_adamw(bits: int, in_backward: bool = False, preset_slices: bool = False):
-    """torchao's AdamW with ``bits``-bit moments (the first step compiles its kernel), optionally in backward (in
-    the preset's slices with ``preset_slices``)."""
+def low_bit_adamw(bits: int, in_backward: bool = False, preset: bool = False):
+    """torchao's AdamW with ``bits``-bit moments (the first step compiles its kernel), optionally in backward (with
+    ``preset``: in the preset's slices, each tensor's gradient clipped as the preset clips it)."""
 
     def make(params):
         from peft_hft import OptimizerInBackward
@@ -166,7 +166,12 @@ def low_bit_adamw(bits: int, in_backward: bool = False, preset_slices: bool = Fa
         cls = optimizer_class(bits)
         if not in_backward:
             return cls(params, lr=1e-5)
-        return OptimizerInBackward(params, cls, preset_chunk_elements() if preset_slices else None, lr=1e-5)
+        if not preset:
+            return OptimizerInBackward(params, cls, lr=1e-5)
+        from peft_hft import low_memory_preset
+
+        clip = low_memory_preset(bits)["clip_per_tensor"]
+        return OptimizerInBackward(params, cls, preset_chunk_elements(), clip_per_tensor=clip, lr=1e-5)
 
     return make
 
@@ -196,7 +201,7 @@ TRAINING_VARIANTS = {
     "hft-adamw8bit": (_hft, low_bit_adamw(8)),
     "hft-adamw4bit": (_hft, low_bit_adamw(4)),
     "hft-nf4-frozen": (_hft_nf4_frozen, fused_adamw),
-    "hft-low-memory": (_hft_low_memory, low_bit_adamw(4, in_backward=True, preset_slices=True)),
+    "hft-low-memory": (_hft_low_memory, low_bit_adamw(4, in_backward=True, preset=True)),
 }
 
 

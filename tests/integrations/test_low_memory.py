@@ -208,6 +208,26 @@ def test_clip_per_tensor_on_a_bf16_model_clips_the_gradient_its_masters_step_wit
     assert sum(float(v.norm()) < lr * clip * 0.99 for v in got.values()) < len(got) / 2  # most were clipped
 
 
+def test_the_clipping_norm_of_a_large_bf16_gradient_needs_no_float32_copy_of_it():
+    """``gradient_norm`` of a bf16 gradient of twice the slice is its float64 norm to 1e-4, and allocates at most
+    one float32 slice, never a float32 copy of the whole gradient (which ``vector_norm(dtype=torch.float32)`` makes:
+    2.1 GB for an 8B model's embedding)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from peft_hft.integrations.low_memory import _NORM_SLICE, gradient_norm
+
+    gradient = torch.randn(2 * _NORM_SLICE, generator=torch.Generator().manual_seed(0)).to(BF16)
+    expected = float(gradient.double().norm())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        norm = gradient_norm(gradient)
+    assert norm.dtype == torch.float32 and float(norm) == pytest.approx(expected, rel=1e-4)
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    assert 0 < largest <= 4 * _NORM_SLICE < 4 * gradient.numel()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.linalg.vector_norm(gradient, dtype=torch.float32)
+    assert max(event.cpu_memory_usage for event in prof.events()) >= 4 * gradient.numel()  # what is avoided
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "1.0"])
 def test_clip_per_tensor_refuses_what_is_not_a_positive_finite_norm(bad):
     model = get_peft_model(base(), HFTConfig(seed=0))

@@ -43,7 +43,8 @@ RUNS = {  # name -> (model dtype, HFTConfig.master_weights)
     "HFT-bf16, master_weights=kahan (default)": ("bfloat16", "kahan"),
     "HFT-bf16, master_weights=stochastic_rounding": ("bfloat16", "stochastic_rounding"),
     "HFT-bf16, master_weights=none": ("bfloat16", "none"),
-    # peft_hft.low_memory_preset(): stochastic rounding, torchao AdamW4bit, the step fused into backward
+    # peft_hft.low_memory_preset(): stochastic rounding, torchao AdamW4bit, the step fused into backward in slices,
+    # each tensor's gradient clipped at 1.0
     "HFT-bf16, low-memory preset": ("bfloat16", "preset"),
     # peft_hft.low_memory_preset(8): the same with torchao AdamW8bit (separates what the 4-bit moments cost)
     "HFT-bf16, low-memory preset at 8 bits": ("bfloat16", "preset8"),
@@ -117,12 +118,11 @@ def run(name: str, args, train_rows: torch.Tensor, eval_rows: torch.Tensor) -> d
         model, _ = load_default_model(dtype=getattr(torch, dtype), device=args.device)
     model.config.use_cache = False
     if masters in ("preset", "preset8"):
-        from peft_hft import low_bit_adamw, low_memory_config, low_memory_preset, optimizer_in_backward
+        from peft_hft import apply_low_memory_preset, low_memory_config
 
-        preset = low_memory_preset(8) if masters == "preset8" else low_memory_preset()
-        bits = preset["optimizer"]["bits"]
+        bits = 8 if masters == "preset8" else 4
         peft_model = get_peft_model(model, low_memory_config(bits, seed=0))
-        optimizer = optimizer_in_backward(peft_model, low_bit_adamw(bits), lr=args.lr)
+        optimizer = apply_low_memory_preset(peft_model, bits, lr=args.lr)
     else:
         peft_model = get_peft_model(model, HFTConfig(seed=0, master_weights=masters))
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)

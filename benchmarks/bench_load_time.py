@@ -84,14 +84,16 @@ def fresh_floor_load(path: Path, dtype: torch.dtype) -> float:
     return seconds
 
 
-def hft_load(base: torch.nn.Module, path: Path, skip_check: bool) -> float:
+def hft_load(base: torch.nn.Module, path: Path, skip_check: bool, copy_base: bool = True) -> float:
+    """One timed ``from_pretrained`` onto a deep copy of ``base`` (rounds in one process), or onto ``base`` itself
+    (``copy_base=False``: a first load in a new process, as a user's, whose process holds one model and no copy)."""
     import contextlib
 
     from peft import PeftModel
 
     import peft_hft
 
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base) if copy_base else base
     gc.collect()
     with peft_hft.skip_base_check() if skip_check else contextlib.nullcontext():
         start = time.perf_counter()
@@ -118,7 +120,7 @@ def first_load_child(label: str, contender: str) -> None:
     if contender == "fresh_floor":
         seconds = fresh_floor_load(path, next(base.parameters()).dtype)
     else:
-        seconds = hft_load(base, path, skip_check=contender == "hft_no_base_check")
+        seconds = hft_load(base, path, skip_check=contender == "hft_no_base_check", copy_base=False)
     print(json.dumps({"seconds": seconds}))
 
 

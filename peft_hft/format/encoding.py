@@ -369,7 +369,10 @@ def _from_steps(base: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype, chu
         order = _ordered(bits[part].to(work), width).add_(flat_steps[part])
         if not narrow:
             order.clamp_(-limit, limit)
-        out[part] = _unordered(order, width)
+            out[part] = _unordered(order, width)
+        else:  # _unordered in place, written straight into the output (two passes and a copy fewer)
+            sign = order >> (width - 1)
+            torch.bitwise_or(order.bitwise_xor_(sign).sub_(sign), sign.bitwise_and_(-(1 << (width - 1))), out=out[part])
     return out.view(dtype).reshape(base.shape)
 
 

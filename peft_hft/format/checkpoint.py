@@ -189,7 +189,8 @@ def read_tensor(entry: TensorEntry, handle: Optional[BinaryIO] = None) -> torch.
     The file is read straight into the tensor's uninitialised memory: a zero-filled buffer would touch every page
     twice, which costs as much as the read itself on large tensors. No transparent huge pages are asked for: where the
     kernel compacts memory for them on the first touch (``defrag`` set to ``madvise``, the common default), a first
-    load in a new process measured 0.23 s slower with them (``benchmarks/bench_load_time.py``, 310 MB of fp32 diffs)."""
+    load in a new process measured 0.23 s slower with them (``benchmarks/bench_load_time.py``, 310 MB of fp32 diffs,
+    2-core Intel Xeon VM with AMX)."""
     _check_byte_order()
     tensor = torch.empty(entry.shape, dtype=entry.dtype)  # read_header matched nbytes to the shape and dtype
     if not entry.nbytes:

@@ -67,7 +67,8 @@ def gradient_norm(gradient: torch.Tensor) -> torch.Tensor:
 
     Why slices: ``vector_norm(x, dtype=torch.float32)`` of a bf16 tensor first makes a float32 copy of all of it (2.1
     GB for the 525M-element embedding of Llama-3-8B), and its one float32 sum over 100M bf16 elements measured 1.1%
-    off the float64 norm in 0.12 s; per-slice norms combined keep one slice's scratch and measured 5e-6 off in 0.03 s.
+    off the float64 norm in 0.12 s; per-slice norms combined keep one slice's scratch and measured 5e-6 off in 0.03 s
+    (2-core Intel Xeon VM with AMX, torch 2.13 CPU).
     """
     flat = gradient.reshape(-1)
     if flat.numel() <= _NORM_SLICE:

@@ -26,7 +26,8 @@ class Method:
     calibration: Optional[str] = None
     # the low-memory preset at these bits (peft_hft.low_memory_preset(preset_bits); None: not the preset): the model
     # in bf16 with gradient checkpointing, the preset's HFTConfig fields, and the preset's optimizer fused into
-    # backward (make_optimizer: no global clipping, see clip_per_tensor)
+    # backward (make_optimizer: no global clipping, see clip_per_tensor). 32: the preset with torch's AdamW (fp32
+    # moments) fused into backward instead of a low-bit one, to measure what the low-bit moments cost
     preset_bits: Optional[int] = None
     # preset methods: each tensor's gradient clipped to this norm in the fused step (the preset's own 1.0; None:
     # unclipped, how the preset ran before it clipped)
@@ -34,6 +35,8 @@ class Method:
     # the frozen half held in NF4 for training (peft_hft.quantize_frozen); the adapter is evaluated on the
     # full-precision base, as a user applies it (for_evaluation)
     frozen_nf4: bool = False
+    # the model trained in bf16 (the preset methods always are): bf16 weights, not fp32 weights under autocast
+    bf16: bool = False
 
     @property
     def low_memory(self) -> bool:
@@ -53,8 +56,9 @@ class Method:
         a plain HFT adapter whose config records the strategy.
         """
         config = self.make_config(seed)
-        if self.low_memory:
+        if self.bf16 or self.low_memory:
             model.to(torch.bfloat16)
+        if self.low_memory:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config is None:
             for param in model.parameters():
@@ -96,10 +100,17 @@ class Method:
         Without weight decay, as the loop's AdamW."""
         if not self.low_memory:
             return None
-        from ..integrations.low_memory import apply_low_memory_preset
+        from ..integrations.low_memory import PRESET_CHUNK_ELEMENTS, apply_low_memory_preset, optimizer_in_backward
 
+        if self.preset_bits == _FP32_MOMENTS:
+            return optimizer_in_backward(model, torch.optim.AdamW, chunk_elements=PRESET_CHUNK_ELEMENTS,
+                                         clip_per_tensor=self.clip_per_tensor, lr=lr, weight_decay=0.0)
         return apply_low_memory_preset(model, self.preset_bits, clip_per_tensor=self.clip_per_tensor, lr=lr,
                                        weight_decay=0.0)
+
+
+# Method.preset_bits of the preset with torch's AdamW (fp32 moments) in place of torchao's low-bit one
+_FP32_MOMENTS = 32
 
 
 def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]:
@@ -107,14 +118,17 @@ def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]
 
 
 def _hft_preset(name: str, label: str, bits: int, clip_per_tensor: Optional[float] = PRESET_CLIP_PER_TENSOR,
-                frozen_nf4: bool = False) -> Method:
-    """HFT (ratio 0.5) in the low-memory preset at ``bits``: its config and its optimizer follow the same bits;
-    ``clip_per_tensor`` clips each tensor's gradient in the fused step (the preset's own bound unless given);
-    ``frozen_nf4`` holds the frozen half in NF4 while training."""
+                frozen_nf4: bool = False, master_weights: Optional[str] = None) -> Method:
+    """HFT (ratio 0.5) in the low-memory preset at ``bits`` (``_FP32_MOMENTS``: torch's AdamW): its config and its
+    optimizer follow the same bits; ``clip_per_tensor`` clips each tensor's gradient in the fused step (the preset's
+    own bound unless given); ``frozen_nf4`` holds the frozen half in NF4 while training; ``master_weights`` replaces
+    the preset's stochastic rounding (to measure what it costs)."""
     from ..integrations.low_memory import low_memory_config
 
-    return Method(name, label, lambda seed: low_memory_config(bits, ratio=0.5, seed=seed), ratio=0.5,
-                  preset_bits=bits, clip_per_tensor=clip_per_tensor, frozen_nf4=frozen_nf4)
+    fields = {} if master_weights is None else {"master_weights": master_weights}
+    config_bits = 8 if bits == _FP32_MOMENTS else bits
+    return Method(name, label, lambda seed: low_memory_config(config_bits, ratio=0.5, seed=seed, **fields),
+                  ratio=0.5, preset_bits=bits, clip_per_tensor=clip_per_tensor, frozen_nf4=frozen_nf4)
 
 
 def _lora(seed: int) -> Any:
@@ -126,7 +140,8 @@ def _lora(seed: int) -> Any:
 def default_methods() -> list[Method]:
     """Full fine-tuning, HFT (paper default and ratios 0.25 / 0.75), the model-level random half, HFT's structure with
     the tensors picked by an importance score (``peft_hft.calibrate``), HFT in the low-memory preset (4-bit and 8-bit
-    AdamW, as defined and unclipped; at 8 bits also against an NF4 frozen half), and LoRA."""
+    AdamW, as defined and unclipped; at 8 bits also against an NF4 frozen half), the preset's parts one at a time
+    (a bf16 model alone, Kahan masters instead of stochastic rounding, fp32 moments), and LoRA."""
     return [
         Method("fft", "Full fine-tuning", lambda seed: None, ratio=1.0),
         Method("hft", "HFT (category, 0.5)", _hft(0.5), ratio=0.5),
@@ -144,6 +159,12 @@ def default_methods() -> list[Method]:
                     frozen_nf4=True),
         _hft_preset("hft_preset_unclipped", "HFT, low-memory preset, unclipped", 4, None),
         _hft_preset("hft_preset8_unclipped", "HFT, low-memory preset at 8 bits, unclipped", 8, None),
+        # what each part of the preset costs: one part at a time replaced by what default HFT does
+        Method("hft_bf16", "HFT on a bf16 model (Kahan masters, AdamW, global clip)", _hft(0.5), ratio=0.5, bf16=True),
+        _hft_preset("hft_preset8_kahan", "HFT, 8-bit preset with Kahan masters instead of stochastic rounding", 8,
+                    master_weights="kahan"),
+        _hft_preset("hft_preset_fp32_moments", "HFT, preset with AdamW (fp32 moments) instead of a low-bit one",
+                    _FP32_MOMENTS),
         Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),
     ]
 

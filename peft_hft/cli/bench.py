@@ -52,8 +52,8 @@ def _limits(text: str) -> dict[str, Optional[int]]:
 OPTIONS = {
     "--model": ("model", str, "'default' (embedded SmolLM2-135M-Instruct) or a local checkpoint directory"),
     "--task": ("task", str, "'sarcasm' or a JSON-lines file of {\"input\": [messages], \"ideal\": answer}"),
-    "--methods": ("methods", _names, "comma-separated subset of fft,hft,hft_r0.25,hft_r0.75,hft_model,hft_snr,"
-                  "hft_wanda,hft_fisher,hft_grad,lora (the hft_<score> methods: peft_hft.calibrate)"),
+    "--methods": ("methods", _names, "comma-separated method names, e.g. fft,hft,hft_snr,hft_preset,lora (the "
+                  "hft_<score> methods: peft_hft.calibrate; an unknown name is refused with the list of all)"),
     "--seeds": ("seeds", _ints, "comma-separated seeds; the first one also runs the learning-rate grid"),
     "--lr-grid": ("full_lr_grid", _floats, "learning-rate grid of full fine-tuning and the HFT variants"),
     "--lora-lr-grid": ("lora_lr_grid", _floats, "learning-rate grid of LoRA"),

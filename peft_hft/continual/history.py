@@ -78,14 +78,15 @@ def weights_digest(model: nn.Module) -> str:
 
     Not a *base fingerprint* (:mod:`peft_hft.format.fingerprint`: per-tensor records an adapter keeps of its base);
     the manifest keeps its historical keys (``base_fingerprint``, ``start_fingerprint``, ``end_fingerprint``) for
-    these digests, so that existing histories load.
+    these digests, so that existing histories load; for the same reason it stays SHA-256 throughout, where base
+    fingerprints moved to XXH3.
 
     Recorded for the base and after every stage: loading a history checks that it starts from exactly the recorded
     base, and that a rebuilt stage is bit-identical to the model the run had.
     """
     h = hashlib.sha256()
     for name, param in tqdm(list(model.named_parameters()), desc="Hashing weights", leave=False, disable=None):
-        h.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{digest(param)}\n".encode())
+        h.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{digest(param, 'sha256')}\n".encode())
     return h.hexdigest()
 
 

@@ -109,7 +109,7 @@ def card_section(
     revision = fingerprint.get("revision")
     lines += [
         f"- base model: `{base}`" + (f" at revision `{revision}`" if revision else ""),
-        "- integrity: the adapter records a SHA-256 fingerprint of every base tensor it modifies; loading or merging "
+        "- integrity: the adapter records a digest (XXH3-128) of every base tensor it modifies; loading or merging "
         "it onto another base fails with an error that lists the differing tensors.",
         "",
         "### Usage",

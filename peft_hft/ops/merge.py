@@ -42,6 +42,7 @@ from ..format.fingerprint import (
     compare,
     describe_base,
     mismatch_error,
+    record_algorithm,
 )
 from ..format.keys import INDEX_NAME
 from ..format.reader import AdapterFile, read_adapter
@@ -165,6 +166,7 @@ def _merge(adapter_file: AdapterFile, base: PathLike, output: PathLike, out_dtyp
     _check_shapes(checkpoint, shapes, targets, fingerprint)
 
     records = (fingerprint or {}).get("tensors", {})
+    algorithm = record_algorithm(fingerprint) if fingerprint else None
     mismatches: list[Mismatch] = []
     verified: set[str] = set()
     written = 0
@@ -184,7 +186,7 @@ def _merge(adapter_file: AdapterFile, base: PathLike, output: PathLike, out_dtyp
                     name = targets.get(key)
                     if name is not None:
                         if name in records and name not in verified:
-                            reason = compare(tensor, records[name])
+                            reason = compare(tensor, records[name], algorithm)
                             if reason is not None:
                                 mismatches.append(Mismatch(name, reason))
                             verified.add(name)

@@ -196,7 +196,7 @@ class HFTConfig(PeftConfig):
         trainable_token_indices: Accepted for compatibility with TRL. HFT trains whole embedding matrices, which
             includes these rows; the embedding tensors are added to the selection.
         base_fingerprint: Written when the adapter is saved, never set by hand: the base model's id and revision and
-            a SHA-256 digest of every base tensor the adapter modifies. Loading and merging check the base against it
+            a digest (XXH3-128) of every base tensor the adapter modifies. Loading and merging check the base against it
             (see ``peft_hft.format.fingerprint`` and docs/adapter-format.md).
         scaling: Written by ``peft_hft.scale_adapter`` (``peft-hft scale``), never set by hand: the factor alpha the
             diffs were multiplied by, relative to the original fine-tune, and each step of the chain. The diffs
@@ -250,7 +250,7 @@ class HFTConfig(PeftConfig):
         default=None, metadata={"help": "Accepted for TRL; HFT trains the whole embedding matrix."}
     )
     base_fingerprint: Optional[dict] = field(
-        default=None, repr=False, metadata={"help": "Base model id/revision and SHA-256 of the modified base tensors."}
+        default=None, repr=False, metadata={"help": "Base model id/revision and digests of the modified base tensors."}
     )
     scaling: Optional[dict] = field(
         default=None, metadata={"help": "How peft_hft.scale_adapter scaled the diffs (None: as trained)."}

@@ -465,3 +465,39 @@ def test_the_nf4_preset_method_trains_against_nf4_and_is_scored_on_the_full_prec
         assert torch.equal(values[name], value)
     plain = {m.name: m for m in default_methods()}["hft_preset8"]
     assert not plain.frozen_nf4 and plain.for_evaluation(model, base) is model
+
+
+def test_the_ablation_methods_each_replace_one_part_of_the_preset():
+    """What each part of the preset costs is measured by methods that change one part: ``hft_bf16`` is default HFT
+    on a bf16 model (Kahan masters, the loop's clipped AdamW, no checkpointing), ``hft_preset8_kahan`` the 8-bit preset
+    with Kahan masters instead of stochastic rounding, ``hft_preset_fp32_moments`` the preset with torch's AdamW
+    (fp32 moments) in backward instead of a low-bit one."""
+    pytest.importorskip("torchao")
+    from tiny_models import tiny_model
+
+    from peft_hft import OptimizerInBackward, low_memory_preset
+    from peft_hft.bench.methods import default_methods
+
+    methods = {m.name: m for m in default_methods()}
+    bf16 = methods["hft_bf16"].wrap(tiny_model("llama", layers=2), seed=3)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert bf16.peft_config["default"].master_weights == "kahan" and bf16.peft_config["default"].seed == 3
+    assert not bf16.base_model.model.is_gradient_checkpointing
+    assert methods["hft_bf16"].make_optimizer(bf16, 1e-3) is None  # the loop's AdamW, clipped globally
+
+    kahan = methods["hft_preset8_kahan"]
+    model = kahan.wrap(tiny_model("llama", layers=2), seed=3)
+    assert model.peft_config["default"].master_weights == "kahan"
+    optimizer = kahan.make_optimizer(model, 1e-3)
+    assert type(optimizer.optimizers[0][0]).__name__ == "AdamW8bit" and optimizer.clip_per_tensor == 1.0
+    optimizer.remove_hooks()
+
+    moments = methods["hft_preset_fp32_moments"]
+    model = moments.wrap(tiny_model("llama", layers=2), seed=3)
+    assert model.peft_config["default"].master_weights == low_memory_preset()["hft_config"]["master_weights"]
+    assert model.base_model.model.is_gradient_checkpointing
+    optimizer = moments.make_optimizer(model, 1e-3)
+    assert isinstance(optimizer, OptimizerInBackward) and type(optimizer.optimizers[0][0]) is torch.optim.AdamW
+    assert optimizer.chunk_elements == low_memory_preset()["chunk_elements"] and optimizer.clip_per_tensor == 1.0
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0
+    optimizer.remove_hooks()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -43,11 +44,11 @@ def test_saved_config_records_a_digest_of_every_modified_base_tensor(saved):
     peft_model, base, path = saved
     config = json.loads((path / "adapter_config.json").read_text())
     record = config["base_fingerprint"]
-    assert record["format"] == 1 and record["algorithm"] == "sha256"
+    assert record["format"] == 2 and record["algorithm"] == "xxh3_128"
     assert sorted(record["tensors"]) == sorted(config["selected_parameters"])
     for name, entry in record["tensors"].items():
         assert entry["dtype"] == "float32" and entry["shape"] == list(base[name].shape)
-        assert entry["sha256"] == fp.digest(base[name])
+        assert entry["xxh3_128"] == fp.digest(base[name])
         assert entry["rounded"] == {
             "bfloat16": fp.digest(base[name].to(torch.bfloat16)),
             "float16": fp.digest(base[name].to(torch.float16)),
@@ -55,12 +56,61 @@ def test_saved_config_records_a_digest_of_every_modified_base_tensor(saved):
     assert "base_fingerprint" not in repr(peft_model.peft_config["default"])  # kept out of logs
 
 
-def test_digest_is_the_sha256_of_the_raw_little_endian_bytes():
+def test_digest_is_the_xxh3_128_of_the_raw_little_endian_bytes():
     import hashlib
 
+    import xxhash
+
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    assert fp.digest(t) == hashlib.sha256(t.numpy().tobytes()).hexdigest()
-    assert fp.digest(t.t()) == hashlib.sha256(t.t().contiguous().numpy().tobytes()).hexdigest()
+    assert fp.digest(t) == xxhash.xxh3_128(t.numpy().tobytes()).hexdigest()
+    assert fp.digest(t.t()) == xxhash.xxh3_128(t.t().contiguous().numpy().tobytes()).hexdigest()
+    assert fp.digest(t, "sha256") == hashlib.sha256(t.numpy().tobytes()).hexdigest()
+    # one bit of one element changes the digest
+    flipped = t.clone()
+    flipped.view(torch.int32)[1, 2] ^= 1
+    assert fp.digest(flipped) != fp.digest(t)
+
+
+def test_format_1_records_of_sha256_digests_still_verify_and_still_refuse(saved, tmp_path):
+    """Adapters saved before the move to XXH3 record SHA-256 digests under format 1: they load onto their base (fp32
+    and bf16, through the recorded roundings) and are still refused on another base, naming the algorithm."""
+    _, base, path = saved
+    old = tmp_path / "format-1"
+    shutil.copytree(path, old)
+    config = json.loads((old / "adapter_config.json").read_text())
+    record = config["base_fingerprint"]
+    for name, entry in record["tensors"].items():
+        tensor = base[name]
+        entry.pop("xxh3_128")
+        entry["sha256"] = fp.digest(tensor, "sha256")
+        entry["rounded"] = {d: fp.digest(tensor.to(getattr(torch, d)), "sha256") for d in entry["rounded"]}
+    record.update(format=1, algorithm="sha256")
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    fp.validate_fingerprint(record)
+
+    loaded = PeftModel.from_pretrained(tiny_model("llama", layers=2, seed=0), old)
+    assert loaded.peft_config["default"].base_fingerprint["algorithm"] == "sha256"
+    PeftModel.from_pretrained(tiny_model("llama", layers=2, seed=0).to(torch.bfloat16), old)  # the recorded bf16 rounding matches
+
+    other = tiny_model("llama", layers=2, seed=0)
+    with torch.no_grad():
+        other.get_parameter(sorted(record["tensors"])[0]).add_(1e-3)
+    with pytest.raises(fp.BaseMismatchError, match=r"different values \(sha256 "):
+        PeftModel.from_pretrained(other, old)
+
+
+def test_a_record_whose_digests_do_not_fit_its_algorithm_is_malformed(saved):
+    """A format-2 record with SHA-256-length digests (or the reverse) is refused, not compared."""
+    _, _, path = saved
+    record = json.loads((path / "adapter_config.json").read_text())["base_fingerprint"]
+    fp.validate_fingerprint(record)
+    long = {**record, "tensors": {n: {**e, "xxh3_128": "0" * 64} for n, e in record["tensors"].items()}}
+    with pytest.raises(fp.FingerprintError, match="32-digit"):
+        fp.validate_fingerprint(long)
+    with pytest.raises(fp.FingerprintError, match="64-digit"):
+        fp.validate_fingerprint({**record, "format": 1, "algorithm": "sha256"})
+    with pytest.raises(fp.FingerprintError, match="unsupported base fingerprint algorithm 'md5'"):
+        fp.validate_fingerprint({**record, "algorithm": "md5"})
 
 
 def test_base_identity_is_recorded(tmp_path):

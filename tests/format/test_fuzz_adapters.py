@@ -124,7 +124,7 @@ FIELDS = st.sampled_from([
 CONFIG_EDITS = st.one_of(
     st.tuples(st.just("set"), FIELDS, JSON),
     st.tuples(st.just("delete"), FIELDS, st.none()),
-    st.tuples(st.just("fingerprint"), st.sampled_from(["dtype", "shape", "sha256", "rounded", "record", "drop"]), JSON),
+    st.tuples(st.just("fingerprint"), st.sampled_from(["dtype", "shape", "xxh3_128", "rounded", "record", "drop"]), JSON),
     st.tuples(st.just("selected"), st.sampled_from(["drop", "add", "rename", "duplicate"]), st.text(max_size=30)),
     st.tuples(st.just("truncate"), st.integers(0, 4000), st.none()),
     st.tuples(st.just("bytes"), st.binary(max_size=64), st.none()),

@@ -157,7 +157,7 @@ def test_empty_or_partial_fingerprint_is_an_error_not_verified(saved, tmp_path, 
         elif edit == "partial":
             records.pop(next(iter(records)))
         else:
-            next(iter(records.values()))["sha256"] = "0"
+            next(iter(records.values()))["xxh3_128"] = "0"
 
     edit_config(bad, change)
     match = {"empty": "non-empty", "partial": "records no base tensor", "not-a-digest": "hex digest"}[edit]

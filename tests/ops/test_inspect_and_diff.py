@@ -207,4 +207,4 @@ def test_diff_of_a_tied_model_stores_the_shared_embedding_once(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_model("llama", layers=2, tie_word_embeddings=True), tmp_path / "adapter")
     assert (logits(loaded) - logits(tuned)).abs().max() <= 1e-5
     record = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_fingerprint"]
-    assert record["tensors"]["model.embed_tokens.weight"]["sha256"] == digest(base.model.embed_tokens.weight)
+    assert record["tensors"]["model.embed_tokens.weight"]["xxh3_128"] == digest(base.model.embed_tokens.weight)

@@ -195,6 +195,7 @@ TRAINING_VARIANTS = {
     "hft": (_hft, fused_adamw),
     "hft-fp32": (lambda m: _hft(m, master_weights="fp32"), fused_adamw),
     "hft-kahan": (lambda m: _hft(m, master_weights="kahan"), fused_adamw),
+    "hft-kahan8": (lambda m: _hft(m, master_weights="kahan8"), fused_adamw),
     "hft-stochastic-rounding": (lambda m: _hft(m, master_weights="stochastic_rounding"), fused_adamw),
     "hft-no-masters": (lambda m: _hft(m, fp32_master_weights=False), fused_adamw),
     "hft-step-in-backward": (_hft, adamw_in_backward),

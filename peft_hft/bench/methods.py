@@ -165,6 +165,12 @@ def default_methods() -> list[Method]:
                     master_weights="kahan"),
         _hft_preset("hft_preset_fp32_moments", "HFT, preset with AdamW (fp32 moments) instead of a low-bit one",
                     _FP32_MOMENTS),
+        # the preset with 1-byte Kahan masters ("kahan8") instead of stochastic rounding, and what fits it in 24 GiB
+        # at 8B (the NF4 frozen half)
+        _hft_preset("hft_preset_kahan8", "HFT, preset with 1-byte Kahan masters (kahan8) instead of stochastic "
+                    "rounding", 4, master_weights="kahan8"),
+        _hft_preset("hft_preset_kahan8_nf4", "HFT, preset with kahan8 masters, trained against an NF4 frozen half", 4,
+                    master_weights="kahan8", frozen_nf4=True),
         Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),
     ]
 

@@ -81,7 +81,8 @@ class MasterCost:
     piece (``precision.WRITE_BACK_CHUNK`` elements; see :func:`_one_tensor_scratch`). Kahan on bf16: the weight's
     pattern shifted up into int32, then the rest of the fp32 pattern in place (``split_exact_into``: 4; on fp16
     ``exact - weight`` takes 8, at most 4 MiB more); stochastic rounding: the int32 random bits the value is added
-    to in place and then masked to their exponent, and the overflow mask (4 + 1); fp32 masters: none.
+    to in place and then masked to their exponent, and the overflow mask (4 + 1); Kahan in 1 byte: the rest of the
+    pattern as for Kahan and the int32 random bits added to it (4 + 4); fp32 masters: none.
     """
 
     state_bytes: int
@@ -94,6 +95,7 @@ class MasterCost:
 MASTER_WEIGHTS: dict[str, MasterCost] = {
     "fp32": MasterCost(4, 4, True, weight_freed_in_step=True),
     "kahan": MasterCost(2, 8, True, weight_freed_in_step=True, write_back_scratch_bytes=4),
+    "kahan8": MasterCost(1, 8, True, weight_freed_in_step=True, write_back_scratch_bytes=8),
     "stochastic_rounding": MasterCost(0, 8, True, weight_freed_in_step=True, write_back_scratch_bytes=5),
     "none": MasterCost(0, 0, False),
 }

@@ -61,8 +61,8 @@ class _Adapter:
     @property
     def keeps_exact_values(self) -> bool:
         """Whether the adapter's low-precision tensors have an exact value beside the weight (an fp32 master or a
-        2-byte compensation buffer), which a float32 diff saves and restores."""
-        return self.master_weights in ("fp32", "kahan")
+        compensation buffer: 2 bytes, or 1 for the value to 24 bits), which a float32 diff saves and restores."""
+        return self.master_weights in ("fp32", "kahan", "kahan8")
 
 
 def _one_walk(method: Callable) -> Callable:
@@ -699,8 +699,8 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         """Give ``adapter`` the values ``base + diff`` (checked with :meth:`check_diffs` first).
 
         A float32 diff of a bf16/fp16 tensor carries the exact value of a trainable adapter whose masters keep exact
-        values (``"fp32"``, ``"kahan"``): it seeds them. With ``consume`` the diffs are the caller's to give away
-        (tensors just read from a file): the sums are written into them instead of into new memory.
+        values (``"fp32"``, ``"kahan"``, ``"kahan8"``): it seeds them. With ``consume`` the diffs are the caller's to
+        give away (tensors just read from a file): the sums are written into them instead of into new memory.
         """
         self.check_diffs(adapter, diffs)
         record = self.hft_adapters[adapter]

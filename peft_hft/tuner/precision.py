@@ -11,6 +11,11 @@ fine-tuning rates (1e-5 to 2e-5) most of them do. ``HFTConfig(master_weights=...
   lacks of the exact value (:func:`split_exact`): beside a bf16 weight the lower half of the fp32 value's bit pattern,
   so weight and buffer *are* the fp32 master, bit for bit but at rare ties, at half its bytes; beside an fp16 weight
   the error in fp16 (close to exact, not exactly: an error below fp16's normal range keeps a resolution of 2^-24);
+* ``"kahan8"``: compensated bf16 in 1 byte, bf16 models only: an int8 beside every trained element holding the next
+  8 bits of the fp32 value's pattern (:func:`split_rounded_into`), so weight and buffer are the value to 24 bits (a
+  15-bit mantissa: 2^-8 of a bf16 ulp); each step's fp32 result is rounded to those 24 bits stochastically, unbiased,
+  with 1/256 of the noise of ``"stochastic_rounding"`` (which costs the low-memory preset its learning on the
+  forgetting benchmark; docs/forgetting.md);
 * ``"stochastic_rounding"``: no buffer (0 bytes); the stepped fp32 value is rounded to bf16 up or down at random,
   with the probabilities that make the rounding unbiased, so small updates survive on average (they add noise);
 * ``"none"``: the optimizer writes into the bf16 weights (updates below half an ulp are lost); for engines that keep
@@ -77,12 +82,14 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from . import engines
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-MASTER_WEIGHTS = ("fp32", "kahan", "stochastic_rounding", "none")
+MASTER_WEIGHTS = ("fp32", "kahan", "kahan8", "stochastic_rounding", "none")
 # What a default HFTConfig() keeps: on bf16 models the fp32 masters' values at 2 bytes per trained parameter instead
 # of 4 (SmolLM2-135M, 200 steps: the same held-out loss and update; docs/benchmarks.md, "Memory options").
 DEFAULT_MASTER_WEIGHTS = "kahan"
 # Bytes kept per trained low-precision element between steps, by option (the 8B figures in docs/concepts.md use these).
-MASTER_BYTES_PER_ELEMENT = {"fp32": 4, "kahan": 2, "stochastic_rounding": 0, "none": 0}
+MASTER_BYTES_PER_ELEMENT = {"fp32": 4, "kahan": 2, "kahan8": 1, "stochastic_rounding": 0, "none": 0}
+# The options that round to bfloat16 and so refuse other dtypes.
+BF16_ONLY = ("kahan8", "stochastic_rounding")
 
 # Optimizers whose update of an element depends on that element (and its own state) alone, so that stepping one tensor
 # at a time, or one slice of a tensor at a time, is the same step as stepping all of them together; a factored or
@@ -154,16 +161,16 @@ class _Master(_Written):
 
 @dataclass
 class _Compensation(_Written):
-    """``"kahan"``: what the weight lacks of the exact value (:func:`split_exact`; the exact value is
-    :func:`join_exact` of the weight and it)."""
+    """``"kahan"`` / ``"kahan8"``: what the weight lacks of the exact value (:func:`split_exact`,
+    :func:`split_rounded_into`; the value is :func:`join_exact` of the weight and it)."""
 
-    error: Optional[torch.Tensor] = None  # int16 beside a bf16 weight, the weight's dtype beside an fp16 one
+    error: Optional[torch.Tensor] = None  # int16 (kahan8: int8) beside a bf16 weight, the weight's dtype beside fp16
     checksum: int = 0
 
     def matches(self, param: torch.Tensor) -> bool:
         if self.written_by_us(param):
             return True
-        if tuple(self.error.shape) != tuple(param.shape) or self.error.dtype != _COMPENSATION_DTYPE[param.dtype]:
+        if tuple(self.error.shape) != tuple(param.shape) or self.error.dtype not in _compensation_dtypes(param.dtype):
             return False
         if _checksum(param.data) == self.checksum:
             self.error = self.error.to(param.device)
@@ -185,6 +192,15 @@ def _checksum(tensor: torch.Tensor) -> int:
 
 
 _COMPENSATION_DTYPE = {torch.bfloat16: torch.int16, torch.float16: torch.float16}
+
+
+def compensation_dtype(mode: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the compensation buffer of ``mode`` (``"kahan"``, ``"kahan8"``) beside a ``dtype`` weight."""
+    return torch.int8 if mode == "kahan8" else _COMPENSATION_DTYPE[dtype]
+
+
+def _compensation_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    return (_COMPENSATION_DTYPE[dtype], torch.int8) if dtype == torch.bfloat16 else (_COMPENSATION_DTYPE[dtype],)
 
 
 # Elements per piece of a write-back (:func:`split_exact_into`, :func:`stochastic_round_into`): its int32 scratch is
@@ -233,10 +249,55 @@ def split_exact_into(exact: torch.Tensor, weight: torch.Tensor, compensation: to
         c.copy_(rest.clamp_(max=32767))
 
 
+def split_rounded_into(exact: torch.Tensor, weight: torch.Tensor, compensation: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> None:
+    """``"kahan8"``: ``exact`` (fp32) rounded to 24 bits of its pattern (sign, exponent, 15 mantissa bits), written as
+    that value's nearest bf16 ``weight`` and the int8 ``compensation`` that restores the 24 bits (:func:`join_exact`):
+    the rest of the pattern beside the weight's (:func:`split_exact`'s int16) in units of 2^8 fp32 ulps.
+
+    The rounding to 24 bits is stochastic with a ``generator`` (8 random low bits added to the pattern, then cleared:
+    up with probability (dropped bits) / 256, unbiased, as :func:`stochastic_round` is to bf16, with 1/256 of its
+    noise), to nearest without one (loading: a float32 diff carries a value on the grid already). The weight is the
+    rounded value's nearest bf16, so a float32 diff of it reloads the very weight. The rest lies in [-128, 128]
+    units; the one value int8 lacks, +128 (a tie that rounding to even rounds down), is kept as 127, one unit below
+    the tie, which still rounds to the weight. A finite value whose rounding would reach the non-finite range is
+    truncated instead; non-finite values keep their bf16 rounding and a zero compensation. Piece by piece, as
+    :func:`split_exact_into`.
+    """
+    for e, w, c in _pieces(exact.contiguous(), weight, compensation):
+        if generator is None:
+            bits = torch.full(e.shape, 128, dtype=torch.int32, device=e.device)
+        else:
+            bits = torch.randint(0, 256, e.shape, dtype=torch.int32, device=e.device, generator=generator)
+        pattern = e.view(torch.int32)
+        bits.add_(pattern).bitwise_and_(-256)  # 0xFFFFFF00
+        # the rounding reached the exponent's all-ones (inf, NaN), or the value was there already: a finite value is
+        # truncated instead, a non-finite one kept (the carry out of a NaN's mantissa can only start there)
+        overflow = bits.bitwise_and(0x7F800000) == 0x7F800000
+        if overflow.any():
+            kept = pattern[overflow]
+            bits[overflow] = torch.where(kept.bitwise_and(0x7F800000) == 0x7F800000, kept, kept.bitwise_and(-256))
+        del overflow
+        w.copy_(bits.view(torch.float32))
+        rest = w.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
+        torch.sub(bits, rest, out=bits)
+        del rest
+        c.copy_(bits.bitwise_right_shift_(8).clamp_(-128, 127))
+        del bits
+        finite = w.isfinite()
+        if not bool(finite.all()):
+            c.masked_fill_(finite.logical_not_(), 0)
+
+
 def join_exact(weight: torch.Tensor, compensation: torch.Tensor) -> torch.Tensor:
-    """The fp32 value :func:`split_exact` split into ``weight`` and ``compensation``."""
+    """The fp32 value :func:`split_exact` (or, for an int8 compensation, :func:`split_rounded_into`) split into
+    ``weight`` and ``compensation``."""
     if compensation.dtype == torch.int16:
         bits = weight.view(torch.int16).to(torch.int32).bitwise_left_shift_(16).add_(compensation)
+        return bits.view(torch.float32)
+    if compensation.dtype == torch.int8:
+        bits = weight.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
+        bits.add_(compensation.to(torch.int32).bitwise_left_shift_(8))
         return bits.view(torch.float32)
     return weight.float() + compensation.float()
 
@@ -401,8 +462,12 @@ class MasterValues:
             master = _Master(value=value)
             if master.matches(param):
                 self._masters[name] = master
-        elif mode == "kahan":
-            weight, error = split_exact(value, param.dtype)
+        elif mode in ("kahan", "kahan8"):
+            if mode == "kahan8" and param.dtype != torch.bfloat16:
+                return
+            weight = torch.empty(value.shape, dtype=param.dtype, device=value.device)
+            error = torch.empty(value.shape, dtype=compensation_dtype(mode, param.dtype), device=value.device)
+            (split_exact_into if mode == "kahan" else split_rounded_into)(value, weight, error)
             if not torch.equal(weight, param.data):
                 return
             master = _Compensation(error=error, checksum=_checksum(param.data))
@@ -489,9 +554,9 @@ class MasterValues:
                 return
             if param.grad.is_sparse:
                 continue
-            if mode == "stochastic_rounding" and param.dtype != torch.bfloat16:
+            if mode in BF16_ONLY and param.dtype != torch.bfloat16:
                 raise ValueError(
-                    f"HFTConfig(master_weights='stochastic_rounding') rounds to bfloat16, but {name} is {param.dtype}. "
+                    f"HFTConfig(master_weights={mode!r}) rounds to bfloat16, but {name} is {param.dtype}. "
                     "Fix: load the model in bfloat16, or use master_weights='kahan' or 'fp32' for float16 models."
                 )
             ready.append((name, param, mode, whole, span))
@@ -590,10 +655,10 @@ class MasterValues:
             master.value = exact
             param.data = exact.to(swap.dtype)
             master.remember(param)
-        elif swap.mode == "kahan":
+        elif swap.mode in ("kahan", "kahan8"):
             weight = torch.empty(exact.shape, dtype=swap.dtype, device=exact.device)
-            error = self._reusable_error(swap.name, exact, swap.dtype)
-            split_exact_into(exact, weight, error)
+            error = self._reusable_error(swap.name, exact, compensation_dtype(swap.mode, swap.dtype))
+            self._split(swap.mode, exact, weight, error)
             param.data = weight
             master = _Compensation(error=error, checksum=_checksum(weight))
             master.remember(param)
@@ -602,11 +667,18 @@ class MasterValues:
             param.data = stochastic_round(exact, self._generator(exact.device))
         param.grad = swap.low_grad
 
-    def _reusable_error(self, name: str, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The compensation buffer to write ``name``'s new one into: its old one when it fits (its content went into
-        ``exact`` at the swap), so the write-back allocates no second buffer."""
+    def _split(self, mode: str, exact: torch.Tensor, weight: torch.Tensor, error: torch.Tensor) -> None:
+        """Write the stepped ``exact`` value into ``weight`` and its compensation ``error`` (``"kahan"``: exactly,
+        ``"kahan8"``: rounded to 24 bits stochastically)."""
+        if mode == "kahan":
+            split_exact_into(exact, weight, error)
+        else:
+            split_rounded_into(exact, weight, error, self._generator(exact.device))
+
+    def _reusable_error(self, name: str, exact: torch.Tensor, wanted: torch.dtype) -> torch.Tensor:
+        """The compensation buffer (of dtype ``wanted``) to write ``name``'s new one into: its old one when it fits
+        (its content went into ``exact`` at the swap), so the write-back allocates no second buffer."""
         old = self._masters.pop(name, None)
-        wanted = _COMPENSATION_DTYPE[dtype]
         if (isinstance(old, _Compensation) and old.error.shape == exact.shape and old.error.dtype == wanted
                 and old.error.device == exact.device and old.error.is_contiguous()):
             return old.error
@@ -625,15 +697,15 @@ class MasterValues:
                 target.copy_(exact)
             weight.copy_(exact)
             master.remember(whole)
-        elif swap.mode == "kahan":
+        elif swap.mode in ("kahan", "kahan8"):
             master = self._masters.get(swap.name)
-            if master is None or not master.matches(whole):
+            wanted = compensation_dtype(swap.mode, swap.dtype)
+            if master is None or not master.matches(whole) or master.error.dtype != wanted:
                 master = _Compensation(
-                    error=torch.zeros(whole.shape, dtype=_COMPENSATION_DTYPE[swap.dtype], device=whole.device),
-                    checksum=_checksum(whole.data))
+                    error=torch.zeros(whole.shape, dtype=wanted, device=whole.device), checksum=_checksum(whole.data))
                 self._masters[swap.name] = master
             before = _checksum(weight)
-            split_exact_into(exact, weight, _span_of(master.error, swap.span))
+            self._split(swap.mode, exact, weight, _span_of(master.error, swap.span))
             master.checksum += _checksum(weight) - before
             master.remember(whole)
         else:  # stochastic_rounding
@@ -714,9 +786,9 @@ def warn_if_fp16(model: nn.Module, names: Iterable[str], master_weights: str = "
     unscale fp16 gradients, as it does for any fp16 model trained in full.
     """
     if any(model.get_parameter(name).dtype == torch.float16 for name in names):
-        if master_weights == "stochastic_rounding":
+        if master_weights in BF16_ONLY:
             raise ValueError(
-                "HFTConfig(master_weights='stochastic_rounding') rounds to bfloat16, but this model trains float16 "
+                f"HFTConfig(master_weights={master_weights!r}) rounds to bfloat16, but this model trains float16 "
                 "tensors. Fix: load the model in bfloat16, or use master_weights='kahan' or 'fp32'."
             )
         compensation = (

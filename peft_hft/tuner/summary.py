@@ -107,7 +107,8 @@ def memory_report(model: nn.Module) -> dict[str, int]:
 
     ``master_bytes`` is what the fp32 masters hold now (they are created at the first optimizer step);
     ``master_bytes_when_training`` what they will hold once every trainable low-precision tensor was stepped (per
-    element 4 bytes for ``master_weights="fp32"``, 2 for ``"kahan"``, none otherwise; on the training device);
+    element 4 bytes for ``master_weights="fp32"``, 2 for ``"kahan"``, 1 for ``"kahan8"``, none otherwise; on the
+    training device);
     ``originals_host_bytes`` / ``originals_device_bytes`` the base values kept
     for the diffs, ``disable_adapter`` and ``unmerge``.
     """

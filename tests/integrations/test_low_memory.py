@@ -21,7 +21,7 @@ from peft_hft.tuner.layer import find_ledger
 
 BF16 = torch.bfloat16
 LR = 1e-5
-MODES = ["fp32", "kahan", "stochastic_rounding", "none"]
+MODES = ["fp32", "kahan", "kahan8", "stochastic_rounding", "none"]
 
 
 def base(dtype=BF16, **overrides):
@@ -331,7 +331,7 @@ def test_trl_sft_with_the_fused_step_for_every_option(tmp_path, mode):
     assert changed(before, model) <= selection(trainer.model)
     assert len(changed(before, model)) > 0.5 * len(selection(trainer.model))
     kept = find_ledger(trainer.model).masters.nbytes()
-    assert (kept > 0) == (mode in ("fp32", "kahan"))
+    assert (kept > 0) == (mode in ("fp32", "kahan", "kahan8"))
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Does HFT learn on a bf16 model? Loss curves of HFT-bf16 with each ``HFTConfig(master_weights=...)`` option (fp32
-masters; Kahan-compensated bf16, the default; stochastic rounding; none) vs HFT-fp32, on SmolLM2-135M-Instruct at a
+masters; Kahan-compensated bf16, the default; Kahan in 1 byte; stochastic rounding; none) vs HFT-fp32, on SmolLM2-135M-Instruct at a
 full-rank fine-tuning learning rate. With ``--speed``: what bf16 autocast costs or saves on this machine, fp32 vs bf16
 autocast side by side.
 
@@ -41,6 +41,7 @@ RUNS = {  # name -> (model dtype, HFTConfig.master_weights)
     "HFT-fp32": ("float32", "fp32"),
     "HFT-bf16, master_weights=fp32": ("bfloat16", "fp32"),
     "HFT-bf16, master_weights=kahan (default)": ("bfloat16", "kahan"),
+    "HFT-bf16, master_weights=kahan8": ("bfloat16", "kahan8"),
     "HFT-bf16, master_weights=stochastic_rounding": ("bfloat16", "stochastic_rounding"),
     "HFT-bf16, master_weights=none": ("bfloat16", "none"),
     # peft_hft.low_memory_preset(): stochastic rounding, torchao AdamW4bit, the step fused into backward in slices,
@@ -49,7 +50,7 @@ RUNS = {  # name -> (model dtype, HFTConfig.master_weights)
     # peft_hft.low_memory_preset(8): the same with torchao AdamW8bit (separates what the 4-bit moments cost)
     "HFT-bf16, low-memory preset at 8 bits": ("bfloat16", "preset8"),
 }
-SHORT = dict(zip(("fp32", "bf16-fp32", "kahan", "stochastic_rounding", "none", "preset", "preset8"), RUNS,
+SHORT = dict(zip(("fp32", "bf16-fp32", "kahan", "kahan8", "stochastic_rounding", "none", "preset", "preset8"), RUNS,
                  strict=True))
 
 

@@ -297,7 +297,8 @@ def join_exact(weight: torch.Tensor, compensation: torch.Tensor) -> torch.Tensor
         return bits.view(torch.float32)
     if compensation.dtype == torch.int8:
         bits = weight.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
-        bits.add_(compensation.to(torch.int32).bitwise_left_shift_(8))
+        for b, c in _pieces(bits, compensation.contiguous()):  # the int8 widened piece by piece: bounded scratch
+            b.add_(c.to(torch.int32).bitwise_left_shift_(8))
         return bits.view(torch.float32)
     return weight.float() + compensation.float()
 

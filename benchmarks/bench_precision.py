@@ -1,7 +1,7 @@
 """Does HFT learn on a bf16 model? Loss curves of HFT-bf16 with each ``HFTConfig(master_weights=...)`` option (fp32
 masters; Kahan-compensated bf16, the default; Kahan in 1 byte; stochastic rounding; none) vs HFT-fp32, on
-SmolLM2-135M-Instruct at a full-rank fine-tuning learning rate. With ``--speed``: what bf16 autocast costs or saves on this machine, fp32 vs bf16
-autocast side by side.
+SmolLM2-135M-Instruct at a full-rank fine-tuning learning rate. With ``--speed``: what bf16 autocast costs or saves
+on this machine, fp32 vs bf16 autocast side by side.
 
 Every run trains the same HFT selection (``HFTConfig(seed=0)``) with AdamW on the same batches of real text
 (llamafactory's Alpaca demo, packed), and evaluates the loss on the same held-out sequences (the last tenth of the

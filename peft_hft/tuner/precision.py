@@ -89,7 +89,7 @@ DEFAULT_MASTER_WEIGHTS = "kahan"
 # Bytes kept per trained low-precision element between steps, by option (the 8B figures in docs/concepts.md use these).
 MASTER_BYTES_PER_ELEMENT = {"fp32": 4, "kahan": 2, "kahan8": 1, "stochastic_rounding": 0, "none": 0}
 # The options that round to bfloat16 and so refuse other dtypes.
-BF16_ONLY = ("kahan8", "stochastic_rounding")
+_BF16_ONLY = ("kahan8", "stochastic_rounding")
 
 # Optimizers whose update of an element depends on that element (and its own state) alone, so that stepping one tensor
 # at a time, or one slice of a tensor at a time, is the same step as stepping all of them together; a factored or
@@ -194,7 +194,7 @@ def _checksum(tensor: torch.Tensor) -> int:
 _COMPENSATION_DTYPE = {torch.bfloat16: torch.int16, torch.float16: torch.float16}
 
 
-def compensation_dtype(mode: str, dtype: torch.dtype) -> torch.dtype:
+def _compensation_dtype(mode: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype of the compensation buffer of ``mode`` (``"kahan"``, ``"kahan8"``) beside a ``dtype`` weight."""
     return torch.int8 if mode == "kahan8" else _COMPENSATION_DTYPE[dtype]
 
@@ -287,6 +287,17 @@ def split_rounded_into(exact: torch.Tensor, weight: torch.Tensor, compensation: 
         finite = w.isfinite()
         if not bool(finite.all()):
             c.masked_fill_(finite.logical_not_(), 0)
+
+
+def _split_compensated_into(mode: str, exact: torch.Tensor, weight: torch.Tensor, compensation: torch.Tensor,
+                            generator: Optional[torch.Generator] = None) -> None:
+    """``exact`` into ``weight`` and its compensation as ``mode`` keeps them: ``"kahan"`` exactly
+    (:func:`split_exact_into`), ``"kahan8"`` to 24 bits (:func:`split_rounded_into`: stochastically with a
+    ``generator``, to nearest without one)."""
+    if mode == "kahan":
+        split_exact_into(exact, weight, compensation)
+    else:
+        split_rounded_into(exact, weight, compensation, generator)
 
 
 def join_exact(weight: torch.Tensor, compensation: torch.Tensor) -> torch.Tensor:
@@ -467,8 +478,8 @@ class MasterValues:
             if mode == "kahan8" and param.dtype != torch.bfloat16:
                 return
             weight = torch.empty(value.shape, dtype=param.dtype, device=value.device)
-            error = torch.empty(value.shape, dtype=compensation_dtype(mode, param.dtype), device=value.device)
-            (split_exact_into if mode == "kahan" else split_rounded_into)(value, weight, error)
+            error = torch.empty(value.shape, dtype=_compensation_dtype(mode, param.dtype), device=value.device)
+            _split_compensated_into(mode, value, weight, error)
             if not torch.equal(weight, param.data):
                 return
             master = _Compensation(error=error, checksum=_checksum(param.data))
@@ -555,7 +566,7 @@ class MasterValues:
                 return
             if param.grad.is_sparse:
                 continue
-            if mode in BF16_ONLY and param.dtype != torch.bfloat16:
+            if mode in _BF16_ONLY and param.dtype != torch.bfloat16:
                 raise ValueError(
                     f"HFTConfig(master_weights={mode!r}) rounds to bfloat16, but {name} is {param.dtype}. "
                     "Fix: load the model in bfloat16, or use master_weights='kahan' or 'fp32' for float16 models."
@@ -658,7 +669,7 @@ class MasterValues:
             master.remember(param)
         elif swap.mode in ("kahan", "kahan8"):
             weight = torch.empty(exact.shape, dtype=swap.dtype, device=exact.device)
-            error = self._reusable_error(swap.name, exact, compensation_dtype(swap.mode, swap.dtype))
+            error = self._reusable_error(swap.name, exact, _compensation_dtype(swap.mode, swap.dtype))
             self._split(swap.mode, exact, weight, error)
             param.data = weight
             master = _Compensation(error=error, checksum=_checksum(weight))
@@ -669,12 +680,9 @@ class MasterValues:
         param.grad = swap.low_grad
 
     def _split(self, mode: str, exact: torch.Tensor, weight: torch.Tensor, error: torch.Tensor) -> None:
-        """Write the stepped ``exact`` value into ``weight`` and its compensation ``error`` (``"kahan"``: exactly,
-        ``"kahan8"``: rounded to 24 bits stochastically)."""
-        if mode == "kahan":
-            split_exact_into(exact, weight, error)
-        else:
-            split_rounded_into(exact, weight, error, self._generator(exact.device))
+        """Write the stepped ``exact`` value into ``weight`` and its compensation ``error`` (``"kahan8"`` rounds to
+        24 bits with this model's generator)."""
+        _split_compensated_into(mode, exact, weight, error, self._generator(exact.device))
 
     def _reusable_error(self, name: str, exact: torch.Tensor, wanted: torch.dtype) -> torch.Tensor:
         """The compensation buffer (of dtype ``wanted``) to write ``name``'s new one into: its old one when it fits
@@ -700,7 +708,7 @@ class MasterValues:
             master.remember(whole)
         elif swap.mode in ("kahan", "kahan8"):
             master = self._masters.get(swap.name)
-            wanted = compensation_dtype(swap.mode, swap.dtype)
+            wanted = _compensation_dtype(swap.mode, swap.dtype)
             if master is None or not master.matches(whole) or master.error.dtype != wanted:
                 master = _Compensation(
                     error=torch.zeros(whole.shape, dtype=wanted, device=whole.device), checksum=_checksum(whole.data))
@@ -787,7 +795,7 @@ def warn_if_fp16(model: nn.Module, names: Iterable[str], master_weights: str = "
     unscale fp16 gradients, as it does for any fp16 model trained in full.
     """
     if any(model.get_parameter(name).dtype == torch.float16 for name in names):
-        if master_weights in BF16_ONLY:
+        if master_weights in _BF16_ONLY:
             raise ValueError(
                 f"HFTConfig(master_weights={master_weights!r}) rounds to bfloat16, but this model trains float16 "
                 "tensors. Fix: load the model in bfloat16, or use master_weights='kahan' or 'fp32'."

@@ -16,6 +16,9 @@ matter for half precision (docs/concepts.md, "Precision"):
 * ``hft``           -- the default: bf16 weights, master values of the trained half as the bf16 weight and the lower
   half of the fp32 bit pattern (``master_weights="kahan"``, 2 bytes);
 * ``hft-fp32``      -- ``HFTConfig(master_weights="fp32")``: a separate fp32 master (4 bytes), the same values;
+* ``hft-offload``   -- ``HFTConfig(master_weights="fp32_offload")``: that master and AdamW's state in host memory,
+  stepped there (the offloaded preset's masters; on a CPU-only machine host and device are one memory, so only CUDA
+  shows what the copies and the host's step cost);
 * ``hft-sr``        -- ``HFTConfig(master_weights="stochastic_rounding")``: no buffer, stochastic rounding;
 * ``hft-nomaster``  -- ``HFTConfig(master_weights="none")``: updates written straight into bf16 weights;
 * ``hft-bwd``       -- the default masters, with the optimizer step fused into backward (``optimizer_in_backward``);
@@ -64,11 +67,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import PeakMemory  # noqa: E402
 
 VARIANTS = ("freeze", "hft", "fft", "delta")
-LOW_PRECISION_VARIANTS = ("freeze", "hft", "hft-fp32", "hft-sr", "hft-nomaster", "hft-bwd", "hft-preset", "fft",
-                          "fft-amp", "lora")
+LOW_PRECISION_VARIANTS = ("freeze", "hft", "hft-fp32", "hft-offload", "hft-sr", "hft-nomaster", "hft-bwd",
+                          "hft-preset", "fft", "fft-amp", "lora")
 # variant -> HFTConfig(master_weights=...); None: the default
-MASTER_VARIANTS = {"hft": None, "hft-fp32": "fp32", "hft-sr": "stochastic_rounding", "hft-nomaster": "none",
-                   "hft-bwd": None}
+MASTER_VARIANTS = {"hft": None, "hft-fp32": "fp32", "hft-offload": "fp32_offload", "hft-sr": "stochastic_rounding",
+                   "hft-nomaster": "none", "hft-bwd": None}
 AUTOCAST_VARIANTS = ("fft-amp",)  # fp32 model, low-precision compute
 REPO = Path(__file__).resolve().parents[1]
 
@@ -327,7 +330,7 @@ def main(argv=None) -> None:
         result["held_out_loss"] = {v: held_out_loss_after(v, args, selection, tokenizer) for v in variants}
     ratios = {}
     pairs = [("hft", o) for o in ("freeze", "fft", "hft-nomaster", "fft-amp", "lora")] + [("delta", "freeze")]
-    pairs += [(v, "hft") for v in ("hft-fp32", "hft-sr", "hft-bwd", "hft-preset")]
+    pairs += [(v, "hft") for v in ("hft-fp32", "hft-offload", "hft-sr", "hft-bwd", "hft-preset")]
     for a, b in pairs:
         if a in median and b in median:
             ratios[f"step_time {a}/{b}"] = median[a] / median[b]

@@ -23,12 +23,13 @@ print("model:", default_model_path())
 PYEOF
 
 run cuda_tests -m pytest -q tests/tuner/test_cuda.py -p no:cacheprovider
-# the memory options (issue 20): every master_weights option, the step fused into backward and the low-memory preset
+# the memory options (issue 20): every master_weights option (fp32_offload: the copies and the host step), the step
+# fused into backward and the low-memory preset
 # (torchao AdamW4bit, compiled on CUDA) against freezing and FFT, with the held-out loss after 100 steps
 RUN_TIMEOUT_S=600 run bench_bf16 benchmarks/bench_training.py --device cuda --dtype bfloat16 --batch-size 8 \
   --seq-len 512 --quality-steps 100 --output "$OUT"
 RUN_TIMEOUT_S=600 run bench_bf16_gc benchmarks/bench_training.py --device cuda --dtype bfloat16 --batch-size 8 \
-  --seq-len 512 --gradient-checkpointing --variants freeze,hft,hft-fp32,hft-sr,hft-bwd,hft-preset,fft \
+  --seq-len 512 --gradient-checkpointing --variants freeze,hft,hft-fp32,hft-offload,hft-sr,hft-bwd,hft-preset,fft \
   --tag cuda-bfloat16-gc --output "$OUT"
 RUN_TIMEOUT_S=900 run quality benchmarks/bench_precision.py --device cuda --steps 300 --batch-size 8 --seq-len 512 \
   --eval-every 50 --eval-sequences 16 --output "$OUT"

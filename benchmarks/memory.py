@@ -176,14 +176,14 @@ def low_bit_adamw(bits: int, in_backward: bool = False, preset: bool = False):
     return make
 
 
-def _hft_low_memory(model):
+def _hft_low_memory(model, offload: bool = False):
     from peft_hft import low_memory_preset
 
-    return _hft(model, **low_memory_preset()["hft_config"])
+    return _hft(model, **low_memory_preset(offload=offload)["hft_config"])
 
 
 # Variants that fix gradient checkpointing on (the low-memory preset's training arguments).
-CHECKPOINTED_VARIANTS = {"hft-low-memory"}
+CHECKPOINTED_VARIANTS = {"hft-low-memory", "hft-low-memory-offload"}
 # Variants whose optimizer step is compiled (torchao): on the CPU their steps are sampled by a thread (_SampledSteps).
 COMPILED_VARIANTS = {"hft-adamw8bit", "hft-adamw4bit", "hft-low-memory"}
 
@@ -194,6 +194,7 @@ TRAINING_VARIANTS = {
     "freeze": (_freeze, fused_adamw),
     "hft": (_hft, fused_adamw),
     "hft-fp32": (lambda m: _hft(m, master_weights="fp32"), fused_adamw),
+    "hft-fp32-offload": (lambda m: _hft(m, master_weights="fp32_offload"), fused_adamw),
     "hft-kahan": (lambda m: _hft(m, master_weights="kahan"), fused_adamw),
     "hft-kahan8": (lambda m: _hft(m, master_weights="kahan8"), fused_adamw),
     "hft-stochastic-rounding": (lambda m: _hft(m, master_weights="stochastic_rounding"), fused_adamw),
@@ -203,6 +204,7 @@ TRAINING_VARIANTS = {
     "hft-adamw4bit": (_hft, low_bit_adamw(4)),
     "hft-nf4-frozen": (_hft_nf4_frozen, fused_adamw),
     "hft-low-memory": (_hft_low_memory, low_bit_adamw(4, in_backward=True, preset=True)),
+    "hft-low-memory-offload": (lambda m: _hft_low_memory(m, offload=True), fused_adamw),
 }
 
 
@@ -335,7 +337,8 @@ def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: 
         ids = torch.randint(3, config.vocab_size, (batch_size, seq_len), generator=generator)
         batches.append({"input_ids": ids.to(device), "labels": ids.to(device)})
     recipes = default_recipes()
-    recipes["hft-low-memory"] = replace(recipes["hft-low-memory"], chunk_elements=preset_chunk_elements())
+    for preset in ("hft-low-memory", "hft-low-memory-offload"):
+        recipes[preset] = replace(recipes[preset], chunk_elements=preset_chunk_elements())
     estimate = estimate_memory(model_dir, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                                gradient_checkpointing=gradient_checkpointing, methods=names, recipes=recipes)
     warm_up(load, batches[0], gradient_checkpointing)
@@ -345,10 +348,13 @@ def compare_with_estimate(model_dir: str, dtype: str, batch_size: int, seq_len: 
             continue  # the preset turns gradient checkpointing on (its estimate does too): measured with it on only
         measured = measure_training_peak(load, name, batches, gradient_checkpointing, device)
         method = estimate.methods[name]
+        # on the CPU the host memory of "fp32_offload" (masters, optimizer state) is the memory measured
+        estimated = method.total_bytes + (0 if device.startswith("cuda") else method.offloaded_bytes)
         rows.append({
             "variant": name, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
-            "measured_bytes": measured["peak_bytes"], "estimated_bytes": method.total_bytes,
-            "ratio": method.total_bytes / measured["peak_bytes"], "components": method.components,
+            "measured_bytes": measured["peak_bytes"], "estimated_bytes": estimated,
+            "ratio": estimated / measured["peak_bytes"], "components": method.components,
+            "offloaded_bytes": method.offloaded_bytes,
             "peak_phase": method.peak_phase, "device": device,
         })
         if device.startswith("cuda"):

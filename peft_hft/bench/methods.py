@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..integrations.low_memory import PRESET_CLIP_PER_TENSOR
+from ..integrations.low_memory import FP32_MOMENT_BITS, PRESET_CLIP_PER_TENSOR, low_memory_config
 from ..tuner.config import HFTConfig
 
 
@@ -37,6 +37,8 @@ class Method:
     frozen_nf4: bool = False
     # the model trained in bf16 (the preset methods always are): bf16 weights, not fp32 weights under autocast
     bf16: bool = False
+    # gradient checkpointing (the preset methods always have it): the same values, fewer activations kept
+    gradient_checkpointing: bool = False
 
     @property
     def low_memory(self) -> bool:
@@ -58,7 +60,7 @@ class Method:
         config = self.make_config(seed)
         if self.bf16 or self.low_memory:
             model.to(torch.bfloat16)
-        if self.low_memory:
+        if self.low_memory or self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config is None:
             for param in model.parameters():
@@ -100,17 +102,10 @@ class Method:
         Without weight decay, as the loop's AdamW."""
         if not self.low_memory:
             return None
-        from ..integrations.low_memory import PRESET_CHUNK_ELEMENTS, apply_low_memory_preset, optimizer_in_backward
+        from ..integrations.low_memory import apply_low_memory_preset
 
-        if self.preset_bits == _FP32_MOMENTS:
-            return optimizer_in_backward(model, torch.optim.AdamW, chunk_elements=PRESET_CHUNK_ELEMENTS,
-                                         clip_per_tensor=self.clip_per_tensor, lr=lr, weight_decay=0.0)
         return apply_low_memory_preset(model, self.preset_bits, clip_per_tensor=self.clip_per_tensor, lr=lr,
                                        weight_decay=0.0)
-
-
-# Method.preset_bits of the preset with torch's AdamW (fp32 moments) in place of torchao's low-bit one
-_FP32_MOMENTS = 32
 
 
 def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]:
@@ -119,15 +114,12 @@ def _hft(ratio: float, strategy: str = "category") -> Callable[[int], HFTConfig]
 
 def _hft_preset(name: str, label: str, bits: int, clip_per_tensor: Optional[float] = PRESET_CLIP_PER_TENSOR,
                 frozen_nf4: bool = False, master_weights: Optional[str] = None) -> Method:
-    """HFT (ratio 0.5) in the low-memory preset at ``bits`` (``_FP32_MOMENTS``: torch's AdamW): its config and its
+    """HFT (ratio 0.5) in the low-memory preset at ``bits`` (``FP32_MOMENT_BITS``: torch's AdamW): its config and its
     optimizer follow the same bits; ``clip_per_tensor`` clips each tensor's gradient in the fused step (the preset's
     own bound unless given); ``frozen_nf4`` holds the frozen half in NF4 while training; ``master_weights`` replaces
     the preset's stochastic rounding (to measure what it costs)."""
-    from ..integrations.low_memory import low_memory_config
-
     fields = {} if master_weights is None else {"master_weights": master_weights}
-    config_bits = 8 if bits == _FP32_MOMENTS else bits
-    return Method(name, label, lambda seed: low_memory_config(config_bits, ratio=0.5, seed=seed, **fields),
+    return Method(name, label, lambda seed: low_memory_config(bits, ratio=0.5, seed=seed, **fields),
                   ratio=0.5, preset_bits=bits, clip_per_tensor=clip_per_tensor, frozen_nf4=frozen_nf4)
 
 
@@ -164,13 +156,21 @@ def default_methods() -> list[Method]:
         _hft_preset("hft_preset8_kahan", "HFT, 8-bit preset with Kahan masters instead of stochastic rounding", 8,
                     master_weights="kahan"),
         _hft_preset("hft_preset_fp32_moments", "HFT, preset with AdamW (fp32 moments) instead of a low-bit one",
-                    _FP32_MOMENTS),
+                    FP32_MOMENT_BITS),
         # the preset with 1-byte Kahan masters ("kahan8") instead of stochastic rounding, and what fits it in 24 GiB
         # at 8B (the NF4 frozen half)
         _hft_preset("hft_preset_kahan8", "HFT, preset with 1-byte Kahan masters (kahan8) instead of stochastic "
                     "rounding", 4, master_weights="kahan8"),
         _hft_preset("hft_preset_kahan8_nf4", "HFT, preset with kahan8 masters, trained against an NF4 frozen half", 4,
                     master_weights="kahan8", frozen_nf4=True),
+        # the offloaded preset (low_memory_preset(offload=True)): default HFT on a bf16 model with its fp32 masters
+        # and AdamW in host memory, stepped after backward with the loop's global clipping; and the same masters
+        # stepped in backward, clipped per tensor (what the fused step's clipping costs)
+        Method("hft_preset_offload", "HFT, offloaded preset (bf16, fp32 masters and AdamW in host memory, global "
+               "clip)", lambda seed: low_memory_config(offload=True, ratio=0.5, seed=seed), ratio=0.5, bf16=True,
+               gradient_checkpointing=True),
+        _hft_preset("hft_offload_in_backward", "HFT, fp32 masters and AdamW in host memory, stepped in backward, "
+                    "clip 1.0 per tensor", FP32_MOMENT_BITS, master_weights="fp32_offload"),
         Method("lora", "LoRA (r=16, all linear)", _lora, adapter_grid=True),
     ]
 

@@ -40,9 +40,19 @@ import torch
 from torch import nn
 
 from ..tuner.config import HFTConfig
-from ..tuner.precision import ELEMENTWISE_OPTIMIZERS, refresh_slice, slice_parameter, steps_elementwise
+from ..tuner.precision import (
+    ELEMENTWISE_OPTIMIZERS,
+    load_state_into_host_memory,
+    place_loaded_state,
+    refresh_slice,
+    slice_parameter,
+    steps_elementwise,
+)
 
 LOW_BIT_OPTIMIZERS = {8: "AdamW8bit", 4: "AdamW4bit"}
+# The preset's moments: torchao's low-bit AdamW, or (32) torch's AdamW in fp32 (the offloaded preset's default).
+FP32_MOMENT_BITS = 32
+PRESET_MOMENT_BITS = (*LOW_BIT_OPTIMIZERS, FP32_MOMENT_BITS)
 # Slices are multiples of this many elements, so that the blocks of torchao's quantized states (128 or 256 elements)
 # fall where they would in the whole tensor.
 CHUNK_MULTIPLE = 4096
@@ -263,6 +273,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
             for inner, one in zip(inners, states, strict=True):
                 inner.load_state_dict({"state": {} if one is None else {0: one},
                                        "param_groups": inner.state_dict()["param_groups"]})
+                place_loaded_state(inner)  # offloaded masters: the state goes to host memory now, tensor by tensor
                 _copy_hyperparameters(saved_group, inner.param_groups[0], [k for k in saved_group if k != "params"])
 
     def remove_hooks(self) -> None:
@@ -405,58 +416,114 @@ def optimizer_in_backward(
     return optimizer
 
 
-def low_memory_preset(bits: int = 4) -> dict[str, Any]:
+def _preset_bits(bits: Optional[int], offload: bool) -> int:
+    """The moments' bits of the preset: as given, else 32 offloaded (torch's AdamW in host memory) and 4 otherwise."""
+    if offload and bits not in (None, FP32_MOMENT_BITS):
+        raise ValueError(
+            f"low_memory_preset(bits={bits!r}, offload=True): the offloaded preset steps torch's AdamW (fp32 moments) "
+            "in host memory, where memory is not what limits it. Fix: leave bits out (or bits=32), or use "
+            "TrainingArguments(optim='adamw_torch_8bit') yourself with HFTConfig(master_weights='fp32_offload')."
+        )
+    if bits is None:
+        return FP32_MOMENT_BITS if offload else 4
+    if bits not in PRESET_MOMENT_BITS:
+        raise ValueError(
+            f"low_memory_preset(bits={bits!r}): the moments are kept by torchao's 8-bit or 4-bit AdamW or by torch's "
+            "AdamW in fp32. Fix: bits=8, bits=4 or bits=32."
+        )
+    return bits
+
+
+def _optimizer_class_name(bits: int) -> str:
+    return "torch.optim.AdamW" if bits == FP32_MOMENT_BITS else f"torchao.optim.{LOW_BIT_OPTIMIZERS[bits]}"
+
+
+def preset_optimizer_class(bits: int) -> type[torch.optim.Optimizer]:
+    """The optimizer class of the preset whose moments have ``bits`` bits (:func:`low_memory_preset`)."""
+    return torch.optim.AdamW if bits == FP32_MOMENT_BITS else low_bit_adamw(bits)
+
+
+_CHECKPOINTING = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+def low_memory_preset(bits: Optional[int] = None, *, offload: bool = False) -> dict[str, Any]:
     """The low-memory preset: the exact settings, in one place (README, "Low-memory training").
+
+    Two forms, both fitting half of an 8B model's training on one 24 GiB GPU (README, "Memory at scale"):
+
+    * on the accelerator (default): stochastic rounding and torchao's 4-bit AdamW (``bits=8``: 8-bit) stepped in
+      backward, nothing beside the bf16 weight but the low-bit moments; it learns the new task less than default
+      HFT (docs/forgetting.md);
+    * ``offload=True``: default HFT's training with its masters and optimizer state in host memory: fp32 masters
+      stepped there (``master_weights="fp32_offload"``) by the Trainer's own AdamW (so its global-norm clipping and
+      gradient accumulation work as ever), gradient checkpointing. The accelerator keeps the bf16 weights, the
+      trained half's bf16 gradients and the activations; host memory holds 12 bytes per trained parameter (fp32
+      master and moments) besides the originals. Each step copies the trained gradients to the host and the
+      weights back, and runs AdamW on the host's cores.
 
     Returns a dict:
 
     * ``"hft_config"``: ``HFTConfig`` fields: ``master_weights="stochastic_rounding"`` (no bytes beside the bf16
-      weights; chosen by the measurements in docs/benchmarks.md, "Master values");
-    * ``"optimizer"``: ``torchao.optim.AdamW4bit`` (``bits=8``: ``AdamW8bit``) as ``{"class": name, "bits": bits}``;
-    * ``"optimizer_in_backward"``: ``True``, the step fused into backward (:func:`optimizer_in_backward`);
-    * ``"chunk_elements"``: ``2**24``, tensors beyond 16M elements (embeddings, lm_head) stepped in slices of that size;
+      weights; chosen by the measurements in docs/benchmarks.md, "Master values"), offloaded ``"fp32_offload"``;
+    * ``"optimizer"``: ``torchao.optim.AdamW4bit`` (``bits=8``: ``AdamW8bit``; ``bits=32``, and offloaded:
+      ``torch.optim.AdamW``) as ``{"class": name, "bits": bits}``;
+    * ``"optimizer_in_backward"``: ``True``, the step fused into backward (:func:`optimizer_in_backward`); offloaded
+      ``False`` (the step after backward, as the Trainer takes it);
+    * ``"chunk_elements"``: ``2**24``, tensors beyond 16M elements (embeddings, lm_head) stepped in slices of that size
+      (offloaded: ``None``);
     * ``"clip_per_tensor"``: ``1.0``, each tensor's gradient scaled to at most that norm before its step (the fused
-      step's stand-in for the Trainer's global-norm clipping, which it cannot do; measured in docs/forgetting.md);
-    * ``"training_arguments"``: ``TrainingArguments`` fields: gradient checkpointing (non-reentrant), bf16,
-      ``gradient_accumulation_steps=1`` and ``max_grad_norm=0`` (what the fused step needs).
+      step's stand-in for the Trainer's global-norm clipping, which it cannot do; measured in docs/forgetting.md;
+      offloaded: ``None``, the Trainer clips by the global norm);
+    * ``"training_arguments"``: ``TrainingArguments`` fields: gradient checkpointing (non-reentrant), bf16, and for
+      the fused step ``gradient_accumulation_steps=1`` and ``max_grad_norm=0`` (what it needs).
 
     Per trained parameter this keeps the bf16 weight (2 bytes) and the low-bit moments (1 byte at 4 bits, 2 at 8),
     against 16 for AdamW with fp32 masters; :func:`apply_low_memory_preset` applies it to a Trainer.
     """
-    if bits not in LOW_BIT_OPTIMIZERS:
-        raise ValueError(f"low_memory_preset(bits={bits!r}): torchao offers 8-bit and 4-bit AdamW. Fix: 8 or 4.")
+    bits = _preset_bits(bits, offload)
+    optimizer = {"class": _optimizer_class_name(bits), "bits": bits}
+    if offload:
+        return {
+            "hft_config": {"master_weights": "fp32_offload"},
+            "optimizer": optimizer,
+            "optimizer_in_backward": False,
+            "chunk_elements": None,
+            "clip_per_tensor": None,
+            "training_arguments": {"bf16": True, **_CHECKPOINTING},
+        }
     return {
         "hft_config": {"master_weights": "stochastic_rounding"},
-        "optimizer": {"class": f"torchao.optim.{LOW_BIT_OPTIMIZERS[bits]}", "bits": bits},
+        "optimizer": optimizer,
         "optimizer_in_backward": True,
         "chunk_elements": PRESET_CHUNK_ELEMENTS,
         "clip_per_tensor": PRESET_CLIP_PER_TENSOR,
-        "training_arguments": {
-            "bf16": True,
-            "gradient_checkpointing": True,
-            "gradient_checkpointing_kwargs": {"use_reentrant": False},
-            "gradient_accumulation_steps": 1,
-            "max_grad_norm": 0.0,
-        },
+        "training_arguments": {"bf16": True, **_CHECKPOINTING, "gradient_accumulation_steps": 1, "max_grad_norm": 0.0},
     }
 
 
-def low_memory_config(bits: int = 4, **fields: Any) -> HFTConfig:
+def low_memory_config(bits: Optional[int] = None, *, offload: bool = False, **fields: Any) -> HFTConfig:
     """``HFTConfig`` with the preset's fields (``fields`` override them or add others, e.g. ``ratio``, ``seed``)."""
-    return HFTConfig(**{**low_memory_preset(bits)["hft_config"], **fields})
+    return HFTConfig(**{**low_memory_preset(bits, offload=offload)["hft_config"], **fields})
 
 
 def apply_low_memory_preset(
-    trainer: Any, bits: int = 4, *, clip_per_tensor: Optional[float] = PRESET_CLIP_PER_TENSOR, **optimizer_kwargs: Any
-) -> OptimizerInBackward:
-    """The preset's optimizer (low-bit AdamW fused into backward, in slices, each tensor's gradient clipped): installed
-    in a Trainer whose arguments follow the preset (``low_memory_preset()["training_arguments"]``, checked here), e.g.
-    an ``SFTTrainer`` given ``peft_config=low_memory_config()``; or, given a model, returned for a loop of your own.
+    trainer: Any, bits: Optional[int] = None, *, offload: bool = False,
+    clip_per_tensor: Optional[float] = PRESET_CLIP_PER_TENSOR, **optimizer_kwargs: Any
+) -> torch.optim.Optimizer:
+    """The preset's optimizer (low-bit AdamW fused into backward, in slices, each tensor's gradient clipped; with
+    ``offload=True`` torch's AdamW after backward): installed in a Trainer whose arguments follow the preset
+    (``low_memory_preset()["training_arguments"]``, checked here), e.g. an ``SFTTrainer`` given
+    ``peft_config=low_memory_config()``; or, given a model, returned for a loop of your own.
 
+    ``bits`` and ``offload`` choose the preset's form (:func:`low_memory_preset`); the model's adapter should have
+    the same form's ``HFTConfig`` fields (:func:`low_memory_config` with the same arguments). Offloaded, a Trainer
+    keeps its own AdamW (``trainer.create_optimizer()``: its weight-decay groups, ``optim``, global clipping),
+    which steps the masters in host memory, and a checkpoint's optimizer state is loaded into host memory
+    (:func:`~peft_hft.tuner.precision.load_state_into_host_memory`).
     ``clip_per_tensor=None`` steps unclipped (how the preset ran before it clipped; docs/forgetting.md measures both);
     ``optimizer_kwargs`` (``lr``, ``weight_decay``, ...) go to the optimizer, as in :func:`optimizer_in_backward`.
     """
-    preset = low_memory_preset(bits)
+    preset = low_memory_preset(bits, offload=offload)
     if _is_trainer(trainer):
         wrong = {
             key: getattr(trainer.args, key, None)
@@ -464,10 +531,29 @@ def apply_low_memory_preset(
             if key != "gradient_checkpointing_kwargs" and getattr(trainer.args, key, None) != value
         }
         if wrong:
+            call = "low_memory_preset(offload=True)" if offload else "low_memory_preset()"
             raise ValueError(
                 f"The Trainer's arguments differ from the low-memory preset: {wrong}. Fix: build them with "
-                "TrainingArguments(..., **low_memory_preset()['training_arguments'])."
+                f"TrainingArguments(..., **{call}['training_arguments'])."
             )
-    return optimizer_in_backward(trainer, low_bit_adamw(bits), chunk_elements=preset["chunk_elements"],
-                                 clip_per_tensor=clip_per_tensor, **optimizer_kwargs)
-
+    if offload:
+        if clip_per_tensor != PRESET_CLIP_PER_TENSOR:
+            raise ValueError(
+                "The offloaded preset steps after backward and clips by the global gradient norm "
+                "(TrainingArguments.max_grad_norm), not per tensor. Fix: leave clip_per_tensor out with offload=True."
+            )
+        if _is_trainer(trainer):
+            if optimizer_kwargs:
+                raise ValueError(
+                    f"apply_low_memory_preset(trainer, offload=True) keeps the Trainer's own AdamW, which takes its "
+                    f"settings from TrainingArguments, not {sorted(optimizer_kwargs)}. Fix: set them in the "
+                    "TrainingArguments (learning_rate, weight_decay, ...)."
+                )
+            optimizer = trainer.create_optimizer()
+        else:
+            optimizer = torch.optim.AdamW([p for p in trainer.parameters() if p.requires_grad], **optimizer_kwargs)
+        load_state_into_host_memory(optimizer)  # a resumed checkpoint's state goes to host memory, not the GPU
+        return optimizer
+    return optimizer_in_backward(trainer, preset_optimizer_class(preset["optimizer"]["bits"]),
+                                 chunk_elements=preset["chunk_elements"], clip_per_tensor=clip_per_tensor,
+                                 **optimizer_kwargs)

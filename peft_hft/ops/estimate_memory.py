@@ -28,8 +28,9 @@ temporaries at that moment and dropping its gradient after, so the peak is the l
 gradients and one tensor's temporaries that really occurs (lm_head, the largest tensor of an LLM, steps at the start
 of backward, while the loss's logits are alive; the embedding steps last, when the activations are gone). HFT's
 originals (the base values of the trained half, for diffs and ``disable_adapter``) live in host memory by default and
-are reported apart (``host_bytes``). Memory the allocator holds but does not use (CUDA's caching allocator,
-fragmentation) is not included; on CUDA budget about 5-10% above ``total_bytes``.
+are reported apart (``host_bytes``), as are the masters and optimizer state that ``master_weights="fp32_offload"``
+keeps in host memory (``offloaded_bytes``, part of ``host_bytes``). Memory the allocator holds but does not use
+(CUDA's caching allocator, fragmentation) is not included; on CUDA budget about 5-10% above ``total_bytes``.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ class MasterCost:
     ``exact - weight`` takes 8, at most 4 MiB more); stochastic rounding: the int32 random bits the value is added
     to in place and then masked to their exponent, and the overflow mask (4 + 1); Kahan in 1 byte: the rest of the
     pattern as for Kahan and the int32 random bits added to it (4 + 4); fp32 masters: none.
+    ``on_host``: the master, the optimizer state created beside it and the step's copies live in host memory
+    (``"fp32_offload"``): the accelerator keeps the weight and gradient only (the weight is freed while the host
+    steps its master and written anew after).
     """
 
     state_bytes: int
@@ -90,10 +94,12 @@ class MasterCost:
     optimizer_sees_fp32: bool
     weight_freed_in_step: bool = False
     write_back_scratch_bytes: int = 0
+    on_host: bool = False
 
 
 MASTER_WEIGHTS: dict[str, MasterCost] = {
     "fp32": MasterCost(4, 4, True, weight_freed_in_step=True),
+    "fp32_offload": MasterCost(4, 4, True, weight_freed_in_step=True, on_host=True),
     "kahan": MasterCost(2, 8, True, weight_freed_in_step=True, write_back_scratch_bytes=4),
     "kahan8": MasterCost(1, 8, True, weight_freed_in_step=True, write_back_scratch_bytes=8),
     "stochastic_rounding": MasterCost(0, 8, True, weight_freed_in_step=True, write_back_scratch_bytes=5),
@@ -159,20 +165,23 @@ class TrainingRecipe:
     description: str = ""
 
 
-def low_memory_recipe() -> TrainingRecipe:
+def low_memory_recipe(offload: bool = False) -> TrainingRecipe:
     """The recipe of :func:`peft_hft.low_memory_preset` (its one definition), as the estimator models it."""
-    from ..integrations.low_memory import low_memory_preset
+    from ..integrations.low_memory import FP32_MOMENT_BITS, low_memory_preset
 
-    preset = low_memory_preset()
-    optimizer = f"adamw{preset['optimizer']['bits']}bit"
+    preset = low_memory_preset(offload=offload)
+    bits = preset["optimizer"]["bits"]
+    optimizer = "adamw" if bits == FP32_MOMENT_BITS else f"adamw{bits}bit"
     master = preset["hft_config"]["master_weights"]
+    call = "low_memory_preset(offload=True)" if offload else "low_memory_preset()"
     return TrainingRecipe(
         "hft", master, optimizer, step_in_backward=preset["optimizer_in_backward"],
         chunk_elements=preset["chunk_elements"],
         gradient_checkpointing=preset["training_arguments"]["gradient_checkpointing"],
-        description=f"HFT low-memory preset (peft_hft.low_memory_preset()): {master} masters, torchao "
-        f"{preset['optimizer']['class'].rsplit('.', 1)[-1]}, step in backward in slices of "
-        f"{preset['chunk_elements']:,} elements, gradient checkpointing",
+        description=f"HFT low-memory preset (peft_hft.{call}): {master} masters, {preset['optimizer']['class']}, "
+        + (f"step in backward in slices of {preset['chunk_elements']:,} elements" if preset["optimizer_in_backward"]
+           else "step after backward")
+        + ", gradient checkpointing",
     )
 
 
@@ -199,6 +208,7 @@ def default_recipes(lora_rank: int = 16) -> dict[str, TrainingRecipe]:
             hft, quantize_frozen=scheme, description=f"HFT, frozen block matrices in {scheme} (quantize_frozen)"
         )
     recipes["hft-low-memory"] = low_memory_recipe()
+    recipes["hft-low-memory-offload"] = low_memory_recipe(offload=True)
     return recipes
 
 
@@ -222,7 +232,8 @@ class MethodEstimate:
     trainable_parameters: int
     total_parameters: int
     gradient_checkpointing: bool
-    host_bytes: int = 0  # HFT's originals in host memory (not in total_bytes)
+    host_bytes: int = 0  # host memory (not in total_bytes): HFT's originals, and offloaded_bytes
+    offloaded_bytes: int = 0  # masters, optimizer state and step copies in host memory ("fp32_offload")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -493,6 +504,8 @@ def _step_temporary_bytes(param: torch.Tensor, recipe: TrainingRecipe) -> int:
 
     master = MASTER_WEIGHTS[recipe.master_weights]
     low_precision = is_low_precision(param)
+    if low_precision and master.on_host:  # the weight freed meanwhile is written anew: nothing on the accelerator
+        return 0
     spans = slice_spans(param.numel(), recipe.chunk_elements)
     n = max(stop - start for start, stop in spans)
     copies = n * master.step_copy_bytes if low_precision else 0
@@ -500,11 +513,22 @@ def _step_temporary_bytes(param: torch.Tensor, recipe: TrainingRecipe) -> int:
     return copies - freed + _one_tensor_scratch(param, recipe, n, sliced=len(spans) > 1)
 
 
+def _host_step_bytes(param: torch.Tensor, recipe: TrainingRecipe) -> int:
+    """Host memory of one offloaded tensor's step (``"fp32_offload"``): the fp32 copy of its gradient (of its
+    largest slice) and the optimizer's scratch."""
+    from ..integrations.low_memory import slice_spans
+
+    n = max(stop - start for start, stop in slice_spans(param.numel(), recipe.chunk_elements))
+    master, optimizer = MASTER_WEIGHTS[recipe.master_weights], OPTIMIZERS[recipe.optimizer]
+    return n * (master.step_copy_bytes + optimizer.step_temporary_bytes)
+
+
 def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes: _PassMemory, checkpointing: bool,
                      quantizable: set[str]) -> MethodEstimate:
     master = MASTER_WEIGHTS[recipe.master_weights]
     optimizer = OPTIMIZERS[recipe.optimizer]
-    weights = masters = state = host = 0
+    weights = masters = state = host = offloaded = 0
+    offloaded_step = 0  # the largest step's copies and scratch in host memory
     trainable = total = 0
     for pname, param in model.named_parameters():
         total += param.numel()
@@ -517,9 +541,13 @@ def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes
         weights += n * param.element_size()
         low_precision = is_low_precision(param)
         sees_fp32 = low_precision and master.optimizer_sees_fp32
-        if low_precision:
-            masters += n * master.state_bytes
-        state += optimizer.state_bytes(n, 4 if sees_fp32 else param.element_size())
+        tensor_state = optimizer.state_bytes(n, 4 if sees_fp32 else param.element_size())
+        if low_precision and master.on_host:
+            offloaded += n * master.state_bytes + tensor_state
+            offloaded_step = max(offloaded_step, _host_step_bytes(param, recipe))
+        else:
+            masters += n * master.state_bytes if low_precision else 0
+            state += tensor_state
         if recipe.trained == "hft":
             host += n * param.element_size()  # the originals, kept in host memory (originals_device="cpu")
     static = {"weights": weights, "masters": masters, "optimizer_state": state}
@@ -552,7 +580,8 @@ def _estimate_method(name: str, recipe: TrainingRecipe, model: nn.Module, passes
         trainable_parameters=trainable,
         total_parameters=total,
         gradient_checkpointing=checkpointing,
-        host_bytes=host,
+        host_bytes=host + offloaded + offloaded_step,
+        offloaded_bytes=offloaded + offloaded_step,
     )
 
 
@@ -640,7 +669,8 @@ def estimate_memory(
 def format_estimate(estimate: MemoryEstimate, unit: str = "GiB") -> str:
     """The table ``peft-hft estimate-memory`` prints: one row per method, the components at its peak."""
     scale = {"GiB": GiB, "MiB": 2**20}[unit]
-    header = ["method", "total", "weights", "masters", "optim", "grads", "activ.", "step tmp", "trained", "peak in"]
+    header = ["method", "total", "weights", "masters", "optim", "grads", "activ.", "step tmp", "host", "trained",
+              "peak in"]
     rows = []
     fft = estimate.methods.get("fft")
     for m in estimate.methods.values():
@@ -649,6 +679,7 @@ def format_estimate(estimate: MemoryEstimate, unit: str = "GiB") -> str:
             m.name,
             f"{m.total_bytes / scale:.2f}",
             *(f"{c[k] / scale:.2f}" for k in COMPONENTS),
+            f"{m.host_bytes / scale:.2f}",
             f"{100 * m.trainable_parameters / max(m.total_parameters, 1):.1f}%",
             m.peak_phase + (" (ckpt)" if m.gradient_checkpointing else ""),
         ])
@@ -670,9 +701,9 @@ def format_estimate(estimate: MemoryEstimate, unit: str = "GiB") -> str:
         lines.append(f"hft / fft = {estimate.methods['hft'].total_bytes / fft.total_bytes:.2f}")
     hft = estimate.methods.get("hft")
     if hft is not None and hft.host_bytes:
-        lines.append(f"HFT also keeps the originals of its trained tensors in host memory: "
-                     f"{hft.host_bytes / scale:.2f} {unit} (not in the totals; "
-                     "HFTConfig(originals_device='device') puts them on the device).")
+        lines.append(f"host: host memory, not in the totals: HFT's originals of its trained tensors "
+                     f"({hft.host_bytes / scale:.2f} {unit}; HFTConfig(originals_device='device') puts them on the "
+                     "device), and the masters and optimizer state of master_weights='fp32_offload'.")
     lines.append("Activations at the peak; the fp32 logits of the loss are included. Allocator overhead is not "
                  "(budget ~5-10% more on CUDA).")
     return "\n".join(lines)

@@ -92,7 +92,7 @@ FIELD_RULES: dict[str, FieldRule] = {
     "master_weights": FieldRule(
         _optional(_one_of(MASTER_WEIGHTS)),
         f"None or one of {_choices(MASTER_WEIGHTS)} ('kahan', the default, keeps 2 bytes per trained parameter, "
-        "'fp32' 4, 'kahan8' 1, 'stochastic_rounding' none)",
+        "'fp32' 4, 'fp32_offload' 4 in host memory, 'kahan8' 1, 'stochastic_rounding' none)",
     ),
     "diff_encoding": FieldRule(
         _optional(lambda v: isinstance(v, str)),
@@ -157,9 +157,9 @@ class HFTConfig(PeftConfig):
             accelerator; ``"device"`` keeps them beside the weights, which makes ``disable_adapter`` free (useful for
             DPO's reference passes) at the cost of device memory for half the model.
         diff_dtype: Dtype of the saved diffs. ``None`` (default) saves float32 diffs for the bf16/fp16 tensors of an
-            adapter with ``master_weights="fp32"``, ``"kahan"`` or ``"kahan8"`` (they carry the exact value: a reload
-            restores the trained weights bit-exactly, and training resumes from the master or error buffer) and each
-            tensor's own dtype otherwise.
+            adapter with ``master_weights="fp32"``, ``"fp32_offload"``, ``"kahan"`` or ``"kahan8"`` (they carry the
+            exact value: a reload restores the trained weights bit-exactly, and training resumes from the master or
+            error buffer) and each tensor's own dtype otherwise.
             ``"bfloat16"`` halves the file of a bf16 adapter (the diff of the bf16 weight; a reload reproduces all
             but a few elements, which are one ulp off, see docs/concepts.md) or of an fp32 adapter.
         master_weights: What keeps the small updates of the trained bf16/fp16 tensors, which the optimizer would
@@ -171,6 +171,11 @@ class HFTConfig(PeftConfig):
             bit for bit (2 bytes); for fp16 weights the error in fp16 (close to exact: an error below fp16's normal
             range keeps a resolution of 2^-24).
             ``"fp32"``: an fp32 master value the optimizer steps (4 bytes); exact, also for fp16 weights.
+            ``"fp32_offload"``: the same fp32 master in host memory, stepped there, so the optimizer's state is
+            created in host memory too (0 bytes on the accelerator; 4 in host memory, plus the state): "fp32"'s
+            update, with each trained tensor's gradient copied to the host and its weight back at every step, and
+            the step on the host's cores. Meant for the step fused into backward (``peft_hft.optimizer_in_backward``,
+            the low-memory preset's ``offload=True``), where one tensor's gradient is alive at a time.
             ``"kahan8"``: compensated bf16 in 1 byte: weight and an int8 buffer hold the value to 24 bits (2^-8 of
             a bf16 ulp), each step's result rounded to them stochastically, unbiased, with 1/256 of the noise of
             ``"stochastic_rounding"`` (bf16 models only).
@@ -233,7 +238,7 @@ class HFTConfig(PeftConfig):
         default="cpu", metadata={"help": "Where the original values of trained tensors are kept."}
     )
     diff_dtype: Optional[str] = field(default=None, metadata={"help": f"Dtype of saved diffs, one of {DIFF_DTYPES}."})
-    master_weights: Optional[Literal["fp32", "kahan", "kahan8", "stochastic_rounding", "none"]] = field(
+    master_weights: Optional[Literal["fp32", "fp32_offload", "kahan", "kahan8", "stochastic_rounding", "none"]] = field(
         default=None,
         metadata={"help": f"What keeps small updates of trained bf16/fp16 tensors, one of {MASTER_WEIGHTS} "
                           "(None: from fp32_master_weights, default 'kahan')."},

@@ -55,14 +55,14 @@ class _Adapter:
     # the base values, and gradient accumulation survives a disable_adapter() round trip).
     grads: dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
     # What keeps the small updates of the adapter's low-precision tensors while it trains (HFTConfig.master_weights,
-    # see precision.py): "fp32", "kahan", "stochastic_rounding" or "none".
+    # see precision.py): "fp32", "fp32_offload", "kahan", "kahan8", "stochastic_rounding" or "none".
     master_weights: str = "fp32"
 
     @property
     def keeps_exact_values(self) -> bool:
         """Whether the adapter's low-precision tensors have an exact value beside the weight (an fp32 master or a
         compensation buffer: 2 bytes, or 1 for the value to 24 bits), which a float32 diff saves and restores."""
-        return self.master_weights in ("fp32", "kahan", "kahan8")
+        return self.master_weights in ("fp32", "fp32_offload", "kahan", "kahan8")
 
 
 def _one_walk(method: Callable) -> Callable:
@@ -699,8 +699,9 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         """Give ``adapter`` the values ``base + diff`` (checked with :meth:`check_diffs` first).
 
         A float32 diff of a bf16/fp16 tensor carries the exact value of a trainable adapter whose masters keep exact
-        values (``"fp32"``, ``"kahan"``, ``"kahan8"``): it seeds them. With ``consume`` the diffs are the caller's to
-        give away (tensors just read from a file): the sums are written into them instead of into new memory.
+        values (``"fp32"``, ``"fp32_offload"``, ``"kahan"``, ``"kahan8"``): it seeds them. With ``consume`` the diffs
+        are the caller's to give away (tensors just read from a file): the sums are written into them instead of into
+        new memory.
         """
         self.check_diffs(adapter, diffs)
         record = self.hft_adapters[adapter]

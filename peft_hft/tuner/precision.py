@@ -7,6 +7,12 @@ fine-tuning rates (1e-5 to 2e-5) most of them do. ``HFTConfig(master_weights=...
 * ``"fp32"``: an fp32 *master value* of every trained tensor (4 bytes per trained element), stepped by the optimizer
   while the model keeps computing with (and saving, merging, disabling) its bf16 weights (on bf16 models the same
   values as ``"kahan"`` at twice its bytes; on fp16 models the exact choice);
+* ``"fp32_offload"``: the fp32 master in host memory (pinned beside a CUDA weight), stepped there, so the
+  optimizer's state (created beside the value it steps) lives in host memory too and the accelerator keeps only the
+  bf16 weight: the same values and update as ``"fp32"`` (bit for bit on the CPU, where host and device are one), at 0
+  bytes of device memory per trained element, for the price of moving each trained tensor's gradient to the host and
+  its weight back at every step, and of an optimizer step that runs on the host's cores (ZeRO-Offload's idea applied
+  to the trained half);
 * ``"kahan"`` (the default): compensated bf16, a 2-byte buffer beside every trained tensor holding what the weight
   lacks of the exact value (:func:`split_exact`): beside a bf16 weight the lower half of the fp32 value's bit pattern,
   so weight and buffer *are* the fp32 master, bit for bit but at rare ties, at half its bytes; beside an fp16 weight
@@ -82,12 +88,16 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from . import engines
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-MASTER_WEIGHTS = ("fp32", "kahan", "kahan8", "stochastic_rounding", "none")
+MASTER_WEIGHTS = ("fp32", "fp32_offload", "kahan", "kahan8", "stochastic_rounding", "none")
 # What a default HFTConfig() keeps: on bf16 models the fp32 masters' values at 2 bytes per trained parameter instead
 # of 4 (SmolLM2-135M, 200 steps: the same held-out loss and update; docs/benchmarks.md, "Memory options").
 DEFAULT_MASTER_WEIGHTS = "kahan"
 # Bytes kept per trained low-precision element between steps, by option (the 8B figures in docs/concepts.md use these).
-MASTER_BYTES_PER_ELEMENT = {"fp32": 4, "kahan": 2, "kahan8": 1, "stochastic_rounding": 0, "none": 0}
+MASTER_BYTES_PER_ELEMENT = {"fp32": 4, "fp32_offload": 4, "kahan": 2, "kahan8": 1, "stochastic_rounding": 0, "none": 0}
+# The options whose master (and so the optimizer's state) lives in host memory; their bytes above are host bytes.
+MASTERS_ON_HOST = frozenset({"fp32_offload"})
+# The options whose master is an fp32 tensor of its own (stepped in place by the optimizer).
+_FP32_MASTERS = ("fp32", "fp32_offload")
 # The options that round to bfloat16 and so refuse other dtypes.
 _BF16_ONLY = ("kahan8", "stochastic_rounding")
 
@@ -135,15 +145,21 @@ class _Written:
 
 @dataclass
 class _Master(_Written):
-    """``"fp32"``: the fp32 value the optimizer steps; the weight is it rounded to nearest."""
+    """``"fp32"`` / ``"fp32_offload"``: the fp32 value the optimizer steps; the weight is it rounded to nearest."""
 
-    value: Optional[torch.Tensor] = None  # fp32, on the parameter's device
+    value: Optional[torch.Tensor] = None  # fp32, on the parameter's device (in host memory when ``on_host``)
+    on_host: bool = False
 
     def matches(self, param: torch.Tensor) -> bool:
         """Whether the master still describes ``param``'s value (reads the data when the cheap check fails)."""
         if self.written_by_us(param):
             return True
         if tuple(self.value.shape) != tuple(param.shape):
+            return False
+        if self.on_host:  # compared where it lives: it stays there
+            if torch.equal(self.value.to(param.dtype), param.data.to(self.value.device)):
+                self.remember(param)
+                return True
             return False
         value = self.value if self.value.device == param.device else self.value.to(param.device)
         if torch.equal(value.to(param.dtype), param.data):
@@ -183,6 +199,16 @@ class _Compensation(_Written):
 
     def nbytes(self) -> int:
         return self.error.numel() * self.error.element_size()
+
+
+def _host_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """A new fp32 copy of ``tensor`` in host memory (``"fp32_offload"``), pinned when it comes from a CUDA device so
+    that the copies to and from it run at full bus speed (torch caches pinned blocks, so stepping reuses them)."""
+    if tensor.device.type == "cpu":
+        return tensor.to(torch.float32, copy=True)
+    out = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=tensor.device.type == "cuda")
+    out.copy_(tensor)
+    return out
 
 
 def _checksum(tensor: torch.Tensor) -> int:
@@ -351,6 +377,7 @@ class _Swap:
     dtype: torch.dtype
     whole: Optional[nn.Parameter] = None  # set when ``param`` is a slice of this trained tensor
     span: tuple[int, int] = (0, 0)
+    device: Optional[torch.device] = None  # where the weight lives (``"fp32_offload"`` steps it elsewhere)
 
 
 _SLICE_ATTRIBUTE = "_hft_slice_of"
@@ -469,14 +496,16 @@ class MasterValues:
     def seed(self, name: str, value: torch.Tensor, param: torch.Tensor, mode: str = "fp32") -> None:
         """Adopt ``value`` (fp32, e.g. base + a float32 diff just loaded) as the exact value of ``param`` if it rounds
         to the weight; the next optimizer step then continues from it instead of from the rounded weight."""
-        value = value.to(device=param.device, dtype=torch.float32)
-        if mode == "fp32":
-            master = _Master(value=value)
+        if mode in _FP32_MASTERS:
+            on_host = mode == "fp32_offload"
+            value = _host_fp32(value) if on_host else value.to(device=param.device, dtype=torch.float32)
+            master = _Master(value=value, on_host=on_host)
             if master.matches(param):
                 self._masters[name] = master
         elif mode in ("kahan", "kahan8"):
             if mode == "kahan8" and param.dtype != torch.bfloat16:
                 return
+            value = value.to(device=param.device, dtype=torch.float32)
             weight = torch.empty(value.shape, dtype=param.dtype, device=value.device)
             error = torch.empty(value.shape, dtype=_compensation_dtype(mode, param.dtype), device=value.device)
             _split_compensated_into(mode, value, weight, error)
@@ -584,9 +613,11 @@ class MasterValues:
         master = self._masters.get(name)
         if master is not None and not master.matches(tensor):
             master = None
-        if mode == "fp32":
-            if master is None:
-                master = self._masters[name] = _Master(value=tensor.data.float())
+        on_host = mode == "fp32_offload"
+        if mode in _FP32_MASTERS:
+            if not isinstance(master, _Master) or master.on_host != on_host:
+                value = _host_fp32(tensor.data) if on_host else tensor.data.float()
+                master = self._masters[name] = _Master(value=value, on_host=on_host)
             exact = master.value if whole is None else _span_of(master.value, span)  # stepped in place
         elif whole is not None:  # built for the slice alone, so the step's copies are bounded by it
             weight = _span_of(whole.data, span)
@@ -594,10 +625,10 @@ class MasterValues:
         else:
             exact = tensor.data.float() if master is None else master.exact(tensor)
         low_grad = param.grad
-        swap = _Swap(name, param, mode, low_grad, param.dtype, whole, span)
+        swap = _Swap(name, param, mode, low_grad, param.dtype, whole, span, param.device)
         param.data = exact
-        param.grad = low_grad.float()
-        _upcast_state(optimizer.state.get(param))
+        param.grad = _host_fp32(low_grad) if on_host else low_grad.float()
+        _upcast_state(optimizer.state.get(param), exact.device)
         return swap
 
     def _step_one_at_a_time(self, optimizer: torch.optim.Optimizer, ready: list) -> list[tuple[nn.Parameter, Any]]:
@@ -662,10 +693,10 @@ class MasterValues:
             return
         param, exact = swap.param, swap.param.data  # stepped in place; read back in case .data was replaced
         param.grad = None
-        if swap.mode == "fp32":
+        if swap.mode in _FP32_MASTERS:
             master = self._masters[swap.name]
             master.value = exact
-            param.data = exact.to(swap.dtype)
+            param.data = exact.to(device=swap.device, dtype=swap.dtype)  # "fp32_offload": back onto the accelerator
             master.remember(param)
         elif swap.mode in ("kahan", "kahan8"):
             weight = torch.empty(exact.shape, dtype=swap.dtype, device=exact.device)
@@ -699,7 +730,7 @@ class MasterValues:
         whole, exact = swap.whole, swap.param.data
         swap.param.grad = None
         weight = _span_of(whole.data, swap.span)
-        if swap.mode == "fp32":
+        if swap.mode in _FP32_MASTERS:
             master = self._masters[swap.name]
             target = _span_of(master.value, swap.span)
             if target.data_ptr() != exact.data_ptr():
@@ -820,14 +851,64 @@ def _is_sharded(param: torch.Tensor) -> bool:
     return engines.sharding_of(param) is not None
 
 
-def _upcast_state(state: Optional[dict]) -> None:
-    """fp32 optimizer state for a master: ``load_state_dict`` casts floating state to the parameter's (bf16) dtype.
-    torchao's quantized states keep their codes; only the dtype they dequantize to changes."""
+def _upcast_state(state: Optional[dict], device: torch.device) -> None:
+    """fp32 optimizer state for a master, beside it on ``device``: ``load_state_dict`` casts floating state to the
+    parameter's (bf16) dtype and device, which for ``"fp32_offload"`` is not where the master is stepped. torchao's
+    quantized states keep their codes; only the dtype they dequantize to changes."""
     if not state:
         return
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.dtype in LOW_PRECISION:
-            state[key] = value.float()
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.dtype in LOW_PRECISION:
+            value = value.float()
+        state[key] = value.to(device)
+
+
+def place_loaded_state(optimizer: torch.optim.Optimizer) -> None:
+    """Move the state ``optimizer.load_state_dict`` just cast to its parameters' dtype and device beside the masters
+    that live in host memory (``"fp32_offload"``), upcast to fp32, at once: left where torch put it, the state of
+    every offloaded tensor would sit on the accelerator until that tensor's next step (at 8B, 34 GiB of AdamW
+    moments). Called per tensor by :class:`peft_hft.OptimizerInBackward` as it loads each tensor's state."""
+    for param in _offloaded_params(optimizer):
+        _upcast_state(optimizer.state.get(param), torch.device("cpu"))
+
+
+def _offloaded_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """The parameters of ``optimizer`` whose masters live in host memory (tracked models, ``"fp32_offload"``)."""
+    live = {key: entry for masters in _tracked() for key, entry in masters._live.items()}
+    out = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            whole, _ = _whole_of(param)
+            entry = live.get(id(param if whole is None else whole))
+            if entry is not None and entry[2] in MASTERS_ON_HOST and is_low_precision(entry[1]):
+                out.append(param)
+    return out
+
+
+def load_state_into_host_memory(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` put the state of offloaded tensors (``"fp32_offload"``) in host memory.
+
+    torch casts loaded state to each parameter's dtype and device, so a resumed checkpoint's AdamW moments would
+    land on the accelerator all at once (34 GiB at 8B) before the first step moves them to the host. Through
+    torch's own ``load_state_dict`` pre- and post-hooks each offloaded parameter points at an empty host tensor
+    of its dtype while the state is cast (so the cast goes to host memory), and at its weight again after.
+    """
+    placeholders: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    def before(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+        for param in _offloaded_params(opt):
+            placeholders.append((param, param.data))
+            param.data = torch.empty(0, dtype=param.dtype)
+
+    def after(opt: torch.optim.Optimizer) -> None:
+        while placeholders:
+            param, data = placeholders.pop()
+            param.data = data
+
+    optimizer.register_load_state_dict_pre_hook(before)
+    optimizer.register_load_state_dict_post_hook(after)
 
 
 def _pre_hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:

@@ -10,7 +10,7 @@ from typing import Optional, Union
 from torch import nn
 
 from .layer import find_ledger
-from .precision import MASTER_BYTES_PER_ELEMENT, is_low_precision
+from .precision import MASTER_BYTES_PER_ELEMENT, MASTERS_ON_HOST, is_low_precision
 from .selection import BLOCK_CATEGORIES, OUTSIDE_CATEGORIES, ModelLayout, Unit, analyze_model
 
 TRAINED, FROZEN = "■", "·"
@@ -108,7 +108,8 @@ def memory_report(model: nn.Module) -> dict[str, int]:
     ``master_bytes`` is what the fp32 masters hold now (they are created at the first optimizer step);
     ``master_bytes_when_training`` what they will hold once every trainable low-precision tensor was stepped (per
     element 4 bytes for ``master_weights="fp32"``, 2 for ``"kahan"``, 1 for ``"kahan8"``, none otherwise; on the
-    training device);
+    training device), ``master_host_bytes_when_training`` the same in host memory (4 bytes per element for
+    ``"fp32_offload"``);
     ``originals_host_bytes`` / ``originals_device_bytes`` the base values kept
     for the diffs, ``disable_adapter`` and ``unmerge``.
     """
@@ -119,7 +120,10 @@ def memory_report(model: nn.Module) -> dict[str, int]:
     stored = ledger.originals_bytes()
     return {
         "master_bytes": ledger.masters.nbytes(),
-        "master_bytes_when_training": sum(MASTER_BYTES_PER_ELEMENT[mode] * p.numel() for p, mode in pending),
+        "master_bytes_when_training": sum(
+            MASTER_BYTES_PER_ELEMENT[mode] * p.numel() for p, mode in pending if mode not in MASTERS_ON_HOST),
+        "master_host_bytes_when_training": sum(
+            MASTER_BYTES_PER_ELEMENT[mode] * p.numel() for p, mode in pending if mode in MASTERS_ON_HOST),
         "originals_host_bytes": stored["host"],
         "originals_device_bytes": stored["device"],
     }
@@ -131,7 +135,8 @@ def format_memory(report: dict[str, int]) -> str:
     return (
         f"HFT memory beside the weights: master values {report['master_bytes'] / mib:.1f} MiB now, "
         f"{report['master_bytes_when_training'] / mib:.1f} MiB once every trained bf16/fp16 tensor was stepped "
-        f"(training device); originals {report['originals_host_bytes'] / mib:.1f} MiB in host memory, "
+        f"(training device), {report['master_host_bytes_when_training'] / mib:.1f} MiB in host memory; "
+        f"originals {report['originals_host_bytes'] / mib:.1f} MiB in host memory, "
         f"{report['originals_device_bytes'] / mib:.1f} MiB on the device"
     )
 

@@ -433,6 +433,33 @@ def test_the_low_memory_preset_method_trains_the_preset(name, bits, optimizer_cl
     optimizer.remove_hooks()
 
 
+def test_the_offloaded_preset_methods_train_the_offloaded_masters_after_and_in_backward():
+    """``hft_preset_offload``: ``low_memory_preset(offload=True)``: a bf16 model with gradient checkpointing, fp32
+    masters in host memory, the loop's AdamW (globally clipped); ``hft_offload_in_backward``: the same masters
+    stepped by torch's AdamW in backward, in the preset's slices and per-tensor clipping."""
+    from tiny_models import tiny_model
+
+    from peft_hft import OptimizerInBackward, low_memory_preset
+    from peft_hft.bench.methods import default_methods
+
+    methods = {m.name: m for m in default_methods()}
+    preset = low_memory_preset(offload=True)
+    for name in ("hft_preset_offload", "hft_offload_in_backward"):
+        model = methods[name].wrap(tiny_model("llama", layers=2), seed=3)
+        assert model.peft_config["default"].master_weights == preset["hft_config"]["master_weights"]
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        assert model.base_model.model.is_gradient_checkpointing
+        optimizer = methods[name].make_optimizer(model, 1e-3)
+        if name == "hft_preset_offload":
+            assert optimizer is None  # the loop's AdamW, clipped by the global norm
+            continue
+        assert isinstance(optimizer, OptimizerInBackward)
+        assert optimizer.chunk_elements == low_memory_preset()["chunk_elements"]
+        assert type(optimizer.optimizers[0][0]) is torch.optim.AdamW
+        assert optimizer.clip_per_tensor == low_memory_preset()["clip_per_tensor"]
+        optimizer.remove_hooks()
+
+
 def test_the_nf4_preset_method_trains_against_nf4_and_is_scored_on_the_full_precision_base():
     """``hft_preset8_nf4``: the 8-bit preset with the frozen half held in NF4 while training; for scoring, its
     adapter is applied to the full-precision base (what a user loads): the frozen tensors are the base's own values

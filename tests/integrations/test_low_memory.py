@@ -21,7 +21,7 @@ from peft_hft.tuner.layer import find_ledger
 
 BF16 = torch.bfloat16
 LR = 1e-5
-MODES = ["fp32", "kahan", "kahan8", "stochastic_rounding", "none"]
+MODES = ["fp32", "fp32_offload", "kahan", "kahan8", "stochastic_rounding", "none"]
 
 
 def base(dtype=BF16, **overrides):
@@ -331,7 +331,7 @@ def test_trl_sft_with_the_fused_step_for_every_option(tmp_path, mode):
     assert changed(before, model) <= selection(trainer.model)
     assert len(changed(before, model)) > 0.5 * len(selection(trainer.model))
     kept = find_ledger(trainer.model).masters.nbytes()
-    assert (kept > 0) == (mode in ("fp32", "kahan", "kahan8"))
+    assert (kept > 0) == (mode in ("fp32", "fp32_offload", "kahan", "kahan8"))
 
 
 @pytest.fixture
@@ -382,6 +382,109 @@ def test_the_low_memory_preset_is_one_definition_and_trains_with_trl_sft_and_dpo
         apply_low_memory_preset(wrong)
 
 
+def test_the_offloaded_preset_is_default_hft_with_masters_and_adamw_in_host_memory_with_trl_sft_and_dpo(
+        tmp_path, monkeypatch):
+    """``low_memory_preset(offload=True)``: fp32 masters in host memory stepped by the Trainer's own AdamW after
+    backward (its global clipping and accumulation kept), gradient checkpointing; TRL's SFT (with gradient
+    accumulation and the default max_grad_norm) and DPO (reference passes on the bf16 base) train with it; the
+    AdamW state is created in host memory in fp32."""
+    from tiny_tokenizer import build_tokenizer, chat_model
+    from trl_helpers import changed, dpo_trainer, reference_passes_see, selection, sft_trainer, snapshot
+
+    preset = low_memory_preset(offload=True)
+    assert preset == {
+        "hft_config": {"master_weights": "fp32_offload"},
+        "optimizer": {"class": "torch.optim.AdamW", "bits": 32},
+        "optimizer_in_backward": False, "chunk_elements": None, "clip_per_tensor": None,
+        "training_arguments": {"bf16": True, "gradient_checkpointing": True,
+                               "gradient_checkpointing_kwargs": {"use_reentrant": False}},
+    }
+    assert low_memory_config(offload=True, seed=3).master_weights == "fp32_offload"
+    with pytest.raises(ValueError, match="bits=8, bits=4 or bits=32"):
+        low_memory_preset(16)
+    with pytest.raises(ValueError, match="offloaded preset steps torch's AdamW.*Fix"):
+        low_memory_preset(8, offload=True)
+
+    model = chat_model(build_tokenizer(), hidden_size=64, intermediate_size=256).to(BF16)
+    before = snapshot(model)
+    trainer = sft_trainer(model, tmp_path / "sft", low_memory_config(offload=True, seed=3), learning_rate=1e-3,
+                          max_steps=2, gradient_accumulation_steps=2, **preset["training_arguments"])
+    assert trainer.args.max_grad_norm == 1.0  # the Trainer's global clipping stays
+    with pytest.raises(ValueError, match="clips by the global gradient norm.*Fix"):
+        apply_low_memory_preset(trainer, offload=True, clip_per_tensor=0.5)
+    with pytest.raises(ValueError, match="keeps the Trainer's own AdamW.*Fix"):
+        apply_low_memory_preset(trainer, offload=True, lr=1e-4)
+    optimizer = apply_low_memory_preset(trainer, offload=True)
+    assert optimizer is trainer.optimizer and isinstance(optimizer, torch.optim.AdamW)
+    trainer.train()
+    assert 0 < len(changed(before, model)) and changed(before, model) <= selection(trainer.model)
+    states = list(optimizer.state.values())
+    assert states and {(s["exp_avg"].dtype, s["exp_avg"].device.type) for s in states} == {(torch.float32, "cpu")}
+    masters = find_ledger(trainer.model).masters
+    assert masters.names() and all(masters._masters[n].on_host for n in masters.names())
+
+    model = chat_model(build_tokenizer(), hidden_size=64, intermediate_size=256).to(BF16)
+    before = snapshot(model)
+    trainer = dpo_trainer(model, tmp_path / "dpo", low_memory_config(offload=True, seed=1), learning_rate=1e-3,
+                          max_steps=2, **preset["training_arguments"])
+    apply_low_memory_preset(trainer, offload=True)
+    seen = reference_passes_see(monkeypatch, before, model)
+    trainer.train()
+    assert seen and all(seen)
+    assert 0 < len(changed(before, model)) and changed(before, model) <= selection(trainer.model)
+    plain = apply_low_memory_preset(get_peft_model(base(), low_memory_config(offload=True, seed=0)), offload=True,
+                                    lr=3e-4)
+    assert type(plain) is torch.optim.AdamW and plain.param_groups[0]["lr"] == 3e-4
+
+
+def test_the_offloaded_presets_optimizer_loads_a_checkpoints_state_into_host_memory(monkeypatch):
+    """torch casts loaded state to each parameter's device; the offloaded preset's optimizer points each offloaded
+    parameter at an empty host tensor for the cast (so the state is made in host memory, never on the accelerator)
+    and at its own weight again after; the loaded state is the saved one, and training goes on from it."""
+    model = get_peft_model(base(), low_memory_config(offload=True, seed=0))
+    optimizer = apply_low_memory_preset(model, offload=True, lr=1e-4)
+    loop(model, optimizer, steps=2)
+    saved = optimizer.state_dict()
+    fresh = apply_low_memory_preset(model, offload=True, lr=1e-4)
+    params = fresh.param_groups[0]["params"]
+    storage = [p.data_ptr() for p in params]
+    cast_onto = []
+    real = torch.optim.Optimizer._process_value_according_to_param_policy
+
+    def recording(param, value, param_id, param_groups, key=None):
+        cast_onto.append(param.numel())
+        return real(param, value, param_id, param_groups, key)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "_process_value_according_to_param_policy", staticmethod(recording))
+    fresh.load_state_dict(saved)
+    assert cast_onto and set(cast_onto) == {0}  # every offloaded tensor's state was cast onto its host placeholder
+    assert [p.data_ptr() for p in params] == storage  # the weights are back
+    for index, param in enumerate(params):  # cast to the parameters' dtype, as torch casts it
+        assert torch.equal(fresh.state[param]["exp_avg"], saved["state"][index]["exp_avg"].to(BF16))
+    loop(model, fresh, steps=1)
+    assert {s["exp_avg"].dtype for s in fresh.state.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp32_offload"])
+def test_loading_the_fused_steps_state_puts_offloaded_tensors_state_beside_their_masters_at_once(mode):
+    """torch casts loaded state to the parameter's dtype and device; for offloaded masters each tensor's state is
+    moved to host memory in fp32 as it is loaded (not at its next step, which would hold every tensor's moments on
+    the accelerator meanwhile); the next steps continue from it."""
+    def run(steps, state=None):
+        model = get_peft_model(sliced_base(), HFTConfig(seed=0, master_weights=mode))
+        optimizer = optimizer_in_backward(model, torch.optim.AdamW, chunk_elements=CHUNK, lr=1e-4)
+        if state is not None:
+            optimizer.load_state_dict(state)
+            dtypes = {s["exp_avg"].dtype for inners in optimizer.optimizers for o in inners for s in o.state.values()}
+            assert dtypes == ({torch.float32} if mode == "fp32_offload" else {BF16})
+        loop(model, optimizer, steps=steps)
+        return model, optimizer
+
+    model, optimizer = run(2)
+    assert len(optimizer.state_dict()["state"]) > 0
+    run(1, optimizer.state_dict())
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_preset_optimizer_for_a_plain_loop_follows_the_one_definition(bits):
     """``apply_low_memory_preset(model)`` (no Trainer) returns the preset's optimizer for a loop of one's own: its
@@ -425,3 +528,30 @@ def test_transformers_torchao_optim_name_and_checkpoint_resume(tmp_path, mode, e
                for s in resumed_trainer.optimizer.optimizer.state.values())
     for name, param in resumed.named_parameters():
         torch.testing.assert_close(param, final[name], rtol=0, atol=float(final[name].abs().max()) * 2**-6)
+
+
+def test_the_offloaded_preset_resumes_from_a_trainer_checkpoint_where_the_uninterrupted_run_ended(tmp_path):
+    """The offloaded preset with the Trainer's own AdamW, its global clipping (max_grad_norm=1.0), gradient
+    accumulation and gradient checkpointing: resuming from the step-2 checkpoint ends where the uninterrupted run
+    ended, and the resumed state was loaded through the host-memory placeholders (fp32 in host memory after)."""
+    from transformers import Trainer
+
+    preset = low_memory_preset(offload=True)
+
+    def run(resume=None):
+        model = base()
+        peft_model = get_peft_model(model, low_memory_config(offload=True, seed=0))
+        args = _args(tmp_path, max_grad_norm=1.0, gradient_accumulation_steps=2, **preset["training_arguments"])
+        trainer = Trainer(model=peft_model, args=args, train_dataset=_Tokens())
+        apply_low_memory_preset(trainer, offload=True)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, model
+
+    trainer, model = run()
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(final[n], p) for n, p in base().named_parameters())
+    resumed_trainer, resumed = run(str(tmp_path / "out" / "checkpoint-2"))
+    states = list(resumed_trainer.optimizer.optimizer.state.values())
+    assert states and {(s["exp_avg"].dtype, s["exp_avg"].device.type) for s in states} == {(torch.float32, "cpu")}
+    for name, param in resumed.named_parameters():
+        torch.testing.assert_close(param, final[name], rtol=0, atol=float(final[name].abs().max()) * 2**-7)

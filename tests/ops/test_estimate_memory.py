@@ -36,8 +36,8 @@ CONFIGS = REPO / "benchmarks" / "model_configs"
 TOLERANCE = 0.10
 
 # (variant, dtype, gradient checkpointing) -> allowed relative error of the estimated total against the measurement
-# Every option of estimate-memory's table is measured: the masters (fp32, Kahan, Kahan in 1 byte, stochastic rounding,
-# none), the step
+# Every option of estimate-memory's table is measured: the masters (fp32, fp32 in host memory, Kahan, Kahan in 1 byte,
+# stochastic rounding, none), the step
 # fused into backward, torchao's low-bit AdamW (compiled; its steps sampled from a thread), the NF4 frozen half and
 # the preset (which fixes gradient checkpointing on). benchmarks/memory.py takes a throwaway step first, so the CPU
 # libraries' one-time state (oneDNN/MKL buffers, compiled kernels, dispatch caches) is not counted in whichever
@@ -45,10 +45,11 @@ TOLERANCE = 0.10
 MEASURED: dict[tuple[str, str, bool], float] = {
     **{(v, "float32", False): TOLERANCE for v in ("fft", "lora", "freeze", "hft")},
     **{(v, "bfloat16", False): TOLERANCE for v in (
-        "fft", "lora", "hft", "hft-fp32", "hft-kahan8", "hft-stochastic-rounding", "hft-no-masters",
+        "fft", "lora", "hft", "hft-fp32", "hft-fp32-offload", "hft-kahan8", "hft-stochastic-rounding", "hft-no-masters",
         "hft-step-in-backward",
         "hft-adamw8bit", "hft-adamw4bit", "hft-nf4-frozen")},
-    **{(v, "bfloat16", True): TOLERANCE for v in ("fft", "hft", "freeze", "hft-step-in-backward", "hft-low-memory")},
+    **{(v, "bfloat16", True): TOLERANCE for v in ("fft", "hft", "freeze", "hft-step-in-backward", "hft-low-memory",
+                                                   "hft-low-memory-offload")},
 }
 _NEEDS_TORCHAO = {"hft-nf4-frozen", "hft-adamw8bit", "hft-adamw4bit", "hft-low-memory"}
 
@@ -230,7 +231,7 @@ def test_errors_name_the_fix(tmp_path):
 @pytest.fixture(scope="module")
 def llama3_8b():
     return estimate_memory(CONFIGS / "Meta-Llama-3-8B", batch_size=1, seq_len=2048, gradient_checkpointing=True,
-                           methods=["fft", "hft", "lora", "hft-low-memory"])
+                           methods=["fft", "hft", "lora", "hft-low-memory", "hft-low-memory-offload"])
 
 
 def test_llama3_8b_shapes_are_the_published_ones(llama3_8b):
@@ -274,3 +275,16 @@ def test_llama3_8b_low_memory_preset_fits_24_gib(llama3_8b):
                             methods=["hft-low-memory"], recipes={"hft-low-memory": replace(
                                 low_memory_recipe(), chunk_elements=None)}).methods["hft-low-memory"]
     assert whole.total_bytes - preset.total_bytes > 10 * GiB
+
+
+def test_llama3_8b_offloaded_preset_fits_24_gib_with_its_masters_and_adamw_in_host_memory(llama3_8b):
+    """``low_memory_preset(offload=True)``: the accelerator holds the bf16 weights (15.0 GiB), the trained half's
+    bf16 gradients and checkpointed activations, nothing of the masters or AdamW; host memory holds the fp32 masters
+    (4 bytes per trained parameter), AdamW's fp32 moments (8), the bf16 originals (2) and, while a tensor is
+    stepped, its fp32 gradient copy (the embedding's: 525M elements)."""
+    offload, trained = llama3_8b.methods["hft-low-memory-offload"], llama3_8b.methods["hft"].trainable_parameters
+    assert offload.total_bytes <= 24 * GiB
+    assert offload.components["masters"] == offload.components["optimizer_state"] == 0
+    assert offload.components["step_temporaries"] == 0
+    assert offload.offloaded_bytes == 12 * trained + 4 * 128256 * 4096
+    assert offload.host_bytes == offload.offloaded_bytes + 2 * trained

@@ -102,3 +102,54 @@ def test_bf16_on_cuda_trains_on_fp32_masters_beside_the_weights():
     report = memory_report(peft_model)
     assert report["master_bytes"] == report["master_bytes_when_training"] > 0
     assert {p.dtype for p in peft_model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("in_backward", [False, True], ids=["after-backward", "in-backward"])
+def test_fp32_offload_on_cuda_steps_host_masters_and_keeps_only_the_weights_on_the_gpu(in_backward):
+    """``master_weights="fp32_offload"``: the masters (pinned host memory) and the optimizer's state live on the
+    host, the weights and gradients on the GPU; the update is the on-device fp32 masters' update (the host's AdamW
+    kernels may round differently, so close rather than equal); a checkpoint's state loaded onto the GPU by torch
+    goes back to the host."""
+    from peft_hft import memory_report, optimizer_in_backward
+
+    def run(mode):
+        model = tiny_model("llama", layers=2, hidden_size=64, intermediate_size=256).to(torch.bfloat16).cuda()
+        peft_model = get_peft_model(model, HFTConfig(seed=0, master_weights=mode))
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = (optimizer_in_backward(peft_model, torch.optim.AdamW, chunk_elements=4096, lr=1e-4)
+                     if in_backward else torch.optim.AdamW(params, lr=1e-4))
+        peft_model.train()
+        for step in range(5):
+            inputs = batch(step, size=4, length=16, device="cuda")
+            peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return peft_model, optimizer
+
+    offloaded, optimizer = run("fp32_offload")
+    reference, _ = run("fp32")
+    ledger = find_ledger(offloaded)
+    masters = [ledger.masters._masters[n] for n in ledger.masters.names()]
+    assert masters and all(m.value.device.type == "cpu" and m.value.is_pinned() for m in masters)
+    assert {p.device.type for p in offloaded.parameters()} == {"cuda"}
+    inners = [o for per in optimizer.optimizers for o in per] if in_backward else [optimizer]
+    assert {s["exp_avg"].device.type for o in inners for s in o.state.values()} == {"cpu"}
+    got = find_ledger(offloaded).diffs("default", torch.float32)
+    expected = find_ledger(reference).diffs("default", torch.float32)
+    cosine = sum((got[k] * expected[k]).sum() for k in got) / torch.sqrt(
+        sum((got[k] ** 2).sum() for k in got) * sum((expected[k] ** 2).sum() for k in got))
+    assert cosine > 0.9999
+    report = memory_report(offloaded)
+    assert report["master_bytes_when_training"] == 0 and report["master_host_bytes_when_training"] > 0
+    if in_backward:
+        again = optimizer_in_backward(offloaded, torch.optim.AdamW, chunk_elements=4096, lr=1e-4)
+        optimizer.remove_hooks()
+        state = optimizer.state_dict()
+        for entry in state["state"].values():  # as a checkpoint mapped onto the GPU arrives
+            for one in entry.get("slices", [entry]):
+                for key, value in one.items():
+                    one[key] = value.cuda()
+        again.load_state_dict(state)
+        placed = {(s["exp_avg"].device.type, s["exp_avg"].dtype) for per in again.optimizers for o in per
+                  for s in o.state.values()}
+        assert placed == {("cpu", torch.float32)}

@@ -494,7 +494,7 @@ def test_master_weights_config_and_the_old_boolean(tmp_path):
     assert HFTConfig(fp32_master_weights=False).master_weights == "none"
     kahan = HFTConfig(master_weights="kahan")
     assert kahan.fp32_master_weights is False
-    with pytest.raises(ValueError, match="master_weights must be None or one of 'fp32', 'kahan'"):
+    with pytest.raises(ValueError, match="master_weights must be None or one of 'fp32', 'fp32_offload', 'kahan'"):
         HFTConfig(master_weights="bf16")
     with pytest.warns(UserWarning, match="contradict each other; master_weights wins"):
         assert HFTConfig(master_weights="kahan", fp32_master_weights=True).master_weights == "kahan"
@@ -641,7 +641,7 @@ class _NotElementwiseAdamW(torch.optim.AdamW):
     (the reference the one-at-a-time step must equal)."""
 
 
-@pytest.mark.parametrize("mode", ["fp32", "kahan", "kahan8", "stochastic_rounding"])
+@pytest.mark.parametrize("mode", ["fp32", "fp32_offload", "kahan", "kahan8", "stochastic_rounding"])
 @pytest.mark.parametrize("optimizer_kwargs", [{"foreach": True}, {"foreach": False}, {"fused": True}])
 def test_one_tensor_at_a_time_is_the_same_step_bit_for_bit(mode, optimizer_kwargs, monkeypatch):
     models, swapped_at_once = [], []
@@ -854,3 +854,77 @@ def test_kahan8_resumes_from_float32_diffs_and_is_refused_on_fp16(tmp_path):
                            ledger.masters.value(name, peft_model.get_base_model().get_parameter(name))), name
     with pytest.raises(ValueError, match=r"master_weights='kahan8'\) rounds to bfloat16.*Fix"):
         get_peft_model(base(torch.float16), HFTConfig(seed=0, master_weights="kahan8"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# "fp32_offload": the fp32 master (and so the optimizer's state) in host memory
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _counting_host_copies(monkeypatch) -> list[tuple[int, ...]]:
+    """Record the shape of every copy made into host memory for an offloaded master (the master or a gradient)."""
+    copies, real = [], precision._host_fp32
+
+    def counting(tensor):
+        copies.append(tuple(tensor.shape))
+        return real(tensor)
+
+    monkeypatch.setattr(precision, "_host_fp32", counting)
+    return copies
+
+
+def test_fp32_offload_steps_what_fp32_masters_step_and_keeps_the_master_and_state_in_host_memory(monkeypatch):
+    """The offloaded master is the fp32 master stepped elsewhere: on the CPU, where host and device are one memory,
+    the very same weights and masters bit for bit; the master, each step's gradient copy and the optimizer's state
+    are made in host memory (one copy of the master per tensor, one gradient copy per tensor and step)."""
+    steps = 3
+    results = {}
+    for mode in ("fp32", "fp32_offload"):
+        copies = _counting_host_copies(monkeypatch)
+        peft_model = get_peft_model(base(), HFTConfig(seed=0, master_weights=mode))
+        optimizer = train(peft_model, steps=steps, lr=1e-3)
+        ledger = find_ledger(peft_model)
+        modes = ledger.master_modes()
+        results[mode] = ({n: p.detach().clone() for n, (p, _) in modes.items()},
+                         {n: ledger.masters.value(n, p) for n, (p, _) in modes.items()})
+        masters = [ledger.masters._masters[n] for n in ledger.masters.names()]
+        assert masters and all(m.on_host == (mode == "fp32_offload") for m in masters)
+        assert all(s["exp_avg"].device.type == "cpu" and s["exp_avg"].dtype == torch.float32
+                   for s in optimizer.state.values())
+        if mode == "fp32_offload":
+            shapes = [tuple(p.shape) for p, _ in modes.values()]
+            assert sorted(copies) == sorted(shapes * (steps + 1))  # the master once, the gradient every step
+        else:
+            assert copies == []
+        report = memory_report(peft_model)
+        numel = sum(p.numel() for p, _ in modes.values())
+        on_host = mode == "fp32_offload"
+        assert report["master_bytes_when_training"] == (0 if on_host else 4 * numel)
+        assert report["master_host_bytes_when_training"] == (4 * numel if on_host else 0)
+    (weights, exact), (reference_weights, reference_exact) = results["fp32_offload"], results["fp32"]
+    for name in reference_weights:
+        assert weights[name].dtype == BF16 and torch.equal(weights[name], reference_weights[name]), name
+        assert torch.equal(exact[name], reference_exact[name]), name
+
+
+def test_fp32_offload_resumes_from_float32_diffs_and_moves_loaded_state_beside_the_master(tmp_path):
+    """A trainable reload seeds the offloaded masters (in host memory) from the float32 diffs; optimizer state that
+    ``load_state_dict`` cast to the parameter's dtype and device is moved beside the master and upcast."""
+    peft_model = get_peft_model(base(), HFTConfig(seed=0, master_weights="fp32_offload", diff_encoding="float"))
+    optimizer = train(peft_model, steps=3, lr=1e-4)
+    peft_model.save_pretrained(tmp_path / "offload")
+    assert {v.dtype for v in load_file(tmp_path / "offload" / "adapter_model.safetensors").values()} == {torch.float32}
+    ledger = find_ledger(peft_model)
+    resumed = PeftModel.from_pretrained(base(), tmp_path / "offload", is_trainable=True)
+    resumed_ledger = find_ledger(resumed)
+    assert sorted(resumed_ledger.masters.names()) == sorted(ledger.masters.names()) and ledger.masters.names()
+    for name in ledger.masters.names():  # base + (master - base) in fp32: the master to an fp32 rounding
+        assert resumed_ledger.masters._masters[name].on_host
+        torch.testing.assert_close(resumed_ledger.masters.value(name, resumed.get_base_model().get_parameter(name)),
+                                   ledger.masters.value(name, peft_model.get_base_model().get_parameter(name)),
+                                   rtol=2**-21, atol=2**-36)
+    fresh = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-4)
+    fresh.load_state_dict(optimizer.state_dict())
+    assert {s["exp_avg"].dtype for s in fresh.state.values()} == {BF16}  # torch cast it to the parameters' dtype
+    train(resumed, steps=1, optimizer=fresh)
+    assert {(s["exp_avg"].dtype, s["exp_avg"].device.type) for s in fresh.state.values()} == {(torch.float32, "cpu")}

@@ -15,7 +15,10 @@ pieces here remove most of it:
 * ``HFTConfig(master_weights="kahan" / "stochastic_rounding")`` keeps the small updates with 2 or 0 bytes per
   parameter instead of fp32's 4 (peft_hft/tuner/precision.py).
 
-:func:`low_memory_preset` is the combination, defined once here and documented in README ("Low-memory training").
+:func:`low_memory_preset` is the combination, defined once here and documented in README ("Low-memory training");
+``low_memory_preset(offload=True)`` is the other way to the same memory: default HFT's training with its fp32 masters
+and AdamW's state in host memory (``master_weights="fp32_offload"``), stepped after backward by the Trainer's own
+AdamW, so the global clip and gradient accumulation stay.
 
 What the fused step cannot do: gradient accumulation (each backward pass would be a step) and clipping by the global
 gradient norm (the norm is only known after the last gradient, when the first tensors were stepped already). Both

@@ -9,10 +9,10 @@ fine-tuning rates (1e-5 to 2e-5) most of them do. ``HFTConfig(master_weights=...
   values as ``"kahan"`` at twice its bytes; on fp16 models the exact choice);
 * ``"fp32_offload"``: the fp32 master in host memory (pinned beside a CUDA weight), stepped there, so the
   optimizer's state (created beside the value it steps) lives in host memory too and the accelerator keeps only the
-  bf16 weight: the same values and update as ``"fp32"`` (bit for bit on the CPU, where host and device are one), at 0
-  bytes of device memory per trained element, for the price of moving each trained tensor's gradient to the host and
-  its weight back at every step, and of an optimizer step that runs on the host's cores (ZeRO-Offload's idea applied
-  to the trained half);
+  bf16 weight and gradient: the same values and update as ``"fp32"`` (bit for bit on the CPU, where host and device
+  are one), at 0 bytes of device memory per trained element, for the price of moving each trained tensor's gradient
+  to the host and its weight back at every step, and of an optimizer step that runs on the host's cores
+  (ZeRO-Offload's idea applied to the trained half);
 * ``"kahan"`` (the default): compensated bf16, a 2-byte buffer beside every trained tensor holding what the weight
   lacks of the exact value (:func:`split_exact`): beside a bf16 weight the lower half of the fp32 value's bit pattern,
   so weight and buffer *are* the fp32 master, bit for bit but at rare ties, at half its bytes; beside an fp16 weight

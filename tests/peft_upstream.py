@@ -12,6 +12,7 @@ import tarfile
 import types
 from pathlib import Path
 
+from _pytest.mark.structures import ParameterSet
 from upstream_probe import stub_diffusers
 
 from peft_hft.resources.data import Archive, cache_dir, fetch_archive
@@ -65,4 +66,27 @@ def upstream_checks(module: types.ModuleType) -> list[str]:
     return sorted(n.removeprefix("_test_") for n in dir(module.PeftCommonTester) if n.startswith("_test_"))
 
 
-__all__ = ["generic_checks", "load_custom_models", "load_testing_common", "tests_root", "upstream_checks"]
+ROW_ARGUMENTS = ("test_name", "model_id", "config_cls", "config_kwargs")
+
+
+def upstream_parameters(function) -> tuple[set[str], dict[str, list]]:
+    """How PEFT parametrizes one of its checks, read off its ``pytest.mark.parametrize`` marks: the model ids of the
+    rows it runs (its row table may be a subset of TEST_CASES, e.g. the Conv2d rows only) and the values of every
+    other argument, so that the HFT rows run with exactly PEFT's values."""
+    models: set[str] = set()
+    values: dict[str, list] = {}
+    for mark in getattr(function, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        names = [n.strip() for n in mark.args[0].split(",")] if isinstance(mark.args[0], str) else list(mark.args[0])
+        if tuple(names) == ROW_ARGUMENTS:
+            models |= {(case.values if isinstance(case, ParameterSet) else case)[1] for case in mark.args[1]}
+        elif len(names) == 1:
+            values[names[0]] = [case.values[0] if isinstance(case, ParameterSet) else case for case in mark.args[1]]
+        else:
+            raise ValueError(f"{function.__name__}: a parametrization of {names} together is not handled here.")
+    return models, values
+
+
+__all__ = ["generic_checks", "load_custom_models", "load_testing_common", "tests_root", "upstream_checks",
+           "upstream_parameters"]

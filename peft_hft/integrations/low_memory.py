@@ -447,6 +447,8 @@ def preset_optimizer_class(bits: int) -> type[torch.optim.Optimizer]:
 
 
 _CHECKPOINTING = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+# What the step fused into backward needs of the Trainer (check_optimizer_in_backward_args).
+_FUSED_STEP_ARGUMENTS = {"gradient_accumulation_steps": 1, "max_grad_norm": 0.0}
 
 
 def low_memory_preset(bits: Optional[int] = None, *, offload: bool = False) -> dict[str, Any]:
@@ -484,23 +486,14 @@ def low_memory_preset(bits: Optional[int] = None, *, offload: bool = False) -> d
     against 16 for AdamW with fp32 masters; :func:`apply_low_memory_preset` applies it to a Trainer.
     """
     bits = _preset_bits(bits, offload)
-    optimizer = {"class": _optimizer_class_name(bits), "bits": bits}
-    if offload:
-        return {
-            "hft_config": {"master_weights": "fp32_offload"},
-            "optimizer": optimizer,
-            "optimizer_in_backward": False,
-            "chunk_elements": None,
-            "clip_per_tensor": None,
-            "training_arguments": {"bf16": True, **_CHECKPOINTING},
-        }
+    fused = not offload  # the on-device preset steps in backward; the offloaded one after it, as the Trainer does
     return {
-        "hft_config": {"master_weights": "stochastic_rounding"},
-        "optimizer": optimizer,
-        "optimizer_in_backward": True,
-        "chunk_elements": PRESET_CHUNK_ELEMENTS,
-        "clip_per_tensor": PRESET_CLIP_PER_TENSOR,
-        "training_arguments": {"bf16": True, **_CHECKPOINTING, "gradient_accumulation_steps": 1, "max_grad_norm": 0.0},
+        "hft_config": {"master_weights": "fp32_offload" if offload else "stochastic_rounding"},
+        "optimizer": {"class": _optimizer_class_name(bits), "bits": bits},
+        "optimizer_in_backward": fused,
+        "chunk_elements": PRESET_CHUNK_ELEMENTS if fused else None,
+        "clip_per_tensor": PRESET_CLIP_PER_TENSOR if fused else None,
+        "training_arguments": {"bf16": True, **_CHECKPOINTING, **(_FUSED_STEP_ARGUMENTS if fused else {})},
     }
 
 

@@ -8,22 +8,51 @@ check, and a check that skips itself fails here, so nothing is skipped silently.
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
+import itertools
 
 import pytest
 import torch
-from peft_upstream import generic_checks, load_custom_models, load_testing_common, upstream_checks
+from packaging.version import Version
+from peft_upstream import generic_checks, load_custom_models, load_testing_common, upstream_checks, upstream_parameters
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
 from peft_hft import HFTConfig
 
+# Checks that peft 0.22 added to its generic suite: listed below like the others, run or skipped where the installed
+# peft offers them (the lowest supported peft, 0.21, does not).
+PEFT = Version(importlib.metadata.version("peft"))
+SINCE_PEFT_0_22 = {
+    "get_additive_delta_corresponds_to_merged_weight", "load_no_warning", "merge_layers_dtype_device_conversion",
+    "merge_layers_load_state_dict", "safe_merge_broken_adapter_leaves_base_layer_unchanged",
+    "safe_merge_non_finite_bias_leaves_base_layer_unchanged", "save_pretrained_failure",
+    "test_conv2d_padding", "test_forward_input_with_more_dims", "test_get_additive_delta_corresponds_to_merged_weight",
+    "test_load_adapter_no_warning", "test_merge_layers_dtype_device_conversion", "test_merge_layers_load_state_dict",
+    "test_merge_layers_modules_to_save_selection", "test_safe_merge_broken_adapter_leaves_base_layer_unchanged",
+    "test_safe_merge_non_finite_bias_leaves_base_layer_unchanged", "test_save_pretrained_failure",
+    "test_targeting_unknown_layer_type_raises",
+}
+
+
+def offered_here(check: str) -> bool:
+    """Whether the installed peft version's suite has ``check``."""
+    return check not in SINCE_PEFT_0_22 or PEFT >= Version("0.22")
+
+
+
 # init_weights=False perturbs the selected tensors, the HFT counterpart of LoRA's init_lora_weights=False that PEFT
 # uses so that an adapter changes the outputs.
 PERTURBED = {"init_weights": False}
 
-# check name -> (positional arguments after the config kwargs, config kwargs)
+# check name -> (positional arguments after the config kwargs, config kwargs); a check with further parameters runs
+# once per value PEFT gives them (_common_parameters)
 RUN: dict[str, tuple[tuple, dict]] = {
+    "load_no_warning": ((), PERTURBED),
+    "merge_layers_dtype_device_conversion": ((), PERTURBED),
+    "merge_layers_load_state_dict": ((), PERTURBED),
+    "save_pretrained_failure": ((), PERTURBED),
     "model_attr": ((), PERTURBED),
     "prepare_for_training": ((), {"train_embeddings": False}),  # the check assumes frozen input embeddings
     "save_pretrained": ((), PERTURBED),
@@ -56,9 +85,16 @@ RUN: dict[str, tuple[tuple, dict]] = {
     "get_base_model_state_dict": ((), PERTURBED),
 }
 
+
 # HFT adds no parameters: it trains the selected base tensors in place. These checks find "the adapter" by looking
 # for parameters whose names contain the method prefix (`hft_`) or the adapter name, which an HFT model never has.
 _NO_ADAPTER_PARAMETERS = "identifies adapter weights by parameters named with the 'hft_' prefix or the adapter name; "
+# What peft 0.22's new checks skip themselves for, on HFT:
+_ADDITIVE_DELTA = ("PEFT skips it for methods without LoRA conversion (supports_lora_conversion() is False for HFT); "
+                   "an HFT diff is the additive delta by construction (covered by "
+                   "test_to_lora.py::test_full_rank_lora_reproduces_the_hft_model).")
+_NO_WRAPPED_LAYER = ("looks for tuner layers that wrap a base layer with a weight; HFT's only tuner layer is the "
+                     "ledger, which wraps none, so PEFT skips it; ")
 SKIPPED: dict[str, str] = {
     "adapter_name": _NO_ADAPTER_PARAMETERS + "HFT adds no parameters (covered by test_adapter_io.py::test_several_named_adapters).",
     "training": _NO_ADAPTER_PARAMETERS
@@ -79,6 +115,11 @@ SKIPPED: dict[str, str] = {
     "load_model_low_cpu_mem_usage": "expects new adapter parameters on the meta device after injection with "
     "low_cpu_mem_usage=True; HFT creates none (loading with low_cpu_mem_usage=True is covered by "
     "test_adapter_io.py::test_low_cpu_mem_usage_loading).",
+    "get_additive_delta_corresponds_to_merged_weight": _ADDITIVE_DELTA,
+    "safe_merge_broken_adapter_leaves_base_layer_unchanged": _NO_WRAPPED_LAYER + "it poisons that layer's own "
+    "parameters (covered by test_adapter_io.py::test_safe_merge_refuses_nans).",
+    "safe_merge_non_finite_bias_leaves_base_layer_unchanged": _NO_WRAPPED_LAYER + "it poisons that layer's bias "
+    "(covered by test_adapter_io.py::test_safe_merge_refuses_nans).",
 }
 
 
@@ -109,18 +150,43 @@ def tester(common):
 
 def test_every_upstream_check_is_accounted_for(common):
     offered = set(upstream_checks(common))
-    assert offered == set(RUN) | set(SKIPPED), (sorted(offered - set(RUN) - set(SKIPPED)), sorted((set(RUN) | set(SKIPPED)) - offered))
+    listed = {c for c in set(RUN) | set(SKIPPED) if offered_here(c)}
+    assert offered == listed, (sorted(offered - listed), sorted(listed - offered))
     assert not set(RUN) & set(SKIPPED)
 
 
-@pytest.mark.parametrize("check", sorted(RUN))
-def test_upstream_check(check, tester, model_dir):
+def _variants(parameters: dict[str, list]) -> list[dict]:
+    """Every combination of the values of ``parameters`` (one empty dict when there are none)."""
+    names = list(parameters)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*parameters.values())]
+
+
+def _fixtures(method, request) -> dict:
+    wanted = inspect.signature(method).parameters
+    out = {name: request.getfixturevalue(name) for name in ("recwarn", "tmp_path") if name in wanted}
+    return {**out, "request": request} if "request" in wanted else out
+
+
+def _common_parameters(check: str) -> dict[str, list]:
+    """The further arguments of a common check, with the values PEFT runs the custom-model check of the same name
+    with (``PeftCommonTester`` checks are not parametrized themselves); fixtures are passed by ``_fixtures``."""
+    twin = getattr(load_custom_models().TestPeftCustomModel, f"test_{check}", None)
+    return {} if twin is None else upstream_parameters(twin)[1]
+
+
+COMMON_CASES = [(check, variant) for check in sorted(RUN) if offered_here(check)
+                for variant in _variants(_common_parameters(check))]
+
+
+@pytest.mark.parametrize(("check", "variant"), COMMON_CASES,
+                         ids=[c + "".join(f"-{v}" for v in variant.values()) for c, variant in COMMON_CASES])
+def test_upstream_check(check, variant, tester, model_dir, request):
     extra, config_kwargs = RUN[check]
     method = getattr(tester, f"_test_{check}")
     if check == "passing_input_embeds_works":
         method(check, model_dir, HFTConfig, dict(config_kwargs))
     else:
-        method(model_dir, HFTConfig, dict(config_kwargs), *extra)
+        method(model_dir, HFTConfig, dict(config_kwargs), *extra, **variant, **_fixtures(method, request))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -147,6 +213,12 @@ MULTI_ROWS = [
      {"selected_parameters": ["lin1.weight"], "init_weights": False}),
 ]
 CUSTOM_RUN = [
+    "test_conv2d_padding",
+    "test_forward_input_with_more_dims",
+    "test_load_adapter_no_warning",
+    "test_merge_layers_dtype_device_conversion",
+    "test_merge_layers_load_state_dict",
+    "test_save_pretrained_failure",
     "test_active_adapter",
     "test_attributes_parametrized",
     "test_delete_adapter",
@@ -206,7 +278,20 @@ CUSTOM_SKIPPED: dict[str, str] = {
     "their own dtype (covered by test_training.py::test_half_precision_models_train_in_their_own_dtype).",
     "test_disable_adapter_with_bias_warns": "LoRA/BOFT `bias` option only; PEFT skips it for every other method.",
     "test_adding_multiple_adapters_with_bias_raises": "LoRA `bias` option only; PEFT skips it for every other method.",
+    "test_get_additive_delta_corresponds_to_merged_weight": _ADDITIVE_DELTA,
+    "test_safe_merge_broken_adapter_leaves_base_layer_unchanged": _NO_WRAPPED_LAYER + "it poisons that layer's own "
+    "parameters (covered by test_adapter_io.py::test_safe_merge_refuses_nans).",
+    "test_safe_merge_non_finite_bias_leaves_base_layer_unchanged": _NO_WRAPPED_LAYER + "it poisons that layer's bias "
+    "(covered by test_adapter_io.py::test_safe_merge_refuses_nans).",
+    "test_merge_layers_modules_to_save_selection": "runs merge_layers_multi on the rows with modules_to_save, which "
+    "counts adapter containers (ModuleDict/ParameterDict) holding 'default' (see merge_layers_multi above); HFT "
+    "trains modules_to_save in place as diffs (covered by test_adapter_io.py::test_merging_two_adapters_sums_their_diffs).",
+    "test_targeting_unknown_layer_type_raises": "expects get_peft_model to refuse target_modules of a module type the "
+    "method has no layer for; HFT trains the tensors of any module in place, so no type is unknown, and PEFT skips it "
+    "for rows without target_modules, as HFT's rows are.",
 }
+# Checks that PEFT runs on every row but that skip themselves outside some models: run on those models' rows only.
+CUSTOM_ROW_MODELS: dict[str, set[str]] = {"test_forward_input_with_more_dims": {"MLP"}}
 
 
 @pytest.fixture(scope="module")
@@ -216,10 +301,8 @@ def custom(common):
 
 def test_every_custom_model_check_is_accounted_for(custom):
     offered = set(generic_checks(custom.TestPeftCustomModel, "config_kwargs"))
-    assert offered == set(CUSTOM_RUN) | set(CUSTOM_SKIPPED), (
-        sorted(offered - set(CUSTOM_RUN) - set(CUSTOM_SKIPPED)),
-        sorted((set(CUSTOM_RUN) | set(CUSTOM_SKIPPED)) - offered),
-    )
+    listed = {c for c in set(CUSTOM_RUN) | set(CUSTOM_SKIPPED) if offered_here(c)}
+    assert offered == listed, (sorted(offered - listed), sorted(listed - offered))
     assert not set(CUSTOM_RUN) & set(CUSTOM_SKIPPED)
     assert set(generic_checks(custom.TestMultipleActiveAdapters, "config_kwargs_1")) == set(MULTI_RUN)
 
@@ -232,15 +315,37 @@ def _run_upstream(method, *args, **kwargs) -> None:
         pytest.fail(f"{method.__name__} skipped itself ({exc}); list it in CUSTOM_SKIPPED with the reason instead.")
 
 
-@pytest.mark.parametrize("row", CUSTOM_ROWS, ids=[row[0] for row in CUSTOM_ROWS])
-@pytest.mark.parametrize("check", CUSTOM_RUN)
-def test_custom_model_check(check, row, custom, tmp_path):
+def _custom_cases() -> list[tuple[str, tuple, dict]]:
+    """(check, HFT row, further arguments) for every check of CUSTOM_RUN the installed peft offers: on the rows of
+    the models PEFT runs it on, once per combination of the values PEFT parametrizes its further arguments with."""
+    custom = load_custom_models()
+    cases = []
+    for check in CUSTOM_RUN:
+        if not offered_here(check):
+            continue
+        models, parameters = upstream_parameters(getattr(custom.TestPeftCustomModel, check))
+        models = CUSTOM_ROW_MODELS.get(check, models)
+        for row in CUSTOM_ROWS:
+            if row[1] in models:
+                cases.extend((check, row, variant) for variant in _variants(parameters))
+    return cases
+
+
+CUSTOM_CASES = _custom_cases()
+
+
+def test_every_custom_check_runs_on_some_row():
+    assert {check for check, _, _ in CUSTOM_CASES} == {c for c in CUSTOM_RUN if offered_here(c)}
+
+
+@pytest.mark.parametrize(("check", "row", "variant"), CUSTOM_CASES, ids=[
+    f"{check}-{row[0]}" + "".join(f"-{v}" for v in variant.values()) for check, row, variant in CUSTOM_CASES])
+def test_custom_model_check(check, row, variant, custom, request):
     tester = custom.TestPeftCustomModel()
     tester.torch_device = "cpu"
     method = getattr(tester, check)
-    kwargs = {"tmp_path": tmp_path} if "tmp_path" in inspect.signature(method).parameters else {}
     name, model_id, config_kwargs = row
-    _run_upstream(method, name, model_id, HFTConfig, dict(config_kwargs), **kwargs)
+    _run_upstream(method, name, model_id, HFTConfig, dict(config_kwargs), **variant, **_fixtures(method, request))
 
 
 @pytest.mark.parametrize("row", MULTI_ROWS, ids=[row[0] for row in MULTI_ROWS])

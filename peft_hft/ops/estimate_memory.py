@@ -500,25 +500,29 @@ def _step_temporary_bytes(param: torch.Tensor, recipe: TrainingRecipe) -> int:
 
     A tensor stepped in slices (``chunk_elements``, :func:`peft_hft.integrations.low_memory.slice_spans`) needs them
     for its largest slice only, and keeps its weight meanwhile (each slice is written back into it)."""
-    from ..integrations.low_memory import slice_spans
-
     master = MASTER_WEIGHTS[recipe.master_weights]
     low_precision = is_low_precision(param)
     if low_precision and master.on_host:  # the weight freed meanwhile is written anew: nothing on the accelerator
         return 0
-    spans = slice_spans(param.numel(), recipe.chunk_elements)
-    n = max(stop - start for start, stop in spans)
+    n, slices = _largest_slice(param, recipe)
     copies = n * master.step_copy_bytes if low_precision else 0
-    freed = n * param.element_size() if low_precision and master.weight_freed_in_step and len(spans) == 1 else 0
-    return copies - freed + _one_tensor_scratch(param, recipe, n, sliced=len(spans) > 1)
+    freed = n * param.element_size() if low_precision and master.weight_freed_in_step and slices == 1 else 0
+    return copies - freed + _one_tensor_scratch(param, recipe, n, sliced=slices > 1)
+
+
+def _largest_slice(param: torch.Tensor, recipe: TrainingRecipe) -> tuple[int, int]:
+    """Elements of the largest slice ``param`` is stepped in (``chunk_elements``,
+    :func:`peft_hft.integrations.low_memory.slice_spans`), and how many slices there are."""
+    from ..integrations.low_memory import slice_spans
+
+    spans = slice_spans(param.numel(), recipe.chunk_elements)
+    return max(stop - start for start, stop in spans), len(spans)
 
 
 def _host_step_bytes(param: torch.Tensor, recipe: TrainingRecipe) -> int:
     """Host memory of one offloaded tensor's step (``"fp32_offload"``): the fp32 copy of its gradient (of its
     largest slice) and the optimizer's scratch."""
-    from ..integrations.low_memory import slice_spans
-
-    n = max(stop - start for start, stop in slice_spans(param.numel(), recipe.chunk_elements))
+    n, _ = _largest_slice(param, recipe)
     master, optimizer = MASTER_WEIGHTS[recipe.master_weights], OPTIMIZERS[recipe.optimizer]
     return n * (master.step_copy_bytes + optimizer.step_temporary_bytes)
 

@@ -156,13 +156,9 @@ class _Master(_Written):
             return True
         if tuple(self.value.shape) != tuple(param.shape):
             return False
-        if self.on_host:  # compared where it lives: it stays there
-            if torch.equal(self.value.to(param.dtype), param.data.to(self.value.device)):
-                self.remember(param)
-                return True
-            return False
-        value = self.value if self.value.device == param.device else self.value.to(param.device)
-        if torch.equal(value.to(param.dtype), param.data):
+        # compared where it is to live: beside the weight, or in host memory for an offloaded master
+        value = self.value if self.on_host or self.value.device == param.device else self.value.to(param.device)
+        if torch.equal(value.to(param.dtype), param.data.to(value.device)):
             self.value = value
             self.remember(param)
             return True
@@ -628,7 +624,7 @@ class MasterValues:
         swap = _Swap(name, param, mode, low_grad, param.dtype, whole, span, param.device)
         param.data = exact
         param.grad = _host_fp32(low_grad) if on_host else low_grad.float()
-        _upcast_state(optimizer.state.get(param), exact.device)
+        _upcast_state(optimizer.state.get(param), exact.device if on_host else None)
         return swap
 
     def _step_one_at_a_time(self, optimizer: torch.optim.Optimizer, ready: list) -> list[tuple[nn.Parameter, Any]]:
@@ -851,18 +847,21 @@ def _is_sharded(param: torch.Tensor) -> bool:
     return engines.sharding_of(param) is not None
 
 
-def _upcast_state(state: Optional[dict], device: torch.device) -> None:
-    """fp32 optimizer state for a master, beside it on ``device``: ``load_state_dict`` casts floating state to the
-    parameter's (bf16) dtype and device, which for ``"fp32_offload"`` is not where the master is stepped. torchao's
-    quantized states keep their codes; only the dtype they dequantize to changes."""
+def _upcast_state(state: Optional[dict], device: Optional[torch.device] = None) -> None:
+    """fp32 optimizer state for a master: ``load_state_dict`` casts floating state to the parameter's (bf16) dtype.
+    torchao's quantized states keep their codes; only the dtype they dequantize to changes. With ``device`` (an
+    ``"fp32_offload"`` master's host memory) the state is also moved there, since torch put it beside the weight;
+    other masters leave every state tensor where the optimizer keeps it (AdamW's step counter stays on the CPU)."""
     if not state:
         return
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
-        if value.dtype in LOW_PRECISION:
-            value = value.float()
-        state[key] = value.to(device)
+        moved = value.float() if value.dtype in LOW_PRECISION else value
+        if device is not None:
+            moved = moved.to(device)
+        if moved is not value:
+            state[key] = moved
 
 
 def place_loaded_state(optimizer: torch.optim.Optimizer) -> None:

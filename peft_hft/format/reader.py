@@ -42,7 +42,7 @@ from typing import Any, BinaryIO, Optional
 import torch
 
 from ..utils import FLOAT_DTYPES, OptOut, PathLike, dtype_name, listing
-from .checkpoint import Source, TensorEntry, is_repo_id, read_header, read_tensor, resolve
+from .checkpoint import MappedFile, Source, TensorEntry, is_repo_id, read_header, read_tensor, resolve
 from .encoding import Encoding, EncodingError, parse_encoding
 from .fingerprint import FingerprintError, validate_fingerprint
 from .keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, parameter_name_of, split_part_key
@@ -619,9 +619,25 @@ def _read_values(
     adapter: AdapterFile, handle: BinaryIO, keep: bool, finite: bool
 ) -> Optional[dict[str, torch.Tensor]]:
     """Read every tensor once (diff by diff, in file order); keep them if ``keep``; check their values if ``finite``
-    (:func:`check_parts`), and mark the kept ones as checked (:func:`is_validated`)."""
+    (:func:`check_parts`), and mark the kept ones as checked (:func:`is_validated`).
+
+    Kept tensors are copied out of a mapping of the file (:class:`MappedFile`, faster); tensors only checked are read
+    one at a time with ``readinto``, so a check of a large adapter holds one tensor in memory."""
     if not keep and not finite:
         return None
+    if not keep:
+        return _read_groups(adapter, lambda entry: read_tensor(entry, handle), keep, finite)
+    try:
+        mapped = MappedFile(handle, adapter.entries.values())
+    except ValueError as exc:
+        raise AdapterFormatError(f"{exc} Fix: copy or download the adapter again.") from exc
+    with mapped:
+        return _read_groups(adapter, mapped.read, keep, finite)
+
+
+def _read_groups(
+    adapter: AdapterFile, read: Callable[[TensorEntry], torch.Tensor], keep: bool, finite: bool
+) -> Optional[dict[str, torch.Tensor]]:
     tensors: dict[str, torch.Tensor] = {}
     path = adapter.weights_path
     groups = [(name, by_part) for name, by_part in adapter.parts.items() if name in adapter.diffs]
@@ -632,7 +648,7 @@ def _read_values(
         parts = {}
         for part, key in by_part.items():
             try:
-                parts[part] = read_tensor(adapter.entries[key], handle)
+                parts[part] = read(adapter.entries[key])
             except ValueError as exc:
                 raise AdapterFormatError(f"{exc} Fix: copy or download the adapter again.") from exc
         if finite:

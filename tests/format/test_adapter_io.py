@@ -18,6 +18,7 @@ from tiny_models import batch, clone_state, tiny_model, train_steps
 
 from peft_hft import HFTConfig
 from peft_hft.format.keys import diff_key, parameter_name_of
+from peft_hft.format.reader import AdapterFormatError
 from peft_hft.tuner.layer import find_ledger
 
 
@@ -336,18 +337,48 @@ def test_unknown_fields_in_adapter_config_warn_like_lora(trained, tmp_path):
         PeftModel.from_pretrained(tiny_model("llama", layers=2), case)
 
 
-def test_tensors_read_from_a_file_are_exact(tmp_path):
-    """The reader reads each tensor into fresh memory of its own (not a view of the file): the values are the
-    file's, bit for bit, for a large fp32 and a small bf16 tensor, and survive the file being overwritten."""
-    from peft_hft.format.checkpoint import read_header, read_tensor
+@pytest.mark.parametrize("reader", ["readinto", "mapped"])
+def test_tensors_read_from_a_file_are_exact(tmp_path, reader):
+    """Both ways of reading (``read_tensor``, which checks stream through, and ``MappedFile``, which full loads copy
+    out of) put each tensor into fresh memory of its own (not a view of the file): the values are the file's, bit
+    for bit, for a large fp32, a small bf16 and an odd-sized uint8 tensor, and survive the file being overwritten in
+    place, also while it is still mapped."""
+    from peft_hft.format.checkpoint import MappedFile, read_header, read_tensor
 
     g = torch.Generator().manual_seed(0)
-    tensors = {"large": torch.randn(2048, 2048, generator=g), "small": torch.randn(16, 16, generator=g).bfloat16()}
-    save_file(tensors, tmp_path / "t.safetensors")
-    entries, _ = read_header(tmp_path / "t.safetensors")
-    read = {key: read_tensor(entry) for key, entry in entries.items()}
-    for key, tensor in tensors.items():
-        assert read[key].dtype == tensor.dtype and torch.equal(read[key], tensor)
-    (tmp_path / "t.safetensors").write_bytes(b"\0" * (tmp_path / "t.safetensors").stat().st_size)
+    tensors = {"large": torch.randn(2048, 2048, generator=g), "small": torch.randn(16, 16, generator=g).bfloat16(),
+               "odd": torch.randint(0, 255, (7,), generator=g, dtype=torch.uint8), "empty": torch.zeros(0, 3)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path)
+    entries, _ = read_header(path)
+    with open(path, "rb") as handle, MappedFile(handle, entries.values()) as mapped:
+        read = {key: mapped.read(e) if reader == "mapped" else read_tensor(e, handle) for key, e in entries.items()}
+        for key, tensor in tensors.items():
+            assert read[key].dtype == tensor.dtype and torch.equal(read[key], tensor)
+        with open(path, "r+b") as f:
+            f.write(b"\0" * path.stat().st_size)
+        for key, tensor in tensors.items():
+            assert torch.equal(read[key], tensor)
     for key, tensor in tensors.items():
         assert torch.equal(read[key], tensor)
+
+
+def test_a_file_shortened_after_its_header_was_read_is_refused_before_it_is_mapped(tmp_path, monkeypatch):
+    """The mapping is of the handle the header was read through; a file now shorter than the header claims (cut
+    between the header check and the read) is an AdapterFormatError naming the sizes, not a SIGBUS later."""
+    from peft_hft.format import reader
+
+    model = get_peft_model(tiny_model("llama", layers=2), HFTConfig(init_weights=False, seed=0))
+    model.save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    real_mapped_file = reader.MappedFile
+
+    def cut_then_map(handle, entries):
+        size = weights.stat().st_size
+        with open(weights, "r+b") as f:
+            f.truncate(size - 4)
+        return real_mapped_file(handle, entries)
+
+    monkeypatch.setattr(reader, "MappedFile", cut_then_map)
+    with pytest.raises(AdapterFormatError, match=r"is truncated: it holds \d+ bytes, its header needs \d+.*Fix"):
+        PeftModel.from_pretrained(tiny_model("llama", layers=2), tmp_path / "a")

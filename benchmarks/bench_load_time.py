@@ -16,6 +16,10 @@ tuned values then need memory of their own, paid in first-touch page faults. Als
 check skipped (``peft_hft.skip_base_check``), to show what the fingerprint
 costs. The base model is prepared outside the timed region (a deep copy per round).
 
+For scale, PEFT's own load of a LoRA adapter of about the same size on the same fp32 model (``r=256`` on every
+linear layer, 298 MiB) is timed beside them, with PEFT's default and with ``low_cpu_mem_usage=True``, against the
+same floor for its own file: what any PEFT method pays beyond reading its bytes.
+
 Rounds in one process find memory that earlier rounds freed and the allocator kept (no first-touch page faults);
 a user loads an adapter once per process, into memory the process never touched. The ``first_load`` figures time
 exactly that: each is one load in a new process (after the model is loaded there), contenders interleaved.
@@ -103,7 +107,38 @@ def hft_load(base: torch.nn.Module, path: Path, skip_check: bool, copy_base: boo
     return seconds
 
 
+LORA_RANK = 256  # about the size of the fp32 HFT adapter of SmolLM2-135M on every linear layer
+
+
+def make_lora_adapter(base: torch.nn.Module, path: Path) -> None:
+    """A LoRA adapter of ``base`` on every linear layer, with non-zero B (as after training)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=LORA_RANK, target_modules="all-linear",
+                                                           init_lora_weights=False))
+    model.save_pretrained(path)
+
+
+def lora_load(base: torch.nn.Module, path: Path, low_cpu_mem_usage: bool, copy_base: bool = True) -> float:
+    """One timed ``PeftModel.from_pretrained`` of the LoRA adapter, as :func:`hft_load` times HFT's."""
+    from peft import PeftModel
+
+    model = copy.deepcopy(base) if copy_base else base
+    gc.collect()
+    start = time.perf_counter()
+    loaded = PeftModel.from_pretrained(model, path, low_cpu_mem_usage=low_cpu_mem_usage)
+    seconds = time.perf_counter() - start
+    del loaded, model
+    return seconds
+
+
 CONTENDERS = ("fresh_floor", "hft", "hft_no_base_check")
+LORA_CONTENDERS = ("lora_fresh_floor", "lora", "lora_low_cpu_mem_usage")
+
+
+def contenders(label: str) -> tuple[str, ...]:
+    """What a variant times: the LoRA yardstick only beside the fp32 model, whose adapter it matches in size."""
+    return CONTENDERS + (LORA_CONTENDERS if label == "fp32" else ())
 
 
 def variant_base(base: torch.nn.Module, label: str) -> torch.nn.Module:
@@ -119,6 +154,10 @@ def first_load_child(label: str, contender: str) -> None:
     path = OUT / f"adapter-{label}"
     if contender == "fresh_floor":
         seconds = fresh_floor_load(path, next(base.parameters()).dtype)
+    elif contender == "lora_fresh_floor":
+        seconds = fresh_floor_load(OUT / "adapter-lora", next(base.parameters()).dtype)
+    elif contender.startswith("lora"):
+        seconds = lora_load(base, OUT / "adapter-lora", contender == "lora_low_cpu_mem_usage", copy_base=False)
     else:
         seconds = hft_load(base, path, skip_check=contender == "hft_no_base_check", copy_base=False)
     print(json.dumps({"seconds": seconds}))
@@ -128,9 +167,9 @@ def first_loads(label: str) -> dict[str, list[float]]:
     """``ROUNDS`` first loads of every contender, each in a new process, interleaved."""
     from tqdm.auto import tqdm
 
-    times: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+    times: dict[str, list[float]] = {c: [] for c in contenders(label)}
     for _ in tqdm(range(ROUNDS), desc=f"first loads in new processes ({label})"):
-        for contender in CONTENDERS:
+        for contender in contenders(label):
             out = subprocess.run([sys.executable, __file__, "--first-load-child", label, contender], check=True,
                                  capture_output=True, text=True).stdout
             times[contender].append(json.loads(out.strip().splitlines()[-1])["seconds"])
@@ -138,37 +177,61 @@ def first_loads(label: str) -> dict[str, list[float]]:
 
 
 def measure(label: str, base: torch.nn.Module, encoding: str | None) -> dict:
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     path = OUT / f"adapter-{label}"
     if not (path / "adapter_model.safetensors").exists():
         make_adapter(base, path, encoding)
-    with safe_open(path / "adapter_model.safetensors", "pt") as f:
-        targets = {name: torch.empty_like(f.get_tensor(name)) for name in f.keys()}
+    lora = label == "fp32"
+    if lora and not (OUT / "adapter-lora" / "adapter_model.safetensors").exists():
+        make_lora_adapter(base, OUT / "adapter-lora")
+    targets = preallocated(path)
+    lora_targets = preallocated(OUT / "adapter-lora") if lora else {}
     size = (path / "adapter_model.safetensors").stat().st_size
     dtype = next(base.parameters()).dtype
-    floor_load(path, targets)  # warm-up: the file in the page cache, allocator warm, for every contender alike
-    fresh_floor_load(path, dtype)
-    hft_load(base, path, False)
-    times: dict[str, list[float]] = {"floor": [], "fresh_floor": [], "hft": [], "hft_no_base_check": []}
+    rounds = {"floor": lambda: floor_load(path, targets), "fresh_floor": lambda: fresh_floor_load(path, dtype),
+              "hft": lambda: hft_load(base, path, False), "hft_no_base_check": lambda: hft_load(base, path, True)}
+    if lora:
+        lora_path = OUT / "adapter-lora"
+        rounds |= {"lora_floor": lambda: floor_load(lora_path, lora_targets),
+                   "lora_fresh_floor": lambda: fresh_floor_load(lora_path, dtype),
+                   "lora": lambda: lora_load(base, lora_path, False),
+                   "lora_low_cpu_mem_usage": lambda: lora_load(base, lora_path, True)}
+    for run in rounds.values():  # warm-up: the files in the page cache, allocator warm, for every contender alike
+        run()
+    times: dict[str, list[float]] = {name: [] for name in rounds}
     for _ in tqdm(range(ROUNDS), desc=f"load time ({label})"):
-        times["floor"].append(floor_load(path, targets))
-        times["fresh_floor"].append(fresh_floor_load(path, dtype))
-        times["hft"].append(hft_load(base, path, False))
-        times["hft_no_base_check"].append(hft_load(base, path, True))
+        for name, run in rounds.items():
+            times[name].append(run())
     median = {k: statistics.median(v) for k, v in times.items()}
     first = first_loads(label)
     first_median = {k: statistics.median(v) for k, v in first.items()}
-    return {"adapter_bytes": size, "tensors": len(targets), "seconds": times, "median_seconds": median,
-            "first_load_seconds": first, "first_load_median_seconds": first_median,
-            "first_load_hft_over_fresh_floor": first_median["hft"] / first_median["fresh_floor"],
-            "first_load_hft_no_base_check_over_fresh_floor":
-                first_median["hft_no_base_check"] / first_median["fresh_floor"],
-            "hft_over_floor": median["hft"] / median["floor"],
-            "hft_no_base_check_over_floor": median["hft_no_base_check"] / median["floor"],
-            "hft_over_fresh_floor": median["hft"] / median["fresh_floor"],
-            "hft_no_base_check_over_fresh_floor": median["hft_no_base_check"] / median["fresh_floor"]}
+    result = {"adapter_bytes": size, "tensors": len(targets), "seconds": times, "median_seconds": median,
+              "first_load_seconds": first, "first_load_median_seconds": first_median,
+              "first_load_hft_over_fresh_floor": first_median["hft"] / first_median["fresh_floor"],
+              "first_load_hft_no_base_check_over_fresh_floor":
+                  first_median["hft_no_base_check"] / first_median["fresh_floor"],
+              "hft_over_floor": median["hft"] / median["floor"],
+              "hft_no_base_check_over_floor": median["hft_no_base_check"] / median["floor"],
+              "hft_over_fresh_floor": median["hft"] / median["fresh_floor"],
+              "hft_no_base_check_over_fresh_floor": median["hft_no_base_check"] / median["fresh_floor"]}
+    if lora:
+        result["lora"] = {
+            "rank": LORA_RANK, "adapter_bytes": (OUT / "adapter-lora" / "adapter_model.safetensors").stat().st_size,
+            "tensors": len(lora_targets),
+            **{f"{k}_over_floor": median[k] / median["lora_floor"] for k in ("lora", "lora_low_cpu_mem_usage")},
+            **{f"first_load_{k}_over_fresh_floor": first_median[k] / first_median["lora_fresh_floor"]
+               for k in ("lora", "lora_low_cpu_mem_usage")},
+        }
+    return result
+
+
+def preallocated(path: Path) -> dict[str, torch.Tensor]:
+    """Memory for every tensor of the adapter file at ``path``: where the floor copies to."""
+    from safetensors import safe_open
+
+    with safe_open(path / "adapter_model.safetensors", "pt") as f:
+        return {name: torch.empty_like(f.get_tensor(name)) for name in f.keys()}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -177,24 +240,30 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(results["variants"])
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fp32 = results["variants"]["fp32"]
+    m = fp32["median_seconds"]
+    groups = [(f"HFT {v}", r["median_seconds"], r, ("floor", "fresh_floor", "hft", "hft_no_base_check"))
+              for v, r in results["variants"].items()]
+    groups.append((f"PEFT LoRA r={fp32['lora']['rank']}, fp32", m,
+                   {"adapter_bytes": fp32["lora"]["adapter_bytes"], "hft_over_floor": fp32["lora"]["lora_over_floor"],
+                    "hft_over_fresh_floor": m["lora"] / m["lora_fresh_floor"]},
+                   ("lora_floor", "lora_fresh_floor", "lora", "lora_low_cpu_mem_usage")))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     width = 0.2
-    for k, (key, name, color) in enumerate([("floor", "load_file + copy (floor)", "lightgray"),
-                                            ("fresh_floor", "load_file + copy into new memory", "darkgray"),
-                                            ("hft", "PeftModel.from_pretrained", "tab:blue"),
-                                            ("hft_no_base_check", "... with skip_base_check", "tab:cyan")]):
-        values = [results["variants"][v]["median_seconds"][key] for v in labels]
-        bars = ax.bar([i + (k - 1.5) * width for i in range(len(labels))], values, width, label=name, color=color)
+    names = [("load_file + copy (floor)", "lightgray"), ("load_file + copy into new memory", "darkgray"),
+             ("PeftModel.from_pretrained", "tab:blue"),
+             ("... skip_base_check (HFT) / low_cpu_mem_usage=True (LoRA)", "tab:cyan")]
+    for k, (name, color) in enumerate(names):
+        values = [medians[keys[k]] for _, medians, _, keys in groups]
+        bars = ax.bar([i + (k - 1.5) * width for i in range(len(groups))], values, width, label=name, color=color)
         ax.bar_label(bars, fmt="%.2f s", fontsize=7)
-    for i, v in enumerate(labels):
-        r = results["variants"][v]
+    for i, (_, _, r, _) in enumerate(groups):
         ax.annotate(f"{r['hft_over_floor']:.1f}x the floor, {r['hft_over_fresh_floor']:.1f}x with new memory", (i, 0),
                     xytext=(0, -28), textcoords="offset points", ha="center", fontsize=7)
-    ax.set_xticks(range(len(labels)), [f"{v}\n({results['variants'][v]['adapter_bytes'] / 2**20:.0f} MiB)"
-                                       for v in labels], fontsize=8)
+    ax.set_xticks(range(len(groups)), [f"{label}\n({r['adapter_bytes'] / 2**20:.0f} MiB)" for label, _, r, _ in groups],
+                  fontsize=8)
     ax.set_ylabel("seconds (median)")
-    ax.set_title("Loading the SmolLM2-135M HFT adapter vs reading and copying its file", fontsize=9)
+    ax.set_title("Loading SmolLM2-135M adapters vs reading and copying their files (one process)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -225,6 +294,14 @@ def main() -> None:
         print(f"{label:12}new-mem {m['fresh_floor']:.3f} s, HFT {m['hft']:.3f} s "
               f"({r['first_load_hft_over_fresh_floor']:.2f}x), no check {m['hft_no_base_check']:.3f} s "
               f"({r['first_load_hft_no_base_check_over_fresh_floor']:.2f}x)")
+    lora = results["variants"]["fp32"]["lora"]
+    m, f = results["variants"]["fp32"]["median_seconds"], results["variants"]["fp32"]["first_load_median_seconds"]
+    print(f"PEFT's LoRA r={lora['rank']} on the fp32 model ({lora['adapter_bytes'] / 2**20:.1f} MiB): floor "
+          f"{m['lora_floor']:.3f} s, from_pretrained {m['lora']:.3f} s ({lora['lora_over_floor']:.2f}x), "
+          f"low_cpu_mem_usage {m['lora_low_cpu_mem_usage']:.3f} s ({lora['lora_low_cpu_mem_usage_over_floor']:.2f}x); "
+          f"first load: new-mem {f['lora_fresh_floor']:.3f} s, {f['lora']:.3f} s "
+          f"({lora['first_load_lora_over_fresh_floor']:.2f}x), low_cpu_mem_usage {f['lora_low_cpu_mem_usage']:.3f} s "
+          f"({lora['first_load_lora_low_cpu_mem_usage_over_fresh_floor']:.2f}x)")
     print(f"wrote {OUT / 'load-time.json'} and {OUT / 'load-time.png'}")
 
 

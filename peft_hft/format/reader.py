@@ -452,7 +452,7 @@ def read_adapter(
         try:
             entries, _ = read_header(weights_path)
         except ValueError as exc:
-            raise AdapterFormatError(f"{label}: {exc} Fix: copy or download the adapter again.") from exc
+            raise _damaged(exc, label) from exc
         diffs, full, parts = check_tensors({k: (e.dtype, e.shape) for k, e in entries.items()}, config, weights_path)
         handle = open(weights_path, "rb")
         adapter = AdapterFile(source, directory, config, entries, diffs, full, None, parts)
@@ -615,6 +615,12 @@ def check_finite(key: str, tensor: torch.Tensor, where: Any) -> None:
     )
 
 
+def _damaged(exc: ValueError, label: str = "") -> AdapterFormatError:
+    """A malformed or short weights file (``exc`` from :mod:`.checkpoint`, which names the file and the problem)."""
+    prefix = f"{label}: " if label else ""
+    return AdapterFormatError(f"{prefix}{exc} Fix: copy or download the adapter again.")
+
+
 def _read_values(
     adapter: AdapterFile, handle: BinaryIO, keep: bool, finite: bool
 ) -> Optional[dict[str, torch.Tensor]]:
@@ -630,7 +636,7 @@ def _read_values(
     try:
         mapped = MappedFile(handle, adapter.entries.values())
     except ValueError as exc:
-        raise AdapterFormatError(f"{exc} Fix: copy or download the adapter again.") from exc
+        raise _damaged(exc) from exc
     with mapped:
         return _read_groups(adapter, mapped.read, keep, finite)
 
@@ -650,7 +656,7 @@ def _read_groups(
             try:
                 parts[part] = read(adapter.entries[key])
             except ValueError as exc:
-                raise AdapterFormatError(f"{exc} Fix: copy or download the adapter again.") from exc
+                raise _damaged(exc) from exc
         if finite:
             is_full = name in adapter.full and adapter.full[name] == by_part[""]
             check_parts(

@@ -364,8 +364,9 @@ def test_tensors_read_from_a_file_are_exact(tmp_path, reader):
 
 
 def test_a_file_shortened_after_its_header_was_read_is_refused_before_it_is_mapped(tmp_path, monkeypatch):
-    """The mapping is of the handle the header was read through; a file now shorter than the header claims (cut
-    between the header check and the read) is an AdapterFormatError naming the sizes, not a SIGBUS later."""
+    """The reader maps its open handle after checking its size against the header's entries: a file now shorter
+    than the header claims (cut between the header check and the read) is an AdapterFormatError naming the sizes,
+    not a SIGBUS later."""
     from peft_hft.format import reader
 
     model = get_peft_model(tiny_model("llama", layers=2), HFTConfig(init_weights=False, seed=0))

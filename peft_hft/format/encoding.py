@@ -202,7 +202,8 @@ class Encoding:
                     return "exception indices are not strictly increasing"
             if not _finite(parts["exc_val"]):
                 return "non-finite exception values"
-            if bool((parts[""] == -128).any()):
+            # the smallest step decides it in one reduction (a comparison with -128 would write a mask per element)
+            if parts[""].numel() and int(parts[""].min()) == -128:
                 return "step -128 (outside the encoding's range -127..127)"
             return None
         if self.kind in ("int8", "int4"):
@@ -272,11 +273,17 @@ class Encoding:
             return apply_diff(base, self.diff(parts, shape, base), dtype)
         if parts[""].dtype.is_floating_point:
             return parts[""].to(device=base.device, dtype=dtype, copy=True)
-        tuned = _from_steps(base.to("cpu"), parts[""], step_dtype)
+        base = base.to("cpu")
+        bound = _magnitude(base)
+        tuned = _from_steps(base, parts[""], step_dtype, finite_base=math.isfinite(bound))
         flat = tuned.reshape(-1)
         if parts["exc_idx"].numel():
             flat[parts["exc_idx"]] = parts["exc_val"]
-        if not _finite(tuned):
+        # 127 steps multiply a magnitude by at most (1 + 2**-mantissa_bits)**127 < e < 4: from a base within a quarter
+        # of the largest finite value, only the exceptions (stored values) can be non-finite, so the scan of the
+        # whole result is needed only beyond that
+        safe = bound <= torch.finfo(step_dtype).max / 4 and _finite(parts["exc_val"])
+        if not safe and not _finite(tuned):
             raise EncodingError("the steps lead outside the finite range of the base's dtype; the file is damaged")
         return tuned.to(device=base.device, dtype=dtype)
 
@@ -351,9 +358,11 @@ def _steps_of(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     return _ordered(tuned.view(view).to(wide), width) - _ordered(base.view(view).to(wide), width)
 
 
-def _from_steps(base: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 20) -> torch.Tensor:
+def _from_steps(base: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 20,
+                finite_base: Optional[bool] = None) -> torch.Tensor:
     """``base`` moved by ``steps`` ulps, in chunks so that the integer temporaries stay small (the streaming merge's
-    peak is then set by the tensor itself, not by copies of it).
+    peak is then set by the tensor itself, not by copies of it). ``finite_base``: whether ``base`` is finite, if the
+    caller has already scanned it (else it is scanned here).
 
     A finite base is moved in its own integer width: its largest magnitude leaves more than 127 steps of headroom in
     every float format, so nothing can overflow. A base holding Inf/NaN patterns is widened and clamped (out-of-range
@@ -362,7 +371,7 @@ def _from_steps(base: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype, chu
     width = 32 if view == torch.int32 else 16
     limit = (1 << (width - 1)) - 1
     bits = base.contiguous().view(view).reshape(-1)
-    narrow = _finite(bits.view(dtype))
+    narrow = _finite(bits.view(dtype)) if finite_base is None else finite_base
     work = view if narrow else (torch.int64 if view == torch.int32 else torch.int32)
     flat_steps = steps.reshape(-1)
     out = torch.empty_like(bits)
@@ -447,11 +456,20 @@ def _rows(shape: tuple[int, ...]) -> int:
     return shape[0] if len(shape) >= 2 else 1
 
 
+def _magnitude(tensor: torch.Tensor) -> float:
+    """The largest magnitude in a float ``tensor`` (0 when empty; NaN or Inf when it holds one: both propagate
+    through min/max), in one pass without a tensor-sized temporary."""
+    if tensor.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(tensor.reshape(-1).float() if tensor.dtype == torch.float16 else tensor.reshape(-1))
+    low, high = float(low), float(high)
+    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
+
+
 def _finite(tensor: torch.Tensor) -> bool:
     if tensor.numel() == 0 or not tensor.dtype.is_floating_point:
         return True
-    low, high = torch.aminmax(tensor.reshape(-1).float() if tensor.dtype == torch.float16 else tensor.reshape(-1))
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    return math.isfinite(_magnitude(tensor))
 
 
 __all__ = [

@@ -16,7 +16,7 @@ Nothing here imports DeepSpeed unless a ZeRO-3 parameter is actually met.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Optional
 
 import torch
@@ -81,14 +81,19 @@ def sharding_of(param: torch.Tensor) -> Optional[str]:
     return None
 
 
-def sharding_of_model(model: nn.Module, names: Sequence[str]) -> Optional[str]:
-    """The engine that owns the storage of the parameters ``names`` of ``model``, or ``None``.
+def sharding_of_model(
+    model: nn.Module, names: Sequence[str], param: Optional[Callable[[str], torch.Tensor]] = None
+) -> Optional[str]:
+    """The engine that owns the storage of the parameters ``names`` of ``model``, or ``None``. ``param`` looks a
+    parameter up by name (default ``model.get_parameter``; the ledger passes its one-walk lookup: a load asks for
+    hundreds of names, and each ``get_parameter`` walks the module path).
 
     Besides the parameters themselves, FSDP modules inside ``model`` count: after a forward pass FSDP2 may hold the
     *unsharded* parameters (plain tensors) in place of the DTensors, and it swaps them back on its own schedule.
     """
+    lookup = param or model.get_parameter
     for name in names:
-        engine = sharding_of(model.get_parameter(name))
+        engine = sharding_of(lookup(name))
         if engine is not None:
             return engine
     classes = _fsdp_module_classes()

@@ -382,7 +382,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
         buffer, as under DeepSpeed ZeRO-1/2) is parked by reference, so it goes back to that very storage.
         """
         record = self.hft_adapters[adapter]
-        if record.values_current or engines.sharding_of_model(self._root, record.params):
+        if record.values_current or engines.sharding_of_model(self._root, record.params, self._param):
             return
         for name in record.params:
             param = self._param(name)
@@ -420,7 +420,7 @@ class HFTLayer(nn.Module, BaseTunerLayer):
 
     def _check_unsharded(self, names: Sequence[str], action: str) -> None:
         """Refuse to move tensors whose storage a distributed engine owns, before anything changed."""
-        engine = engines.sharding_of_model(self._root, names) if names else None
+        engine = engines.sharding_of_model(self._root, names, self._param) if names else None
         if engine is not None:
             raise RuntimeError(
                 f"Cannot {action}: the model is sharded by {engine}, which owns the storage of the tensors HFT "

@@ -480,3 +480,33 @@ def test_step_decoding_matches_the_plain_arithmetic(dtype, special):
     steps = torch.randint(-127, 128, base.shape, generator=g).to(torch.int8)
     steps[: len(edge)] = torch.tensor([1, -1, -3, 3, 127, -127, 127, -127, 5][: len(edge)], dtype=torch.int8)
     assert bits_equal(_from_steps(base, steps, dtype, chunk=700), _reference_from_steps(base, steps))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_decoded_values_beyond_the_finite_range_are_refused_and_within_it_are_kept(dtype):
+    """The decoder skips the scan of its result only where 127 steps cannot leave the finite range (a base within a
+    quarter of the largest value): steps from the largest value to Inf are refused, as is an Inf exception, and a
+    base at the quarter bound moved the full 127 steps up stays finite and exact."""
+    encoding = parse_encoding("exact")
+    top = torch.finfo(dtype).max
+
+    def decode(base_value: float, step: int, exceptions: tuple[list[int], list[float]] = ([], [])):
+        base = torch.full((64,), 0.5).to(dtype)
+        base[3] = base_value
+        steps = torch.zeros(64, dtype=torch.int8)
+        steps[3] = step
+        parts = {"": steps, "exc_idx": torch.tensor(exceptions[0], dtype=torch.int64),
+                 "exc_val": torch.tensor(exceptions[1]).to(dtype)}
+        return encoding.value(parts, (64,), base, dtype)
+
+    with pytest.raises(EncodingError, match="finite range"):
+        decode(top, 1)
+    with pytest.raises(EncodingError, match="finite range"):
+        decode(-top, -1)
+    with pytest.raises(EncodingError, match="finite range"):
+        decode(1.0, 0, ([5], [float("inf")]))
+    quarter = torch.tensor(top / 4).to(dtype)
+    moved = decode(float(quarter), 127)
+    assert torch.isfinite(moved).all()
+    expected = _reference_from_steps(quarter.reshape(1), torch.tensor([127], dtype=torch.int8))
+    assert bits_equal(moved[3:4], expected)

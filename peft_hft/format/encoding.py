@@ -273,9 +273,9 @@ class Encoding:
             return apply_diff(base, self.diff(parts, shape, base), dtype)
         if parts[""].dtype.is_floating_point:
             return parts[""].to(device=base.device, dtype=dtype, copy=True)
-        base = base.to("cpu")
-        bound = _magnitude(base)
-        tuned = _from_steps(base, parts[""], step_dtype, finite_base=math.isfinite(bound))
+        host_base = base.to("cpu")
+        bound = _magnitude(host_base)
+        tuned = _from_steps(host_base, parts[""], step_dtype, finite_base=math.isfinite(bound))
         flat = tuned.reshape(-1)
         if parts["exc_idx"].numel():
             flat[parts["exc_idx"]] = parts["exc_val"]

@@ -153,3 +153,17 @@ def test_fp32_offload_on_cuda_steps_host_masters_and_keeps_only_the_weights_on_t
         placed = {(s["exp_avg"].device.type, s["exp_avg"].dtype) for per in again.optimizers for o in per
                   for s in o.state.values()}
         assert placed == {("cpu", torch.float32)}
+
+
+def test_exact_steps_decode_onto_the_base_device():
+    """The step decoding runs on the host but gives the tuned tensor on the base's device, in the base's bits."""
+    from peft_hft.format.encoding import parse_encoding
+
+    base = torch.randn(257, dtype=torch.float32).to(torch.bfloat16)
+    steps = torch.randint(-127, 128, (257,), dtype=torch.int8)
+    parts = {"": steps, "exc_idx": torch.empty(0, dtype=torch.int64), "exc_val": torch.empty(0, dtype=torch.bfloat16)}
+    encoding = parse_encoding("exact")
+    on_host = encoding.value(parts, (257,), base, torch.bfloat16)
+    on_gpu = encoding.value(parts, (257,), base.cuda(), torch.bfloat16)
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu().view(torch.int16), on_host.view(torch.int16))
